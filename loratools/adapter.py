@@ -1,0 +1,293 @@
+"""The PEFT LoRA adapter format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Saved keys (PEFT strips the adapter name):
+    base_model.model.<module>.lora_A.weight           [r, in]
+    base_model.model.<module>.lora_B.weight           [out, r]
+    base_model.model.<module>.lora_B.bias             [out]             (lora_bias=True)
+    base_model.model.<module>.lora_embedding_A        [r, num_embeddings]
+    base_model.model.<module>.lora_embedding_B        [dim, r]
+    base_model.model.<module>.lora_magnitude_vector   [out]             (DoRA)
+    base_model.model.<module>.<param>                 modules_to_save: the module's full parameters
+    base_model.model.<module>.base_layer.weight       a targeted embedding saved whole (save_embedding_layers)
+`<module>` is the module's name inside the model PEFT wrapped, so `<module>.weight` is the base tensor.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError, InputError, UnsupportedError
+from .io.checkpoint import load_json
+from .io.safetensors_format import read_header, read_tensor
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_FACTOR_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_B.bias": "bias",
+    ".lora_embedding_A": "emb_A",
+    ".lora_embedding_B": "emb_B",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+}
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's per-module override lookup (peft.utils.other.get_pattern_key): the first pattern key that
+    matches the end of the module name on a dot boundary wins; otherwise an exact-name entry; else default."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return patterns.get(module, default)
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+@dataclass
+class LoraModule:
+    """One adapted module's factors and the numbers PEFT derives for it."""
+
+    name: str
+    kind: str  # "linear" or "embedding"
+    A: torch.Tensor
+    B: torch.Tensor
+    r: int
+    alpha: float
+    scale: float
+    fan_in_fan_out: bool = False
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def base_key(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def bias_key(self) -> str:
+        return f"{self.name}.bias"
+
+    @property
+    def base_shape(self) -> tuple[int, int]:
+        """Shape the base weight must have for these factors."""
+        if self.kind == "embedding":
+            return (self.A.shape[1], self.B.shape[0])  # [num_embeddings, dim]
+        out_f, in_f = self.B.shape[0], self.A.shape[1]
+        return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
+
+    def delta(self, weight: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+        """ΔW in the base weight's layout: B @ A · scale (transposed for Conv1D and embeddings)."""
+        d = (self.B.to(dtype) @ self.A.to(dtype)) * (self.scale * weight)
+        if self.kind == "embedding" or self.fan_in_fan_out:
+            d = d.T
+        return d
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensor name -> full replacement
+    dtypes: set = field(default_factory=set)
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora"))
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def trainable_parameters(self) -> int:
+        n = sum(m.A.numel() + m.B.numel() + (m.magnitude.numel() if m.magnitude is not None else 0)
+                + (m.bias.numel() if m.bias is not None else 0) for m in self.modules.values())
+        return n + sum(t.numel() for t in self.saved.values())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Adapter":
+        return load_adapter(path)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG_NAME).is_file()
+
+
+def read_adapter_config(path: Path) -> dict:
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise InputError(f"not a PEFT adapter: no {CONFIG_NAME}", path=path)
+    cfg = load_json(cfg_path, CONFIG_NAME)
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedError(f"adapter type {cfg.get('peft_type')!r} is not supported; loratools handles "
+                               f"LoRA adapters (peft_type \"LORA\") only", path=cfg_path)
+    for key in ("r", "lora_alpha"):
+        v = cfg.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise FormatError(f"{key} must be a positive number, found {v!r}", path=cfg_path)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key) is None:
+            cfg[key] = {}
+        if not isinstance(cfg[key], dict):
+            raise FormatError(f"{key} must be an object", path=cfg_path)
+    if cfg.get("target_parameters"):
+        raise UnsupportedError("LoRA on target_parameters (nn.Parameter targets) is not supported", path=cfg_path)
+    if cfg.get("trainable_token_indices"):
+        raise UnsupportedError("trainable_token_indices adapters are not supported", path=cfg_path)
+    return cfg
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read a PEFT LoRA adapter whole (adapters are small) and resolve r, alpha and scale per module."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file or directory", path=path)
+    if path.is_file():
+        raise InputError(f"expected an adapter directory holding {CONFIG_NAME}", path=path)
+    cfg = read_adapter_config(path)
+    wpath = path / WEIGHTS_NAME
+    if not wpath.is_file():
+        if (path / "adapter_model.bin").exists():
+            raise UnsupportedError("pickle adapter weights (adapter_model.bin) are not read; re-save the adapter "
+                                   "with safe_serialization=True", path=path / "adapter_model.bin")
+        raise InputError(f"adapter has no {WEIGHTS_NAME}", path=path)
+    infos, _ = read_header(str(wpath))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, torch.Tensor] = {}
+    dtypes = set()
+    with open(wpath, "rb", buffering=0) as fh:
+        for key, info in infos.items():
+            t = read_tensor(info, fh)
+            dtypes.add(t.dtype)
+            if not key.startswith(PREFIX):
+                raise FormatError(f"unexpected key (PEFT keys start with {PREFIX!r})", path=wpath, tensor=key)
+            rest = key[len(PREFIX):]
+            for suffix, role in _FACTOR_SUFFIXES.items():
+                if rest.endswith(suffix):
+                    parts.setdefault(rest[: -len(suffix)], {})[role] = t
+                    break
+            else:
+                if ".lora_" in rest or "trainable_tokens" in rest:
+                    raise UnsupportedError("unsupported LoRA tensor kind", path=wpath, tensor=key)
+                saved[rest.replace(".base_layer.", ".")] = t
+    modules = {}
+    for name, p in parts.items():
+        modules[name] = _build_module(name, p, cfg, wpath)
+    return Adapter(path=path, config=cfg, modules=dict(sorted(modules.items())), saved=saved, dtypes=dtypes)
+
+
+def _build_module(name: str, p: dict, cfg: dict, wpath: Path) -> LoraModule:
+    key = PREFIX + name
+    if "A" in p or "B" in p:
+        kind, a_role, b_role = "linear", "A", "B"
+    else:
+        kind, a_role, b_role = "embedding", "emb_A", "emb_B"
+    if a_role not in p or b_role not in p:
+        missing = a_role if a_role not in p else b_role
+        names = {"A": "lora_A.weight", "B": "lora_B.weight", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
+        raise FormatError(f"module has no {names[missing]} tensor", path=wpath, tensor=key)
+    A, B = p[a_role], p[b_role]
+    if A.dim() != 2 or B.dim() != 2:
+        raise UnsupportedError(f"only 2-D LoRA factors are supported (Linear, Conv1D, Embedding); found "
+                               f"A {list(A.shape)}, B {list(B.shape)}", path=wpath, tensor=key)
+    r = A.shape[0]
+    if B.shape[1] != r:
+        raise FormatError(f"lora_A has rank {r} but lora_B is {list(B.shape)} (expected [out, {r}])",
+                          path=wpath, tensor=key)
+    cfg_r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
+    if int(cfg_r) != r:
+        raise FormatError(f"config says r={cfg_r} for this module but its factors have rank {r}",
+                          path=wpath, tensor=key)
+    alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
+    scale = lora_scale(alpha, r, bool(cfg.get("use_rslora")))
+    fifo = bool(cfg.get("fan_in_fan_out")) and kind == "linear"
+    m = LoraModule(name=name, kind=kind, A=A, B=B, r=r, alpha=alpha, scale=scale, fan_in_fan_out=fifo,
+                   magnitude=p.get("magnitude"), bias=p.get("bias"))
+    out_features = B.shape[0]
+    for role, t in (("lora_magnitude_vector", m.magnitude), ("lora_B.bias", m.bias)):
+        if t is not None and tuple(t.shape) != (out_features,):
+            raise FormatError(f"{role} has shape {list(t.shape)}, expected [{out_features}]", path=wpath, tensor=key)
+    return m
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+def adapter_config(*, r: int, lora_alpha: float, target_modules: list[str], base_model_name_or_path: str | None,
+                   rank_pattern: dict | None = None, alpha_pattern: dict | None = None, fan_in_fan_out=False,
+                   use_rslora=False, use_dora=False, lora_bias=False, modules_to_save=None,
+                   task_type: str | None = "CAUSAL_LM", **extra) -> dict:
+    """A LoraConfig dict that `PeftModel.from_pretrained` accepts (absent fields take PEFT's defaults)."""
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(r),
+        "lora_alpha": _num(lora_alpha),
+        "lora_dropout": 0.0,
+        "target_modules": sorted(target_modules),
+        "rank_pattern": {k: int(v) for k, v in (rank_pattern or {}).items()},
+        "alpha_pattern": {k: _num(v) for k, v in (alpha_pattern or {}).items()},
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "use_rslora": bool(use_rslora),
+        "use_dora": bool(use_dora),
+        "lora_bias": bool(lora_bias),
+        "modules_to_save": modules_to_save,
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def _num(v):
+    f = float(v)
+    return int(f) if f.is_integer() else f
+
+
+def adapter_tensors(modules: dict[str, LoraModule], saved: dict[str, torch.Tensor] | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The saved-key dict for modules (and modules_to_save tensors), in PEFT's key format."""
+    out = {}
+    for name, m in sorted(modules.items()):
+        cast = (lambda t: t.to(dtype).contiguous()) if dtype else (lambda t: t.contiguous())
+        if m.kind == "embedding":
+            out[f"{PREFIX}{name}.lora_embedding_A"] = cast(m.A)
+            out[f"{PREFIX}{name}.lora_embedding_B"] = cast(m.B)
+        else:
+            out[f"{PREFIX}{name}.lora_A.weight"] = cast(m.A)
+            out[f"{PREFIX}{name}.lora_B.weight"] = cast(m.B)
+        if m.bias is not None:
+            out[f"{PREFIX}{name}.lora_B.bias"] = cast(m.bias)
+        if m.magnitude is not None:
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = cast(m.magnitude)
+    for key, t in sorted((saved or {}).items()):
+        module, param = key.rsplit(".", 1)
+        # A LoRA-wrapped module saved whole (an embedding) keeps its weights under `base_layer` in PEFT.
+        out[PREFIX + (f"{module}.base_layer.{param}" if module in modules else key)] = t.contiguous()
+    return out
+
+
+def write_adapter(directory: Path, config: dict, tensors: dict[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> list[str]:
+    """Write config + weights into an (already atomic, temporary) directory."""
+    from .io.writer import save_tensors, write_json
+
+    write_json(Path(directory) / CONFIG_NAME, config)
+    files = save_tensors(directory, tensors, filename=WEIGHTS_NAME, allow_shards=False, metadata=metadata)
+    return [CONFIG_NAME] + files
+
+

@@ -1,0 +1,104 @@
+"""The `loratools` command line: one click group; each command parses, calls one library function, reports.
+
+Errors: library code raises LoratoolsError; `LoratoolsGroup.main` turns it into one line on stderr
+(plus a JSON error object on stdout under --json) and exit code 1, or 2 for usage errors. `--debug`
+(anywhere on the line, or LORATOOLS_DEBUG=1) re-raises with the traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import LoratoolsError
+from ..progress import print_json
+
+_COMMAND_MODULES = [
+    "inspect_cmd",
+    "convert_cmd",
+]
+
+
+class LoratoolsGroup(click.Group):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv or os.environ.get("LORATOOLS_DEBUG", "") not in ("", "0")
+        argv = [a for a in argv if a != "--debug"]
+        json_mode = "--json" in argv
+        code = 0
+        try:
+            rv = super().main(args=argv, prog_name=prog_name or "loratools", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.UsageError as e:  # includes BadParameter, NoSuchOption, MissingParameter
+            if debug:
+                raise
+            cmd = e.ctx.command_path if e.ctx else "loratools"
+            code = _fail(f"{e.format_message()} (see `{cmd} --help`)", 2, json_mode, "usage")
+        except click.ClickException as e:
+            if debug:
+                raise
+            code = _fail(e.format_message(), e.exit_code or 1, json_mode, "usage")
+        except click.Abort:
+            code = _fail("aborted", 1, json_mode, "aborted")
+        except LoratoolsError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e.one_line()}", err=True)
+            if json_mode:
+                print_json(e.to_json())
+            code = e.exit_code
+        except KeyboardInterrupt:
+            code = _fail("interrupted; no output was written", 130, json_mode, "interrupted")
+        except MemoryError:
+            if debug:
+                raise
+            code = _fail("out of memory", 1, json_mode, "memory")
+        except OSError as e:
+            if debug:
+                raise
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            code = _fail(f"{where}{e.strerror or e}", 1, json_mode, "os")
+        except Exception as e:  # a bug: still one line, and a way to see more
+            if debug:
+                raise
+            code = _fail(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+                         f"(rerun with --debug for the traceback)", 1, json_mode, "internal")
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fail(message: str, code: int, json_mode: bool, kind: str) -> int:
+    message = " ".join(message.split())
+    click.echo(f"error: {message}", err=True)
+    if json_mode:
+        print_json({"error": {"type": kind, "message": message, "file": None, "tensor": None, "exit_code": code}})
+    return code
+
+
+@click.group(cls=LoratoolsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="loratools")
+def cli():
+    """LoRA/QLoRA adapter algebra and model conversion, directly on checkpoints on disk.
+
+    Every command streams tensor by tensor, writes its output atomically, and exits 0 on success,
+    1 on bad input, 2 on a usage error. Add --debug anywhere for a traceback.
+    """
+
+
+def _register():
+    import importlib
+
+    for mod in _COMMAND_MODULES:
+        m = importlib.import_module(f"{__name__}.{mod}")
+        cli.add_command(m.command)
+
+
+_register()
+
+
+def main():
+    cli.main(prog_name="loratools")

@@ -1,0 +1,58 @@
+import click
+
+from ..inspect import group_modules, inspect_path
+from ..progress import fmt, human_bytes, kv_table, print_json, table
+from .options import json_option
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=str))
+@json_option
+@click.option("--all-modules", is_flag=True, help="List every adapter module instead of grouping uniform ones.")
+def command(path, as_json, all_modules):
+    """Show what a checkpoint, 4-bit checkpoint or PEFT adapter holds (headers only).
+
+    \b
+    Example:
+      loratools inspect fixtures/tiny-llama
+      loratools inspect fixtures/tiny-llama-lora --json
+    """
+    doc = inspect_path(path)
+    if as_json:
+        print_json(doc)
+        return
+    if doc["kind"] == "checkpoint":
+        q = doc["quantization"]
+        items = [("path", doc["path"]), ("layout", doc["layout"]), ("architecture", doc["architecture"]),
+                 ("model type", doc["model_type"]), ("tensors", doc["tensors"]), ("parameters", doc["parameters"]),
+                 ("dtypes", doc["dtypes"]), ("shards", len(doc["shards"])),
+                 ("bytes on disk", f"{doc['bytes_on_disk']:,} ({human_bytes(doc['bytes_on_disk'])})"),
+                 ("quantization", "none" if q is None else
+                  f"{q['method']} {q['quant_type']}, blocksize {q['blocksize']}, double quant "
+                  f"{fmt(q['double_quant'])}, compute {q['compute_dtype']}, {q['quantized_tensors']} tensors")]
+        if doc["provenance"]:
+            items.append(("written by", fmt(doc["provenance"])))
+        kv_table("checkpoint", items)
+        if len(doc["shards"]) > 1:
+            table(None, ["shard", "tensors", "bytes"], [[s["file"], s["tensors"], s["bytes"]] for s in doc["shards"]])
+        return
+    items = [("path", doc["path"]), ("type", doc["peft_type"]), ("task", doc["task_type"]),
+             ("base model", doc["base_model"]), ("target modules", doc["target_modules"]),
+             ("rsLoRA", doc["use_rslora"]), ("DoRA", doc["use_dora"]), ("lora_bias", doc["lora_bias"]),
+             ("fan_in_fan_out", doc["fan_in_fan_out"]), ("modules_to_save", doc["modules_to_save"]),
+             ("adapted modules", len(doc["modules"])), ("trainable parameters", doc["trainable_parameters"]),
+             ("dtypes", doc["dtypes"]), ("bytes on disk", f"{doc['bytes_on_disk']:,}")]
+    if doc["provenance"]:
+        items.append(("written by", fmt(doc["provenance"])))
+    kv_table("adapter", items)
+    if all_modules:
+        table(None, ["module", "kind", "r", "alpha", "scale", "base shape", "DoRA", "bias"],
+              [[m["name"], m["kind"], m["r"], m["alpha"], m["scale"], m["base_shape"], m["dora"], m["bias"]]
+               for m in doc["modules"]])
+    else:
+        table(None, ["module", "count", "kind", "r", "alpha", "scale", "DoRA", "bias"],
+              [[g["module"], g["count"], g["kind"], g["r"], g["alpha"], g["scale"], g["dora"], g["bias"]]
+               for g in group_modules(doc["modules"])])
+    if doc["saved_tensors"]:
+        table("saved whole (modules_to_save / embedding base layers)", ["tensor", "shape"],
+              [[s["name"], s["shape"]] for s in doc["saved_tensors"]])

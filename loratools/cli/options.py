@@ -1,0 +1,42 @@
+"""Options shared by several commands, so each means the same everywhere."""
+from __future__ import annotations
+
+import click
+
+from ..io.writer import DEFAULT_MAX_SHARD_SIZE, parse_size
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def output_option(f):
+    return click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+                        help="Output directory (written atomically; must not exist unless --force).")(f)
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True, help="Replace an existing output, only after the new one is complete.")(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON document on stdout (tables and progress go to stderr).")(f)
+
+
+def max_shard_size_option(f):
+    return click.option("--max-shard-size", type=SizeType(), default=DEFAULT_MAX_SHARD_SIZE, show_default="5GiB",
+                        help="Largest shard to write, e.g. 5GB, 500MB, 2GiB.")(f)
+
+
+def device_option(f):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                        help="Where to compute; auto uses CUDA when available.")(f)

@@ -1,0 +1,144 @@
+"""`loratools inspect`: what a checkpoint or adapter holds, from headers (and small adapter tensors).
+
+JSON schema (stable; fields are only ever added):
+  checkpoint: {"kind": "checkpoint", "path", "layout": "file"|"directory"|"sharded", "architecture",
+               "model_type", "tensors", "parameters", "dtypes": {dtype: parameters},
+               "shards": [{"file", "tensors", "bytes"}], "bytes_on_disk",
+               "quantization": null | {"method", "quant_type", "blocksize", "double_quant",
+                                       "compute_dtype", "quant_storage", "quantized_tensors",
+                                       "quantized_parameters", "skip_modules"},
+               "provenance": null | {...what loratools recorded when it wrote the file...}}
+  adapter:    {"kind": "adapter", "path", "peft_type", "task_type", "base_model", "target_modules",
+               "use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save",
+               "trainable_parameters", "dtypes", "bytes_on_disk",
+               "modules": [{"name", "kind", "r", "alpha", "scale", "base_shape", "dora", "bias"}],
+               "saved_tensors": [{"name", "shape"}], "provenance"}
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .adapter import WEIGHTS_NAME, is_adapter_dir, load_adapter
+from .io.checkpoint import Checkpoint
+from .io.safetensors_format import read_header
+
+
+def _provenance(metadata: dict[str, str]) -> dict | None:
+    raw = metadata.get("loratools")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return {"raw": raw}
+
+
+def inspect_path(path: str | Path) -> dict:
+    path = Path(path)
+    if is_adapter_dir(path):
+        return inspect_adapter(path)
+    return inspect_checkpoint(path)
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    ck = Checkpoint(path)
+    cfg = ck.config or {}
+    qstates = ck.quant_states
+    params = 0
+    quant_params = 0
+    for name, info in ck.tensors.items():
+        if ".quant_state." in name or name.endswith((".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")) \
+                and name.rsplit(".", 1)[0] in qstates:
+            continue
+        if name in qstates:
+            n = math.prod(qstates[name].get("shape", [0]))
+            quant_params += n
+            params += n
+        else:
+            params += info.numel
+    shards = []
+    for shard in ck.shards:
+        names = [n for n, i in ck.tensors.items() if Path(i.file) == shard.absolute()]
+        shards.append({"file": shard.name, "tensors": len(names), "bytes": shard.stat().st_size})
+    quant = None
+    if qstates or ck.quantization_config:
+        qc = ck.quantization_config or {}
+        first = next(iter(qstates.values()), {})
+        quant = {
+            "method": qc.get("quant_method", "bitsandbytes" if qstates else None),
+            "quant_type": first.get("quant_type", qc.get("bnb_4bit_quant_type")),
+            "blocksize": first.get("blocksize"),
+            "double_quant": bool(first.get("nested_blocksize")) if first else qc.get("bnb_4bit_use_double_quant"),
+            "compute_dtype": qc.get("bnb_4bit_compute_dtype"),
+            "quant_storage": qc.get("bnb_4bit_quant_storage"),
+            "quantized_tensors": len(qstates),
+            "quantized_parameters": quant_params,
+            "skip_modules": qc.get("llm_int8_skip_modules"),
+        }
+    archs = cfg.get("architectures") or []
+    meta = next(iter(ck.metadata.values()), {})
+    return {
+        "kind": "checkpoint",
+        "path": str(path),
+        "layout": ck.layout,
+        "architecture": archs[0] if archs else None,
+        "model_type": cfg.get("model_type"),
+        "tensors": len(ck.tensors),
+        "parameters": params,
+        "dtypes": ck.dtype_counts(),
+        "shards": shards,
+        "bytes_on_disk": ck.bytes_on_disk(),
+        "quantization": quant,
+        "provenance": _provenance(meta),
+    }
+
+
+def inspect_adapter(path: str | Path) -> dict:
+    ad = load_adapter(path)
+    cfg = ad.config
+    modules = [{
+        "name": m.name,
+        "kind": m.kind,
+        "r": m.r,
+        "alpha": m.alpha,
+        "scale": m.scale,
+        "base_shape": list(m.base_shape),
+        "dora": m.magnitude is not None,
+        "bias": m.bias is not None,
+    } for m in ad.modules.values()]
+    _, meta = read_header(str(Path(path) / WEIGHTS_NAME))
+    tm = cfg.get("target_modules")
+    return {
+        "kind": "adapter",
+        "path": str(path),
+        "peft_type": cfg.get("peft_type"),
+        "task_type": cfg.get("task_type"),
+        "base_model": cfg.get("base_model_name_or_path"),
+        "target_modules": sorted(tm) if isinstance(tm, list) else tm,
+        "use_rslora": ad.use_rslora,
+        "use_dora": ad.use_dora,
+        "lora_bias": bool(cfg.get("lora_bias")),
+        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+        "modules_to_save": cfg.get("modules_to_save"),
+        "trainable_parameters": ad.trainable_parameters(),
+        "dtypes": sorted(str(d).removeprefix("torch.") for d in ad.dtypes),
+        "bytes_on_disk": sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file()),
+        "modules": modules,
+        "saved_tensors": [{"name": k, "shape": list(t.shape)} for k, t in sorted(ad.saved.items())],
+        "provenance": _provenance(meta),
+    }
+
+
+def group_modules(modules: list[dict]) -> list[dict]:
+    """Collapse modules that share a leaf name (q_proj, ...) and identical r/alpha/scale into one row."""
+    groups: dict[tuple, dict] = {}
+    for m in modules:
+        leaf = m["name"].rsplit(".", 1)[-1]
+        key = (leaf, m["kind"], m["r"], m["alpha"], round(m["scale"], 9), m["dora"], m["bias"])
+        g = groups.setdefault(key, {"module": leaf, "kind": m["kind"], "r": m["r"], "alpha": m["alpha"],
+                                    "scale": m["scale"], "count": 0, "dora": m["dora"], "bias": m["bias"],
+                                    "base_shape": m["base_shape"]})
+        g["count"] += 1
+    return list(groups.values())

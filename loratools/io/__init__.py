@@ -1,0 +1,12 @@
+"""Checkpoint I/O: header-only indexes, tensor-at-a-time reads, planned shard writes, atomic outputs."""
+from .atomic import AtomicOutput, check_output_path
+from .checkpoint import Checkpoint, load_json
+from .safetensors_format import TensorInfo, read_header
+from .sidefiles import copy_side_files, provenance
+from .writer import DEFAULT_MAX_SHARD_SIZE, ShardWriter, TensorSpec, parse_size, save_tensors, write_json
+
+__all__ = [
+    "AtomicOutput", "Checkpoint", "DEFAULT_MAX_SHARD_SIZE", "ShardWriter", "TensorInfo", "TensorSpec",
+    "check_output_path", "copy_side_files", "load_json", "parse_size", "provenance", "read_header",
+    "save_tensors", "write_json",
+]

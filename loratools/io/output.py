@@ -1,0 +1,38 @@
+"""One path for every command that writes a checkpoint: atomic directory + planned shards + side files."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .atomic import AtomicOutput
+from .sidefiles import copy_side_files
+from .writer import DEFAULT_MAX_SHARD_SIZE, ShardWriter, TensorSpec
+
+
+def write_checkpoint(output, *, inputs: Iterable, force: bool, specs: list[TensorSpec],
+                     tensors: Iterable[tuple[str, torch.Tensor]], side_files: list[Path] = (),
+                     config: dict | None = None, metadata: dict[str, str] | None = None,
+                     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, filename: str = "model.safetensors",
+                     on_tensor: Callable[[str], None] | None = None) -> dict:
+    """Stream `tensors` (name, tensor) into a new checkpoint at `output`, all or nothing.
+
+    `specs` is the full plan (names, dtypes, shapes) known before any tensor is computed; `tensors` may
+    be a generator, so only the tensor being written is alive here.
+    """
+    atomic = AtomicOutput(output, inputs, force)
+    with atomic as tmp:
+        writer = ShardWriter(tmp, specs, filename=filename, max_shard_size=max_shard_size, metadata=metadata)
+        try:
+            for name, t in tensors:
+                writer.write(name, t)
+                if on_tensor:
+                    on_tensor(name)
+            files = writer.close()
+        finally:
+            writer.abort()
+        files += copy_side_files(list(side_files), tmp, config=config)
+    total = sum((atomic.out / f).stat().st_size for f in files)
+    return {"output": str(atomic.out), "files": sorted(files), "bytes": total,
+            "stale_removed": [str(p) for p in atomic.stale_removed]}

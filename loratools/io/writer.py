@@ -1,0 +1,214 @@
+"""Shard writer: tensors go straight to their final place on disk, one at a time.
+
+Note: planned layout.
+    Every loratools command knows the name, dtype and shape of each output tensor from the input
+    headers before it computes anything. The writer takes that plan, splits it into shards by the byte
+    budget, writes every shard's header up front and then `pwrite`s each tensor at its offset as soon as
+    it is computed. No shard is ever assembled in memory, tensors may arrive in any order, and the
+    output bytes depend only on the plan and the data (deterministic).
+
+Note: metadata finalized at close.
+    Provenance (e.g. input digests) may only be known at the end. The header is sized at open time
+    for `reserve_metadata` and rewritten at close; the JSON is padded with spaces, which safetensors
+    allows, so the data offsets never move.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LoratoolsError, OutputError
+from .safetensors_format import build_header, element_size, tensor_bytes
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = element_size(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes (GB = 10^9 as transformers does, GiB = 2^30)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            num = s[: -len(u)]
+            break
+    else:
+        num, mult = s, 1
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB)") from None
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return int(value * mult)
+
+
+def _disk_error(e: OSError, path) -> OutputError:
+    if e.errno == errno.ENOSPC:
+        return OutputError("no space left on device while writing the output; nothing was kept", path=path)
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write: {e.strerror}", path=path)
+    return OutputError(f"write failed: {e.strerror or e}", path=path)
+
+
+class ShardWriter:
+    """Write a planned set of tensors as one safetensors file or as HF-style shards plus an index."""
+
+    def __init__(self, directory: str | os.PathLike, specs: list[TensorSpec], *,
+                 filename: str = "model.safetensors", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 metadata: dict[str, str] | None = None, reserve_metadata: int = 0, allow_shards: bool = True):
+        self.dir = Path(directory)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise LoratoolsError("internal: tensor planned twice", tensor=dup)
+        groups: list[list[TensorSpec]] = [[]]
+        size = 0
+        for spec in specs:
+            if allow_shards and groups[-1] and size + spec.nbytes > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(spec)
+            size += spec.nbytes
+        stem, ext = filename.rsplit(".", 1)
+        n = len(groups)
+        self.filenames = [filename] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
+        self.index_name = f"{filename}.index.json" if n > 1 else None
+        self._specs = {s.name: s for s in specs}
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (shard no, absolute offset)
+        self._groups = groups
+        self._reserve = reserve_metadata
+        self._prefix_len: list[int] = []
+        self._pending = set(names)
+        self._fd: tuple[int, int] | None = None  # (shard no, fd)
+        try:
+            for i, group in enumerate(groups):
+                prefix, offsets = self._header(group, self.metadata)
+                self._prefix_len.append(len(prefix))
+                data_len = sum(s.nbytes for s in group)
+                path = self.dir / self.filenames[i]
+                with open(path, "wb") as f:
+                    f.write(prefix)
+                    f.truncate(len(prefix) + data_len)
+                for spec, off in zip(group, offsets):
+                    self._where[spec.name] = (i, len(prefix) + off)
+        except OSError as e:
+            raise _disk_error(e, self.dir) from None
+
+    def _header(self, group, metadata):
+        placeholder = dict(metadata)
+        if self._reserve:
+            placeholder["~reserve"] = " " * self._reserve
+        prefix, offsets = build_header([(s.name, s.dtype, s.shape) for s in group], placeholder)
+        return prefix, offsets
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._specs.get(name)
+        if spec is None or name not in self._pending:
+            raise LoratoolsError("internal: tensor not planned or written twice", tensor=name)
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise LoratoolsError(f"internal: planned {spec.dtype} {list(spec.shape)}, got {tensor.dtype} "
+                                 f"{list(tensor.shape)}", tensor=name)
+        shard, offset = self._where[name]
+        data = tensor_bytes(tensor)
+        fd = self._open(shard)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.pwrite(fd, data[written:], offset + written)
+        except OSError as e:
+            raise _disk_error(e, self.dir / self.filenames[shard]) from None
+        self._pending.discard(name)
+
+    def _open(self, shard: int) -> int:
+        if self._fd and self._fd[0] == shard:
+            return self._fd[1]
+        self._close_fd()
+        try:
+            fd = os.open(self.dir / self.filenames[shard], os.O_WRONLY)
+        except OSError as e:
+            raise _disk_error(e, self.dir / self.filenames[shard]) from None
+        self._fd = (shard, fd)
+        return fd
+
+    def _close_fd(self):
+        if self._fd:
+            os.fsync(self._fd[1])
+            os.close(self._fd[1])
+            self._fd = None
+
+    def close(self, final_metadata: dict[str, str] | None = None) -> list[str]:
+        """Check that everything planned was written, finalize headers, write the index."""
+        if self._pending:
+            missing = sorted(self._pending)
+            raise LoratoolsError(f"internal: {len(missing)} planned tensors never written", tensor=missing[0])
+        try:
+            self._close_fd()
+            if final_metadata is not None or self._reserve:
+                meta = {**self.metadata, **(final_metadata or {})}
+                for i, group in enumerate(self._groups):
+                    prefix, _ = build_header([(s.name, s.dtype, s.shape) for s in group], meta,
+                                             min_size=self._prefix_len[i] - 8)
+                    if len(prefix) != self._prefix_len[i]:
+                        raise LoratoolsError("internal: final metadata larger than reserved")
+                    fd = os.open(self.dir / self.filenames[i], os.O_WRONLY)
+                    try:
+                        os.pwrite(fd, prefix, 0)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            if self.index_name:
+                total = sum(s.nbytes for s in self._specs.values())
+                weight_map = {s.name: self.filenames[i] for i, g in enumerate(self._groups) for s in g}
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                write_json(self.dir / self.index_name, index)
+        except OSError as e:
+            raise _disk_error(e, self.dir) from None
+        return self.filenames + ([self.index_name] if self.index_name else [])
+
+    def abort(self):
+        if self._fd:
+            os.close(self._fd[1])
+            self._fd = None
+
+
+def write_json(path: Path, data) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _disk_error(e, path) from None
+
+
+def save_tensors(directory, tensors: dict[str, torch.Tensor], **kw) -> list[str]:
+    """Write a small dict of tensors (adapters) through the same planned writer."""
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    w = ShardWriter(directory, specs, **kw)
+    for n, t in tensors.items():
+        w.write(n, t)
+    return w.close()

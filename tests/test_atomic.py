@@ -1,0 +1,73 @@
+"""Atomic outputs: refuse dangerous paths, never leave half-written results, clean up after kills."""
+import os
+import shutil
+
+import pytest
+
+from loratools.errors import OutputError
+from loratools.io import AtomicOutput
+from conftest import LLAMA, run_cli, tree_digest
+
+
+def test_output_equal_to_or_inside_input_is_refused(copy_fixture):
+    src = copy_fixture("tiny-llama")
+    before = tree_digest(src)
+    for out in (src, src / "sub", src / "a" / "b"):
+        r = run_cli("convert", src, "-o", out, "--force", expect=1)
+        assert "input" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert tree_digest(src) == before
+
+
+def test_output_containing_input_is_refused_even_with_force(copy_fixture, tmp_path):
+    src = copy_fixture("tiny-llama")
+    r = run_cli("convert", src, "-o", tmp_path, "--force", expect=1)
+    assert "contains the input" in r.stderr
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    r = run_cli("convert", LLAMA, "-o", out, expect=1)
+    assert "already exists" in r.stderr and (out / "keep.txt").read_text() == "precious"
+    run_cli("convert", LLAMA, "-o", out, "--force")
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporaries left
+
+
+def test_failed_force_keeps_old_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(RuntimeError):
+        with AtomicOutput(out, [], force=True) as tmp:
+            (tmp / "half.safetensors").write_bytes(b"xx")
+            raise RuntimeError("killed mid-way")
+    assert (out / "keep.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_stale_temporaries_from_dead_runs_are_removed(tmp_path):
+    out = tmp_path / "out"
+    dead_pid = 2**22 + 12345  # above pid_max on Linux by default: never alive
+    stale = tmp_path / f".out.loratools-tmp-{dead_pid}-deadbeef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    a = AtomicOutput(out, [])
+    assert a.stale_removed == [stale] and not stale.exists()
+
+
+def test_read_only_location_is_refused(tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits; a read-only directory is simulated by a missing parent instead
+        r = run_cli("convert", LLAMA, "-o", tmp_path / "missing" / "out", expect=1)
+        assert "does not exist" in r.stderr
+        return
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        r = run_cli("convert", LLAMA, "-o", ro / "out", expect=1)
+        assert "permission" in r.stderr
+    finally:
+        ro.chmod(0o700)

@@ -1,0 +1,108 @@
+"""The shard writer and the read-and-rewrite path (convert)."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from loratools.io import Checkpoint, ShardWriter, TensorSpec, parse_size
+from conftest import FIXTURES, GPT2, LLAMA, run_cli, tree_digest
+
+
+def random_tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(17, 9, generator=g).to(torch.bfloat16),
+        "b.weight": torch.randn(33, generator=g).to(torch.float16),
+        "c": torch.randint(0, 255, (5, 3, 2), generator=g, dtype=torch.uint8),
+        "d": torch.randn(128, 64, generator=g),
+        "e.empty": torch.zeros(0, 4),
+        "f.int": torch.arange(10, dtype=torch.int64),
+    }
+
+
+@pytest.mark.parametrize("budget", [10**9, 4000, 1])
+def test_write_read_round_trip_bit_exact(tmp_path, budget):
+    tensors = random_tensors()
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    w = ShardWriter(tmp_path, specs, max_shard_size=budget, metadata={"note": "x"})
+    for k in reversed(list(tensors)):  # arrival order does not matter
+        w.write(k, tensors[k])
+    files = w.close()
+    if budget == 10**9:
+        assert files == ["model.safetensors"]
+    else:
+        assert files[-1] == "model.safetensors.index.json" and len(files) > 2
+        index = json.loads((tmp_path / files[-1]).read_text())
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    ck = Checkpoint(tmp_path)
+    for k, t in ck.iter_tensors():
+        assert t.dtype == tensors[k].dtype and torch.equal(t, tensors[k])
+    # and the reference library agrees, including the metadata
+    for shard in ck.shards:
+        with safe_open(shard, "pt") as h:
+            assert h.metadata() == {"format": "pt", "note": "x"}
+            for k in h.keys():
+                assert torch.equal(h.get_tensor(k), tensors[k])
+
+
+def test_final_metadata_keeps_offsets(tmp_path):
+    tensors = random_tensors()
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    w = ShardWriter(tmp_path, specs, reserve_metadata=200)
+    for k, t in tensors.items():
+        w.write(k, t)
+    w.close(final_metadata={"digest": "f" * 64})
+    with safe_open(tmp_path / "model.safetensors", "pt") as h:
+        assert h.metadata()["digest"] == "f" * 64 and "~reserve" not in h.metadata()
+        assert torch.equal(h.get_tensor("d"), tensors["d"])
+
+
+def test_writer_rejects_unplanned_and_missing(tmp_path):
+    from loratools.errors import LoratoolsError
+
+    w = ShardWriter(tmp_path, [TensorSpec("x", torch.float32, (2,))])
+    with pytest.raises(LoratoolsError):
+        w.write("x", torch.zeros(3))
+    with pytest.raises(LoratoolsError):
+        w.close()
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100KB") == 100_000
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+@pytest.mark.parametrize("src", [LLAMA, GPT2])
+def test_convert_round_trip_is_bit_exact_and_copies_side_files(tmp_path, src):
+    out = tmp_path / "out"
+    run_cli("convert", src, "-o", out, "--max-shard-size", "60KB")
+    a, b = Checkpoint(src), Checkpoint(out)
+    assert b.layout == "sharded" and len(b.shards) > 1
+    assert a.keys() == b.keys() or set(a.keys()) == set(b.keys())
+    for k, t in a.iter_tensors():
+        assert torch.equal(t, b.read(k))
+    for side in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / side).read_bytes() == (src / side).read_bytes()
+    prov = json.loads(b.metadata[b.shards[0].name]["loratools"])
+    assert prov["command"] == "convert" and str(tmp_path) not in json.dumps(prov)
+
+
+def test_convert_is_deterministic(tmp_path):
+    run_cli("convert", LLAMA, "-o", tmp_path / "a", "--dtype", "bfloat16")
+    run_cli("convert", LLAMA, "-o", tmp_path / "b", "--dtype", "bfloat16")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+
+
+def test_converted_checkpoint_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "bf16"
+    run_cli("convert", LLAMA, "-o", out, "--dtype", "bfloat16", "--max-shard-size", "50KB")
+    ref = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32)
+    got = AutoModelForCausalLM.from_pretrained(out)
+    assert got.dtype == torch.bfloat16
+    sd_ref, sd_got = ref.state_dict(), got.state_dict()
+    for k in sd_ref:
+        assert torch.equal(sd_ref[k].to(torch.bfloat16), sd_got[k]), k
