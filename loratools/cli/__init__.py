@@ -15,10 +15,6 @@ from .. import __version__
 from ..errors import LoratoolsError
 from ..progress import print_json
 
-_COMMAND_MODULES = [
-    "inspect_cmd",
-    "convert_cmd",
-]
 
 
 class LoratoolsGroup(click.Group):
@@ -90,11 +86,13 @@ def cli():
 
 
 def _register():
+    """Each `cli/*_cmd.py` module defines one click command named `command`; all are registered."""
     import importlib
+    import pkgutil
 
-    for mod in _COMMAND_MODULES:
-        m = importlib.import_module(f"{__name__}.{mod}")
-        cli.add_command(m.command)
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.endswith("_cmd"):
+            cli.add_command(importlib.import_module(f"{__name__}.{info.name}").command)
 
 
 _register()

@@ -1,0 +1,140 @@
+"""Low-rank linear algebra shared by extract, resize and combine. Pure tensor functions, float32 in and out.
+
+Note: errors without cancellation.
+    With a full spectrum (exact SVD, factored SVD) the error is the tail, ‖M − M_k‖²_F = Σ_{i>k} σᵢ²,
+    summed directly. The shortcut ‖M‖² − ‖S_k‖² loses everything to float32 cancellation when the
+    error is tiny (it reports 3e-4 for an exactly rank-k matrix), so a randomized truncation, which
+    has no tail, measures its residual ‖M − U S Vh‖_F explicitly (one extra m×k×n product).
+
+Note: factored SVD.
+    The SVD of B·A (B [m, R], A [R, n], R ≪ m, n) needs no dense m×n matrix: B = Q_B R_B and
+    Aᵀ = Q_A R_A (thin QR), so B·A = Q_B (R_B R_Aᵀ) Q_Aᵀ and the SVD of the R×R core gives the rest.
+    Cost O((m+n)R²) instead of O(mn·min(m,n)).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Truncation:
+    U: torch.Tensor  # [m, k]
+    S: torch.Tensor  # [k]
+    Vh: torch.Tensor  # [k, n]
+    rank: int
+    norm: float  # ‖M‖_F of the matrix that was truncated
+    retained_energy: float  # ‖S_k‖² / ‖M‖²
+    rel_error: float  # ‖M − U S Vh‖_F / ‖M‖_F
+
+    def factors(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B [m, k], A [k, n]) with B·A·scale = U·S·Vh; √S split evenly so neither factor dominates."""
+        root = torch.sqrt(self.S / scale)
+        return self.U * root, root[:, None] * self.Vh
+
+
+def select_rank(s: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
+                sv_ratio: float | None = None, max_rank: int | None = None, total_energy: float | None = None) -> int:
+    """Rank from a descending spectrum: fixed rank, or the smallest meeting every given criterion; capped; ≥ 1.
+
+    `total_energy` is ‖M‖² when `s` holds only the leading singular values (randomized SVD).
+    """
+    n = int(s.numel())
+    if n == 0:
+        return 1
+    s2 = s.double() ** 2
+    total = float(total_energy) if total_energy is not None else float(s2.sum())
+    k = n
+    if rank is not None:
+        k = rank
+    else:
+        picks = []
+        if energy is not None:
+            if total <= 0:
+                picks.append(1)
+            else:
+                cum = torch.cumsum(s2, 0) / total
+                hit = torch.nonzero(cum >= energy - 1e-12)
+                picks.append(int(hit[0]) + 1 if len(hit) else n)
+        if sv_ratio is not None:
+            picks.append(max(1, int((s >= s[0] / sv_ratio).sum())))
+        if picks:
+            k = max(picks)
+    if max_rank is not None:
+        k = min(k, max_rank)
+    return max(1, min(k, n))
+
+
+def _stats(S: torch.Tensor, k: int, norm2: float, residual2: float | None = None) -> tuple[float, float]:
+    """(retained energy, relative error); the error from the spectrum's tail unless a residual is given."""
+    if norm2 <= 0:
+        return 1.0, 0.0
+    err2 = float((S[k:].double() ** 2).sum()) if residual2 is None else residual2
+    return max(0.0, 1.0 - err2 / norm2), math.sqrt(err2 / norm2)
+
+
+def randomized_svd(M: torch.Tensor, k: int, *, oversample: int = 10, n_iter: int = 4, seed: int = 0):
+    """Halko–Martinsson–Tropp range finder with power iterations (QR re-orthonormalised each pass).
+
+    Deterministic: the test matrix comes from a fixed-seed CPU generator, moved to M's device.
+    """
+    m, n = M.shape
+    p = min(k + oversample, m, n)
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.randn(n, p, generator=g, dtype=torch.float32).to(M.device)
+    Q, _ = torch.linalg.qr(M @ omega)
+    for _ in range(n_iter):
+        Z, _ = torch.linalg.qr(M.T @ Q)
+        Q, _ = torch.linalg.qr(M @ Z)
+    Ub, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    return Q @ Ub, S, Vh
+
+
+def use_randomized(shape: tuple[int, int], k: int | None, method: str) -> bool:
+    if method == "full":
+        return False
+    if method == "randomized":
+        return k is not None
+    # auto: randomized pays off only when the target rank is a small fraction of the matrix
+    return k is not None and (k + 10) * 4 <= min(shape)
+
+
+def truncate(M: torch.Tensor, *, rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None,
+             max_rank: int | None = None, method: str = "auto", seed: int = 0, n_iter: int = 4,
+             oversample: int = 10) -> Truncation:
+    """Best rank-k approximation of a dense matrix (k chosen by `select_rank`)."""
+    M = M.float()
+    norm2 = float((M.double() ** 2).sum())
+    if use_randomized(tuple(M.shape), rank, method):
+        U, S, Vh = randomized_svd(M, rank, oversample=oversample, n_iter=n_iter, seed=seed)
+        k = select_rank(S, rank=rank, max_rank=max_rank)
+        residual2 = float((torch.linalg.matrix_norm(M - (U[:, :k] * S[:k]) @ Vh[:k]).double()) ** 2)
+    else:
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        k = select_rank(S, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank, total_energy=norm2)
+        residual2 = None
+    retained, err = _stats(S, k, norm2, residual2)
+    return Truncation(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous(), k, math.sqrt(norm2),
+                      retained, err)
+
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor):
+    """SVD of B·A from its factors (see the module note). Returns U [m, R], S [R], Vh [R, n]."""
+    B, A = B.float(), A.float()
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.T)
+    Uc, S, Vhc = torch.linalg.svd(Rb @ Ra.T)
+    return Qb @ Uc, S, Vhc @ Qa.T
+
+
+def truncate_factors(B: torch.Tensor, A: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
+                     sv_ratio: float | None = None, max_rank: int | None = None) -> Truncation:
+    """Optimal truncation of the product B·A without forming it; lossless when rank ≥ rank(B·A)."""
+    U, S, Vh = factored_svd(B, A)
+    norm2 = float((S.double() ** 2).sum())
+    k = select_rank(S, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank, total_energy=norm2)
+    retained, err = _stats(S, k, norm2)
+    return Truncation(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous(), k, math.sqrt(norm2),
+                      retained, err)
