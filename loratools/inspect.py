@@ -16,23 +16,15 @@ JSON schema (stable; fields are only ever added):
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from .adapter import WEIGHTS_NAME, is_adapter_dir, load_adapter
 from .io.checkpoint import Checkpoint
+from .io.provenance import read_provenance
 from .io.safetensors_format import read_header
 
 
-def _provenance(metadata: dict[str, str]) -> dict | None:
-    raw = metadata.get("loratools")
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return {"raw": raw}
 
 
 def inspect_path(path: str | Path) -> dict:
@@ -91,7 +83,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
         "shards": shards,
         "bytes_on_disk": ck.bytes_on_disk(),
         "quantization": quant,
-        "provenance": _provenance(meta),
+        "provenance": read_provenance(meta),
     }
 
 
@@ -127,7 +119,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "bytes_on_disk": sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file()),
         "modules": modules,
         "saved_tensors": [{"name": k, "shape": list(t.shape)} for k, t in sorted(ad.saved.items())],
-        "provenance": _provenance(meta),
+        "provenance": read_provenance(meta),
     }
 
 

@@ -106,3 +106,22 @@ def test_converted_checkpoint_loads_in_transformers(tmp_path):
     sd_ref, sd_got = ref.state_dict(), got.state_dict()
     for k in sd_ref:
         assert torch.equal(sd_ref[k].to(torch.bfloat16), sd_got[k]), k
+
+
+def test_provenance_records_input_digests_and_verifies(tmp_path):
+    import hashlib
+
+    from loratools.io import read_provenance, verify_inputs
+
+    out = tmp_path / "out"
+    run_cli("convert", LLAMA, "-o", out)
+    ck = Checkpoint(out)
+    record = read_provenance(ck.metadata["model.safetensors"])
+    files = record["inputs"]["checkpoint"]["files"]
+    assert set(files) == {p.name for p in LLAMA.iterdir() if p.suffix == ".safetensors"} | {"model.safetensors.index.json"}
+    for name, digest in files.items():
+        assert digest == hashlib.sha256((LLAMA / name).read_bytes()).hexdigest()
+    assert all(r["ok"] for r in verify_inputs(record, {"checkpoint": LLAMA}))
+    assert not all(r["ok"] for r in verify_inputs(record, {"checkpoint": GPT2}))
+    doc = json.loads(run_cli("inspect", out, "--json").stdout)
+    assert doc["provenance"]["inputs"]["checkpoint"]["files"] == files

@@ -23,6 +23,7 @@ class LoratoolsGroup(click.Group):
         debug = "--debug" in argv or os.environ.get("LORATOOLS_DEBUG", "") not in ("", "0")
         argv = [a for a in argv if a != "--debug"]
         json_mode = "--json" in argv
+        _log_to_stderr()
         code = 0
         try:
             rv = super().main(args=argv, prog_name=prog_name or "loratools", complete_var=complete_var,
@@ -65,6 +66,23 @@ class LoratoolsGroup(click.Group):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _log_to_stderr():
+    """Library warnings (e.g. stale temporaries removed) become `warning: ...` lines on stderr."""
+    import logging
+
+    log = logging.getLogger("loratools")
+    if not any(getattr(h, "_loratools", False) for h in log.handlers):
+        h = logging.StreamHandler()
+        h._loratools = True
+        h.setFormatter(logging.Formatter("warning: %(message)s"))
+        log.addHandler(h)
+        log.propagate = False
+    for h in log.handlers:
+        if getattr(h, "_loratools", False):
+            h.setStream(sys.stderr)  # follow test runners that swap stderr
+    log.setLevel(logging.WARNING)
 
 
 def _fail(message: str, code: int, json_mode: bool, kind: str) -> int:

@@ -7,6 +7,7 @@ removes (and says so). With --force an existing output is replaced only after th
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import OutputError
+
+log = logging.getLogger("loratools")
 
 TMP_TAG = ".loratools-tmp-"
 OLD_TAG = ".loratools-old-"
@@ -78,9 +81,11 @@ def clean_stale(out: Path) -> list[Path]:
             if m.group(1) == OLD_TAG and not out.exists():
                 # killed between the two renames of a --force replace: the old output is the only copy
                 os.rename(p, out)
+                log.warning("restored %s from %s, left by a run killed while replacing it", out, p)
                 continue
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
+            log.warning("removed %s, left by an interrupted earlier run", p)
     return removed
 
 

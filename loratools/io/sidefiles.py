@@ -1,11 +1,9 @@
-"""Non-weight files that travel with a checkpoint, and the provenance record written into outputs."""
+"""Non-weight files that travel with a checkpoint (config, generation config, tokenizer)."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from .. import __version__
 from .writer import _disk_error, write_json
 
 
@@ -25,18 +23,3 @@ def copy_side_files(files: list[Path], dst: Path, *, config: dict | None = None,
         write_json(dst / "config.json", config)
         written.append("config.json")
     return sorted(written)
-
-
-def provenance(command: str, options: dict, inputs: dict[str, str]) -> dict[str, str]:
-    """What loratools did, as safetensors metadata (strings only).
-
-    Output paths are left out on purpose: the same inputs and flags must give the same bytes wherever
-    the output goes.
-    """
-    record = {
-        "version": __version__,
-        "command": command,
-        "options": {k: v for k, v in sorted(options.items()) if v is not None},
-        "inputs": {role: Path(p).name for role, p in inputs.items()},
-    }
-    return {"loratools": json.dumps(record, sort_keys=True, default=str)}

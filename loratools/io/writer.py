@@ -79,6 +79,8 @@ class ShardWriter:
                  filename: str = "model.safetensors", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  metadata: dict[str, str] | None = None, reserve_metadata: int = 0, allow_shards: bool = True):
         self.dir = Path(directory)
+        # Provenance metadata carries placeholders of final length, completed at close (see io/provenance.py)
+        self._finalize_metadata = getattr(metadata, "finalize", None)
         self.metadata = {"format": "pt", **(metadata or {})}
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -166,6 +168,8 @@ class ShardWriter:
             raise LoratoolsError(f"internal: {len(missing)} planned tensors never written", tensor=missing[0])
         try:
             self._close_fd()
+            if self._finalize_metadata is not None:
+                final_metadata = {**self._finalize_metadata(), **(final_metadata or {})}
             if final_metadata is not None or self._reserve:
                 meta = {**self.metadata, **(final_metadata or {})}
                 for i, group in enumerate(self._groups):
