@@ -105,6 +105,7 @@ class ShardWriter:
         self._prefix_len: list[int] = []
         self._pending = set(names)
         self._fd: tuple[int, int] | None = None  # (shard no, fd)
+        self._check_space(sum(s.nbytes for s in specs))
         try:
             for i, group in enumerate(groups):
                 prefix, offsets = self._header(group, self.metadata)
@@ -118,6 +119,18 @@ class ShardWriter:
                     self._where[spec.name] = (i, len(prefix) + off)
         except OSError as e:
             raise _disk_error(e, self.dir) from None
+
+    def _check_space(self, needed: int):
+        """Fail before any work when the output filesystem cannot hold the planned bytes."""
+        import shutil
+
+        try:
+            free = shutil.disk_usage(self.dir).free
+        except OSError:
+            return
+        if free < needed:
+            raise OutputError(f"not enough space: the output needs {needed:,} bytes, {free:,} are free; "
+                              f"nothing was written", path=self.dir)
 
     def _header(self, group, metadata):
         placeholder = dict(metadata)

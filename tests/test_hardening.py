@@ -1,0 +1,127 @@
+"""Kill safety, disk full, determinism across commands: nothing lost, nothing half-written."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from loratools.io import Checkpoint, ShardWriter, TensorSpec
+from conftest import LLAMA, run_cli, tree_digest
+
+
+def big_checkpoint(path: Path, n: int = 32, shape=(1024, 2048)) -> Path:
+    """fp32 checkpoint of n 8 MiB tensors: large enough that a rewrite takes a noticeable time."""
+    path.mkdir()
+    specs = [TensorSpec(f"model.layers.{i}.mlp.up_proj.weight", torch.float32, shape) for i in range(n)]
+    w = ShardWriter(path, specs, max_shard_size=64 * 2**20)
+    g = torch.Generator().manual_seed(0)
+    for s in specs:
+        w.write(s.name, torch.randn(shape, generator=g))
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    return big_checkpoint(tmp_path_factory.mktemp("big") / "ck")
+
+
+def loratools_cmd(*args):
+    return [sys.executable, "-m", "loratools", *map(str, args)]
+
+
+def assert_complete_or_absent(out: Path, expected_tensors: int):
+    if not out.exists():
+        return "absent"
+    ck = Checkpoint(out)  # parses and checks every header against file sizes
+    assert len(ck.tensors) == expected_tensors
+    for _, t in ck.iter_tensors():
+        pass
+    return "complete"
+
+
+def start_and_kill(cmd, parent: Path, delay: float):
+    """Start cmd, wait until it has begun writing its temporary output, wait `delay` more, SIGKILL it."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(".loratools-tmp-" in x.name for x in parent.iterdir()):
+        if p.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.5])
+def test_sigkill_leaves_nothing_half_written(big, tmp_path, delay):
+    out = tmp_path / "out"
+    before = tree_digest(big)
+    start_and_kill(loratools_cmd("convert", big, "-o", out, "--dtype", "bfloat16", "--max-shard-size", "32MB"),
+                   tmp_path, delay)
+    state = assert_complete_or_absent(out, 32)
+    leftovers = [x for x in tmp_path.iterdir() if x.name != "out"]
+    # a rerun cleans up after the killed one and says so
+    r = subprocess.run(loratools_cmd("convert", big, "-o", out, "--dtype", "bfloat16", "--force"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for x in leftovers:
+        assert not x.exists() and str(x) in r.stderr
+    assert [x.name for x in tmp_path.iterdir()] == ["out"]
+    assert assert_complete_or_absent(out, 32) == "complete"
+    assert tree_digest(big) == before
+    print(f"killed after {delay}s: output {state}, {len(leftovers)} temporary dirs cleaned by the rerun")
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def test_small_filesystem_is_refused_before_any_work(tmp_path):
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "64k"):
+        # unprivileged machines: the same check on a limit we can set, the free space we report
+        pytest.skip("cannot mount a small filesystem without privileges")
+    try:
+        r = run_cli("convert", LLAMA, "-o", small / "out", expect=1)
+        assert "not enough space" in r.stderr and list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+def test_disk_full_mid_write_fails_cleanly(tmp_path, monkeypatch):
+    """ENOSPC on the n-th write (space taken by someone else meanwhile): clean error, no output, no temp."""
+    import loratools.io.writer as writer
+
+    calls = {"n": 0}
+    real = os.pwrite
+
+    def full_after_three(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", full_after_three)
+    r = run_cli("convert", LLAMA, "-o", tmp_path / "out", expect=1)
+    assert "no space left" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_size_limit_fails_cleanly(tmp_path):
+    """A real OS-enforced limit (RLIMIT_FSIZE) hits our write path in a child process."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (50000, 50000)); "
+            "from loratools.cli import main; sys.argv = ['loratools'] + sys.argv[1:]; main()")
+    r = subprocess.run([sys.executable, "-c", code, "convert", str(LLAMA), "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error:"), r.stderr
+    assert list(tmp_path.iterdir()) == []
