@@ -1,0 +1,214 @@
+"""Does an adapter fit a base checkpoint? Header-level checks shared by merge, unmerge and validate.
+
+Every check here reads only headers (and the adapter's small tensors) and returns a list of `Problem`s
+instead of raising, so that `validate` can report all of them and `merge` can refuse on the first one
+before it writes anything.
+
+Note: resolving base tensor names.
+    PEFT names an adapted module by its path in the model it wrapped (`model.layers.0.self_attn.q_proj`
+    for LlamaForCausalLM, `transformer.h.0.attn.c_attn` for GPT2LMHeadModel). A checkpoint saved from
+    the bare backbone (LlamaModel, GPT2Model) lacks that top-level component, and one saved from a
+    wrapper can carry an extra one. `resolve_base_key` tries the exact name, then the name without its
+    first component, then the name under each top-level prefix the checkpoint has; it accepts only an
+    unambiguous match.
+
+Note: tied output embeddings.
+    A model with `tie_word_embeddings` (GPT-2 and many small models) stores no `lm_head.weight`: the head
+    is the input embedding. An adapter that targets or saves `lm_head` then refers to a tensor the file
+    does not hold; its shape is checked against the input embedding it is tied to (`tied_embedding_key`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Collection, Iterable
+
+from .adapter import Adapter, LoraModule
+from .errors import MismatchError
+from .io.checkpoint import QUANT_STATE_MARK, Checkpoint
+
+# Companion tensors bitsandbytes stores beside each packed 4-bit weight (not weights of their own).
+QUANT_AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+# Input-embedding tensor names of common causal-LM families, for tied heads.
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                      "tok_embeddings.weight")
+HEAD_KEY = "lm_head.weight"
+
+
+@dataclass
+class Problem:
+    """One way an adapter does not fit a base: which module, which base tensor, what was expected."""
+
+    module: str | None
+    tensor: str | None
+    path: str | None
+    expected: object = None
+    found: object = None
+    message: str = ""
+
+    def to_error(self) -> MismatchError:
+        return MismatchError(self.message, path=self.path, tensor=self.tensor or self.module)
+
+    def as_dict(self) -> dict:
+        return {"module": self.module, "tensor": self.tensor, "path": self.path, "expected": self.expected,
+                "found": self.found, "message": self.message}
+
+
+# -- base tensor names --------------------------------------------------------------------------------
+
+def resolve_base_key(base_keys: Collection[str], name: str) -> str | None:
+    """The key in `base_keys` that holds tensor `name`, allowing one missing or extra top-level prefix.
+
+    Returns None when there is no match or more than one candidate (ambiguous).
+    """
+    keys = base_keys if isinstance(base_keys, (set, frozenset, dict)) else set(base_keys)
+    if name in keys:
+        return name
+    candidates = []
+    if "." in name:
+        stripped = name.split(".", 1)[1]
+        if stripped in keys:
+            candidates.append(stripped)
+    for prefix in sorted({k.split(".", 1)[0] for k in keys if "." in k}):
+        k = f"{prefix}.{name}"
+        if k in keys:
+            candidates.append(k)
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def dense_shapes(base: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape as a dense model sees it (4-bit packed weights get their original shape;
+    bitsandbytes' companion tensors are left out)."""
+    qstates = base.quant_states
+    out = {}
+    for name, info in base.tensors.items():
+        if QUANT_STATE_MARK in name:
+            continue
+        if name.endswith(QUANT_AUX_SUFFIXES) and name.rsplit(".", 1)[0] in qstates:
+            continue
+        if name in qstates and "shape" in qstates[name]:
+            out[name] = tuple(int(d) for d in qstates[name]["shape"])
+        else:
+            out[name] = tuple(info.shape)
+    return out
+
+
+def is_tied(base: Checkpoint) -> bool:
+    """True when the model ties its output head to the input embedding (transformers' default is True)."""
+    cfg = base.config or {}
+    return bool(cfg.get("tie_word_embeddings", True))
+
+
+def tied_embedding_key(base: Checkpoint, shapes: dict[str, tuple] | None = None) -> str | None:
+    """The input-embedding tensor a missing tied `lm_head.weight` stands for, or None."""
+    shapes = dense_shapes(base) if shapes is None else shapes
+    if not is_tied(base) or resolve_base_key(shapes, HEAD_KEY) is not None:
+        return None
+    vocab = (base.config or {}).get("vocab_size")
+    found = [k for k, s in shapes.items() if k.endswith(EMBEDDING_SUFFIXES) and len(s) == 2
+             and (vocab is None or s[0] == vocab)]
+    return found[0] if len(found) == 1 else None
+
+
+@dataclass
+class BaseTarget:
+    """Where an adapter tensor lands in the base: the base key, or a tied head that the file lacks."""
+
+    key: str  # the tensor name in the output (the base key, or "lm_head.weight" for a tied head)
+    shape: tuple[int, ...]
+    tied_to: str | None = None  # the embedding a missing tied head is read from
+
+
+def locate(shapes: dict[str, tuple], name: str, tied_embedding: str | None) -> BaseTarget | None:
+    """Find base tensor `name` (e.g. `model.layers.0.self_attn.q_proj.weight`) in a checkpoint."""
+    key = resolve_base_key(shapes, name)
+    if key is not None:
+        return BaseTarget(key, shapes[key])
+    if tied_embedding is not None and name == HEAD_KEY:
+        return BaseTarget(HEAD_KEY, shapes[tied_embedding], tied_to=tied_embedding)
+    return None
+
+
+# -- the fit checks ------------------------------------------------------------------------------------
+
+def _shape(s) -> list[int]:
+    return [int(d) for d in s]
+
+
+def module_problems(m: LoraModule, target: BaseTarget | None, shapes: dict[str, tuple], adapter_path: str,
+                    base_path: str) -> list[Problem]:
+    """Shape checks of one adapted module against its base tensor(s)."""
+    where = f"module {m.name}"
+    if target is None:
+        return [Problem(m.name, m.base_key, adapter_path, expected=_shape(m.base_shape), found=None,
+                        message=f"{where}: the base {base_path} has no tensor {m.base_key} (adapter expects "
+                                f"{_shape(m.base_shape)}); is this adapter for another model?")]
+    found = tuple(target.shape)
+    expected = tuple(m.base_shape)
+    out = []
+    if found != expected:
+        hint = ""
+        if m.kind == "linear" and len(found) == 2 and found == expected[::-1] and found != expected:
+            hint = (" (it fits transposed: fan_in_fan_out is "
+                    f"{'set' if m.fan_in_fan_out else 'not set'} in the adapter config, the base says otherwise)")
+        what = "embedding [num_embeddings, dim]" if m.kind == "embedding" else (
+            "Conv1D weight [in, out]" if m.fan_in_fan_out else "weight [out, in]")
+        out.append(Problem(m.name, target.key, adapter_path, expected=_shape(expected), found=_shape(found),
+                           message=f"{where}: base tensor {target.key} has shape {_shape(found)} but the adapter's "
+                                   f"factors (A {_shape(m.A.shape)}, B {_shape(m.B.shape)}) need a {what} of "
+                                   f"shape {_shape(expected)}{hint}"))
+        return out
+    n_out = m.B.shape[0]
+    if m.magnitude is not None and tuple(m.magnitude.shape) != (n_out,):
+        out.append(Problem(m.name, target.key, adapter_path, expected=[n_out], found=_shape(m.magnitude.shape),
+                           message=f"{where}: DoRA magnitude has shape {_shape(m.magnitude.shape)}, expected "
+                                   f"[{n_out}] for base tensor {target.key} {_shape(found)}"))
+    if m.bias is not None:
+        bias_key = resolve_base_key(shapes, m.bias_key) if target.tied_to is None else None
+        if bias_key is None:
+            out.append(Problem(m.name, m.bias_key, adapter_path, expected=[n_out], found=None,
+                               message=f"{where}: the adapter has lora_B.bias (lora_bias=True) but the base "
+                                       f"{base_path} has no bias tensor {m.bias_key} to add it to"))
+        elif tuple(shapes[bias_key]) != (n_out,) or tuple(m.bias.shape) != (n_out,):
+            out.append(Problem(m.name, bias_key, adapter_path, expected=_shape(m.bias.shape),
+                               found=_shape(shapes[bias_key]),
+                               message=f"{where}: base bias {bias_key} has shape {_shape(shapes[bias_key])}, "
+                                       f"the adapter's lora_B.bias has {_shape(m.bias.shape)}"))
+    return out
+
+
+def adapter_fit_problems(base: Checkpoint, adapter: Adapter) -> list[Problem]:
+    """Everything that keeps `adapter` from applying to `base`, from headers only; [] when it fits."""
+    shapes = dense_shapes(base)
+    tied = tied_embedding_key(base, shapes)
+    apath, bpath = str(adapter.path), str(base.path)
+    problems: list[Problem] = []
+    for m in adapter.modules.values():
+        problems += module_problems(m, locate(shapes, m.base_key, tied), shapes, apath, bpath)
+    for name, t in adapter.saved.items():
+        target = locate(shapes, name, tied)
+        if target is None:
+            problems.append(Problem(name.rsplit(".", 1)[0], name, apath, expected=_shape(t.shape), found=None,
+                                    message=f"saved tensor {name} (modules_to_save) {_shape(t.shape)} has no "
+                                            f"counterpart in the base {bpath}"))
+        elif tuple(target.shape) != tuple(t.shape):
+            problems.append(Problem(name.rsplit(".", 1)[0], target.key, apath, expected=_shape(t.shape),
+                                    found=_shape(target.shape),
+                                    message=f"saved tensor {name} (modules_to_save) has shape {_shape(t.shape)} "
+                                            f"but base tensor {target.key} has {_shape(target.shape)}"))
+    return problems
+
+
+def first_problem_error(problems: Iterable[Problem]) -> MismatchError | None:
+    """A MismatchError for the first problem, mentioning how many more there are."""
+    problems = list(problems)
+    if not problems:
+        return None
+    err = problems[0].to_error()
+    if len(problems) > 1:
+        err.message += f" (and {len(problems) - 1} more mismatch{'es' if len(problems) > 2 else ''})"
+        err.args = (err.message,)
+    return err
+
+
+__all__ = ["Problem", "BaseTarget", "adapter_fit_problems", "dense_shapes", "first_problem_error", "is_tied",
+           "locate", "module_problems", "resolve_base_key", "tied_embedding_key"]
