@@ -1,0 +1,370 @@
+"""`loratools combine`: several LoRA adapters of one base model → one PEFT adapter.
+
+The per-module maths lives in combine_methods.py (one small function per method); this file checks the
+inputs against each other, runs a method module by module and writes the result. Adapters are small, so
+they are read whole; no base model is needed.
+
+Note: what is refused, before anything is written.
+    Options that do not fit the method (usage, exit 2); DoRA adapters (the magnitude vector renormalizes
+    W + ΔW as a whole, so DoRA updates do not add); a module adapted with different base shapes, kinds
+    (linear vs embedding) or layouts (fan_in_fan_out); adapters naming different base models (see
+    `base_model_of`); whole-module tensors (modules_to_save, saved embedding base layers) that differ
+    between adapters, or that one adapter saves whole while another puts LoRA on the same module;
+    lora_bias with the task-arithmetic methods (their pruning is defined on weights; the bias of `cat` and
+    `linear` is exact: Σ wᵢ·sᵢ·biasᵢ in lora_B.bias at scale 1) and lora_bias next to an embedding module
+    (PEFT cannot load that).
+
+Note: what is carried through.
+    Whole-module tensors held by one adapter, or bit-identical in all that hold them, are copied as they
+    are; a weight cannot apply to a replacement, so a weight other than 1 on their holder is a warning.
+
+Note: the output's shape.
+    Scale 1 everywhere (lora_alpha = r, no rsLoRA), so B·A is the combined delta itself. `r` is the most
+    common output rank; other modules get their rank (and alpha = rank) in rank_pattern / alpha_pattern
+    under their full name, which under PEFT's `(.*\\.)?(key)$` rule matches that module only.
+    target_modules is the union of the inputs' lists of names when every input gives a plain list (those
+    match exactly the union of the modules the inputs adapt); otherwise the full module names.
+    Factors are written in the inputs' common float dtype (float32 when they differ).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .adapter import Adapter, LoraModule, adapter_config, adapter_tensors, load_adapter, write_adapter
+from .combine_methods import (EXACT_METHODS, METHODS, RANDOM_METHODS, SIGN_METHODS, TASK_METHODS, Term, cat,
+                              linear, task_arithmetic_truncated)
+from .errors import InputError, MismatchError, OutputError, UnsupportedError, UsageError
+from .io import AtomicOutput, check_output_path, provenance, write_json
+
+log = logging.getLogger("loratools")
+
+
+@dataclass
+class CombineOptions:
+    method: str
+    weights: list[float]
+    rank: int | None = None
+    energy: float | None = None
+    density: float | None = None
+    majority_sign: str | None = None
+    seed: int | None = None
+
+    def record(self) -> dict:
+        return {"method": self.method, "weights": self.weights, "rank": self.rank, "energy": self.energy,
+                "density": self.density, "majority_sign": self.majority_sign, "seed": self.seed}
+
+
+def check_options(n_adapters: int, method: str, *, weights=None, rank=None, energy=None, density=None,
+                  majority_sign=None, seed=None) -> CombineOptions:
+    """Every option checked against the method (UsageError, exit 2) before any file is read."""
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if n_adapters < 2:
+        raise UsageError(f"combine needs at least two adapters, got {n_adapters}")
+    weights = [1.0] * n_adapters if not weights else [float(w) for w in weights]
+    if len(weights) != n_adapters:
+        raise UsageError(f"{len(weights)} --weight values for {n_adapters} adapters: give one per adapter, in "
+                         f"order, or none (all 1)")
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError("--weight values must be finite numbers")
+    if method == "cat" and (rank is not None or energy is not None):
+        raise UsageError("--method cat is the exact sum (rank Σ rᵢ); use --method linear to truncate with "
+                         "--rank / --energy")
+    if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
+        raise UsageError(f"--rank must be an integer ≥ 1, got {rank}")
+    if energy is not None and not (0 < energy <= 1):
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+    if method in TASK_METHODS:
+        if density is None:
+            raise UsageError(f"--method {method} needs --density (the fraction of each delta to keep, in (0, 1])")
+        if not (0 < density <= 1):
+            raise UsageError(f"--density must be in (0, 1], got {density}")
+    elif density is not None:
+        raise UsageError(f"--density applies to {', '.join(TASK_METHODS)}, not to --method {method}")
+    if majority_sign is not None:
+        if method not in SIGN_METHODS:
+            raise UsageError(f"--majority-sign applies to {', '.join(SIGN_METHODS)}, not to --method {method}")
+        if majority_sign not in ("total", "frequency"):
+            raise UsageError(f"--majority-sign must be total or frequency, not {majority_sign!r}")
+    elif method in SIGN_METHODS:
+        majority_sign = "total"
+    if seed is not None and method not in RANDOM_METHODS:
+        raise UsageError(f"--seed applies to {', '.join(RANDOM_METHODS)} (random masks), not to --method {method}")
+    if method in RANDOM_METHODS and seed is None:
+        seed = 0
+    return CombineOptions(method, weights, None if rank is None else int(rank), energy, density, majority_sign,
+                          None if seed is None else int(seed))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return torch.device(device)
+
+
+# -- checking the adapters against each other -------------------------------------------------------------
+
+@dataclass
+class ModulePlan:
+    name: str
+    kind: str
+    fan_in_fan_out: bool
+    base_shape: tuple[int, int]
+    sources: list[tuple[int, LoraModule]] = field(default_factory=list)
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the base weight is (B·A)ᵀ: Conv1D (fan_in_fan_out) and embeddings."""
+        return self.fan_in_fan_out or self.kind == "embedding"
+
+
+def plan_modules(adapters: list[Adapter]) -> dict[str, ModulePlan]:
+    plans: dict[str, ModulePlan] = {}
+    for i, ad in enumerate(adapters):
+        if ad.use_dora or any(m.magnitude is not None for m in ad.modules.values()):
+            raise UnsupportedError("DoRA adapters cannot be combined: the magnitude vector rescales W + ΔW as a "
+                                   "whole, so DoRA updates do not add", path=ad.path)
+        for name, m in ad.modules.items():
+            p = plans.setdefault(name, ModulePlan(name, m.kind, m.fan_in_fan_out, m.base_shape))
+            first = adapters[p.sources[0][0]].path if p.sources else ad.path
+            if m.kind != p.kind:
+                raise MismatchError(f"this is a {m.kind} LoRA here but a {p.kind} LoRA in {first}",
+                                    path=ad.path, tensor=name)
+            if m.base_shape != p.base_shape:
+                raise MismatchError(f"adapts a base weight of shape {list(m.base_shape)}, but {first} adapts "
+                                    f"{list(p.base_shape)}: the adapters are for different base models",
+                                    path=ad.path, tensor=name)
+            if m.fan_in_fan_out != p.fan_in_fan_out:
+                raise MismatchError(f"fan_in_fan_out={m.fan_in_fan_out} here but {p.fan_in_fan_out} in {first}: "
+                                    f"the factors are in different layouts", path=ad.path, tensor=name)
+            p.sources.append((i, m))
+    if not plans:
+        raise InputError("the adapters hold no LoRA modules to combine", path=adapters[0].path)
+    layouts = {}  # fan_in_fan_out -> first adapter with such linear modules
+    for p in plans.values():
+        if p.kind == "linear":
+            layouts.setdefault(p.fan_in_fan_out, (adapters[p.sources[0][0]].path, p.name))
+    if len(layouts) > 1:
+        (a, ma), (b, mb) = layouts[True], layouts[False]
+        raise MismatchError(f"uses fan_in_fan_out (Conv1D layout, e.g. {ma}) but {b} does not (e.g. {mb}); "
+                            f"one adapter config cannot hold both", path=a)
+    return dict(sorted(plans.items()))
+
+
+def base_model_of(adapters: list[Adapter], warnings: list[str]) -> str | None:
+    """The common base_model_name_or_path. Different names are refused, unless they differ only in where the
+    model lives (same last path component, e.g. a hub id and a local copy): that is a warning."""
+    named = [(ad.base_model, ad.path) for ad in adapters if ad.base_model]
+    if not named:
+        return None
+    first, first_path = named[0]
+    for name, path in named[1:]:
+        if name == first:
+            continue
+        if Path(name.rstrip("/")).name == Path(first.rstrip("/")).name:
+            warnings.append(f"{path} names base model {name!r}, {first_path} names {first!r}; taking {first!r}")
+            continue
+        raise MismatchError(f"adapter is for base model {name!r} but {first_path} is for {first!r}", path=path)
+    return first
+
+
+def common_value(adapters: list[Adapter], key: str, warnings: list[str] | None = None):
+    values = [ad.config.get(key) for ad in adapters]
+    if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+        if warnings is None:
+            raise MismatchError(f"adapters disagree on {key}: " + ", ".join(f"{ad.path.name}={v!r}"
+                                                                            for ad, v in zip(adapters, values)),
+                                path=adapters[0].path)
+        warnings.append(f"adapters disagree on {key} ({', '.join(repr(v) for v in values)}); taking {values[0]!r}")
+    return values[0]
+
+
+def carried_tensors(adapters: list[Adapter], plans: dict[str, ModulePlan], weights: list[float],
+                    warnings: list[str]) -> dict[str, torch.Tensor]:
+    """Whole-module tensors (modules_to_save, saved embedding base layers): carried through if unique."""
+    out: dict[str, tuple[int, torch.Tensor]] = {}
+    for i, ad in enumerate(adapters):
+        for key, t in sorted(ad.saved.items()):
+            module = key.rsplit(".", 1)[0]
+            if module in plans and module not in ad.modules:
+                raise MismatchError(f"{module} is saved whole (modules_to_save) by this adapter but adapted with "
+                                    f"LoRA by {adapters[plans[module].sources[0][0]].path}", path=ad.path,
+                                    tensor=key)
+            if key in out:
+                j, prev = out[key]
+                if prev.dtype != t.dtype or prev.shape != t.shape or not torch.equal(prev, t):
+                    raise MismatchError(f"saved whole by two adapters with different values (also in "
+                                        f"{adapters[j].path}); whole-module replacements cannot be combined",
+                                        path=ad.path, tensor=key)
+                continue
+            out[key] = (i, t)
+            if weights[i] != 1:
+                warnings.append(f"{key} is carried from {ad.path} unchanged; its weight {weights[i]:g} does not "
+                                f"apply to a whole-module tensor")
+    return {k: t for k, (_, t) in sorted(out.items())}
+
+
+def check_bias(plans: dict[str, ModulePlan], method: str) -> bool:
+    with_bias = [p for p in plans.values() if any(m.bias is not None for _, m in p.sources)]
+    if not with_bias:
+        return False
+    if method not in EXACT_METHODS:
+        raise UnsupportedError(f"lora_bias adapters can be combined with cat or linear only (their bias sum is "
+                               f"exact); --method {method} prunes weights", tensor=with_bias[0].name)
+    emb = [p.name for p in plans.values() if p.kind == "embedding"]
+    if emb:
+        raise UnsupportedError("one adapter uses lora_bias and another adapts an embedding: PEFT cannot load "
+                               "lora_bias on embeddings", tensor=emb[0])
+    return True
+
+
+def target_modules_of(adapters: list[Adapter], plans: dict[str, ModulePlan]) -> list[str]:
+    names: set[str] = set()
+    for ad in adapters:
+        t = ad.config.get("target_modules")
+        if ad.modules and (not isinstance(t, list) or ad.config.get("layers_to_transform") is not None
+                           or ad.config.get("layers_pattern") or ad.config.get("exclude_modules")):
+            return sorted(plans)
+        names.update(t or [])
+    return sorted(names)
+
+
+# -- the work --------------------------------------------------------------------------------------------
+
+def combine_module(plan: ModulePlan, opts: CombineOptions, device: torch.device, default_rank: int):
+    """One module: (lora_B, lora_A at scale 1, bias or None, Truncation)."""
+    terms = [Term(m.B.to(device), m.A.to(device), m.scale, opts.weights[i]) for i, m in plan.sources]
+    if opts.method == "cat":
+        tr = cat(terms)
+    elif opts.method == "linear":
+        tr = linear(terms, rank=opts.rank, energy=opts.energy)
+    else:
+        rank = opts.rank if (opts.rank is not None or opts.energy is not None) else default_rank
+        tr = task_arithmetic_truncated(terms, opts.method, module=plan.name, transposed=plan.transposed,
+                                       density=opts.density, majority_sign=opts.majority_sign or "total",
+                                       seed=opts.seed or 0, rank=rank, energy=opts.energy)
+    B, A = tr.factors(1.0)
+    bias = None
+    if any(m.bias is not None for _, m in plan.sources):
+        bias = sum(m.bias.float() * (opts.weights[i] * m.scale) for i, m in plan.sources if m.bias is not None)
+    return B.cpu(), A.cpu(), bias, tr
+
+
+def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str | torch.device = "cpu",
+                   on_module: Callable[[str], None] | None = None):
+    """Check and combine loaded adapters. Returns (modules, saved tensors, config, report rows, warnings)."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    warnings: list[str] = []
+    base = base_model_of(adapters, warnings)
+    plans = plan_modules(adapters)
+    lora_bias = check_bias(plans, opts.method)
+    saved = carried_tensors(adapters, plans, opts.weights, warnings)
+    task_type = common_value(adapters, "task_type", warnings)
+    layer_replication = common_value(adapters, "layer_replication")
+    mts = sorted({n for ad in adapters for n in (ad.config.get("modules_to_save") or [])}) or None
+    dtypes = {t.dtype for ad in adapters for m in ad.modules.values() for t in (m.A, m.B)}
+    out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    default_rank = max(m.r for ad in adapters for m in ad.modules.values())
+
+    modules: dict[str, LoraModule] = {}
+    rows = []
+    for name, plan in plans.items():
+        B, A, bias, tr = combine_module(plan, opts, device, default_rank)
+        if lora_bias and bias is None:
+            bias = torch.zeros(B.shape[0])  # every module gets a lora_B.bias under lora_bias=True
+        modules[name] = LoraModule(name=name, kind=plan.kind, A=A, B=B, r=tr.rank, alpha=float(tr.rank), scale=1.0,
+                                   fan_in_fan_out=plan.fan_in_fan_out,
+                                   bias=None if bias is None else bias.cpu())
+        rows.append({"name": name, "kind": plan.kind, "sources": [i for i, _ in plan.sources],
+                     "input_ranks": [m.r for _, m in plan.sources], "rank": tr.rank,
+                     "retained_energy": tr.retained_energy, "rel_error": tr.rel_error})
+        if on_module:
+            on_module(name)
+
+    ranks = Counter(m.r for m in modules.values())
+    r = min(ranks, key=lambda k: (-ranks[k], k))  # most common; the smaller on a tie
+    pattern = {n: m.r for n, m in modules.items() if m.r != r}
+    extra = {"layer_replication": layer_replication} if layer_replication is not None else {}
+    config = adapter_config(r=r, lora_alpha=r, target_modules=target_modules_of(adapters, plans),
+                            base_model_name_or_path=base, rank_pattern=pattern, alpha_pattern=pattern,
+                            fan_in_fan_out=any(p.fan_in_fan_out for p in plans.values()), lora_bias=lora_bias,
+                            modules_to_save=mts, task_type=task_type, **extra)
+    for m in modules.values():
+        m.A, m.B = m.A.to(out_dtype), m.B.to(out_dtype)
+        if m.bias is not None:
+            m.bias = m.bias.to(out_dtype)
+    return modules, saved, config, rows, warnings
+
+
+def _check_report_path(report: str | None, output, inputs):
+    if report is None:
+        return None
+    rp = Path(report).absolute()
+    out = Path(output).absolute()
+    if rp == out or out in rp.parents:
+        raise OutputError("--report must not be written into the output adapter directory", path=report)
+    if any(Path(os.path.realpath(i)) in (Path(os.path.realpath(rp)), *Path(os.path.realpath(rp)).parents)
+           for i in inputs):
+        raise OutputError("--report would be written into an input", path=report)
+    if not rp.parent.is_dir():
+        raise OutputError(f"parent directory {rp.parent} does not exist", path=report)
+    if rp.is_dir():
+        raise OutputError("--report names a directory; give a file name", path=report)
+    return rp
+
+
+def write_report(path: Path, doc: dict) -> None:
+    tmp = path.with_name(f".{path.name}.loratools-tmp-{os.getpid()}")
+    try:
+        write_json(tmp, doc)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def combine_adapters(adapters: list[str | Path], output, *, method: str, weights: list[float] | None = None,
+                     rank: int | None = None, energy: float | None = None, density: float | None = None,
+                     majority_sign: str | None = None, seed: int | None = None, device: str = "auto",
+                     force: bool = False, report: str | None = None,
+                     on_module: Callable[[str], None] | None = None) -> dict:
+    """Combine PEFT LoRA adapters into one at `output` (see the module notes); returns the report document."""
+    opts = check_options(len(adapters), method, weights=weights, rank=rank, energy=energy, density=density,
+                         majority_sign=majority_sign, seed=seed)
+    dev = resolve_device(device)
+    paths = [str(a) for a in adapters]
+    check_output_path(output, paths, force)
+    report_path = _check_report_path(report, output, paths)
+    loaded = [load_adapter(p) for p in paths]
+    modules, saved, config, rows, warnings = combine_loaded(loaded, opts, device=dev, on_module=on_module)
+    for w in warnings:
+        log.warning("%s", w)
+    meta = provenance("combine", opts.record(), {"adapters": paths})
+    atomic = AtomicOutput(output, paths, force)
+    with atomic as tmp:
+        files = write_adapter(tmp, config, adapter_tensors(modules, saved), metadata=meta)
+    errors = [row["rel_error"] for row in rows]
+    doc = {
+        "output": str(atomic.out), "files": sorted(files),
+        "bytes": sum((atomic.out / f).stat().st_size for f in files),
+        "adapters": paths, **opts.record(), "device": str(dev),
+        "r": config["r"], "rank_pattern": config["rank_pattern"],
+        "modules": rows, "max_rel_error": max(errors), "saved_tensors": sorted(saved),
+        "warnings": warnings, "stale_removed": [str(p) for p in atomic.stale_removed],
+    }
+    if report_path is not None:
+        write_report(report_path, doc)
+    return doc

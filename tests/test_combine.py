@@ -1,0 +1,263 @@
+"""`loratools combine` against PEFT itself: deltas, forward passes, merges and merge_utils, on fixture adapters.
+
+The reference is always PEFT: source adapters loaded side by side into one PeftModel, each layer's scaling
+multiplied by the adapter's weight (so PEFT's own get_delta_weight / forward / merge give wᵢ·ΔWᵢ).
+"""
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils import merge_utils
+from transformers import AutoModelForCausalLM
+
+from conftest import FIXTURES, base_of, run_cli, tree_digest
+from loratools.adapter import adapter_tensors, load_adapter, write_adapter
+from loratools.combine_methods import Term, module_seed, task_merge
+
+# different ranks, rsLoRA, rank/alpha patterns, overlapping and disjoint modules
+LLAMA_MIX = (["llama-lora", "llama-rslora", "llama-patterns"], [0.5, -1.0, 2.0])
+EMBED_MIX = (["llama-embed", "llama-lora"], [1.0, 0.75])  # embedding LoRA (+ its saved base layer)
+GPT2_MIX = (["gpt2-lora", "gpt2-bias"], [1.0, -0.5])  # fan_in_fan_out, lora_bias
+TOKENS = torch.arange(3, 43).reshape(2, 20)
+
+
+def source_path(name, tmp_path=None):
+    return tmp_path / name if tmp_path is not None and (tmp_path / name).exists() else FIXTURES / name
+
+
+def make_gpt2_twin(tmp_path):
+    """A second plain fan_in_fan_out adapter on the gpt2-lora modules, with other factors (no lora_bias)."""
+    src = load_adapter(FIXTURES / "gpt2-lora")
+    g = torch.Generator().manual_seed(5)
+    for m in src.modules.values():
+        m.A = (m.A.flip(0) + 0.05 * torch.randn(m.A.shape, generator=g)).contiguous()
+        m.B = (0.7 * m.B.roll(1, dims=1) + 0.02 * torch.randn(m.B.shape, generator=g)).contiguous()
+    out = tmp_path / "gpt2-twin"
+    out.mkdir()
+    write_adapter(out, src.config, adapter_tensors(src.modules, src.saved))
+    return out
+
+
+def peft_stack(paths, weights=None, extra=()):
+    """One PeftModel holding each source as a0, a1, … (scaled by its weight when given) plus `extra` paths."""
+    base = AutoModelForCausalLM.from_pretrained(base_of(paths[0].name.replace("gpt2-twin", "gpt2")),
+                                                dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, paths[0], adapter_name="a0")
+    for i, p in enumerate(paths[1:], 1):
+        model.load_adapter(p, adapter_name=f"a{i}")
+    for j, p in enumerate(extra):
+        model.load_adapter(p, adapter_name=f"x{j}")
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    if weights is not None:
+        for layer in layers.values():
+            for i, w in enumerate(weights):
+                if f"a{i}" in layer.scaling:
+                    layer.scaling[f"a{i}"] *= w
+    model.eval()
+    return model, layers
+
+
+def sources_of(layer, n):
+    return [f"a{i}" for i in range(n) if f"a{i}" in layer.scaling]
+
+
+def combine(tmp_path, names, out_name, *args, expect=0):
+    out = tmp_path / out_name
+    r = run_cli("combine", *[source_path(n, tmp_path) for n in names], "-o", out, *args, "--json", expect=expect)
+    return out, (json.loads(r.stdout) if expect == 0 else r)
+
+
+def weight_args(weights):
+    return [a for w in weights for a in ("--weight", w)]
+
+
+# -- exactness: cat and lossless linear reproduce Σ wᵢ·ΔWᵢ, deltas and forward pass -------------------------
+
+@pytest.mark.parametrize("mix", [LLAMA_MIX, EMBED_MIX, GPT2_MIX], ids=["llama-mix", "embed", "gpt2-bias"])
+def test_exact_methods_reproduce_the_weighted_sum(tmp_path, mix):
+    names, weights = mix
+    outs = [combine(tmp_path, names, "cat", "--method", "cat", *weight_args(weights))[0],
+            combine(tmp_path, names, "linear", "--method", "linear", *weight_args(weights))[0]]
+    paths = [FIXTURES / n for n in names]
+    model, layers = peft_stack(paths, weights, extra=outs)
+    for name, layer in layers.items():
+        srcs = sources_of(layer, len(names))
+        ref = sum(layer.get_delta_weight(a) for a in srcs)
+        for j in range(len(outs)):
+            got = layer.get_delta_weight(f"x{j}")
+            assert layer.scaling[f"x{j}"] == 1.0
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6 * float(ref.abs().max()), msg=name)
+        if any(layer.lora_bias.get(a) for a in srcs):
+            ref_b = sum(layer.lora_B[a].bias * layer.scaling[a] for a in srcs if layer.lora_bias[a])
+            for j in range(len(outs)):
+                torch.testing.assert_close(layer.lora_B[f"x{j}"].bias, ref_b, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        model.base_model.set_adapter([f"a{i}" for i in range(len(names))])
+        ref_logits = model(TOKENS).logits
+        for j in range(len(outs)):
+            model.base_model.set_adapter(f"x{j}")
+            torch.testing.assert_close(model(TOKENS).logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_output_config_uses_scale_one_and_patterns(tmp_path):
+    names, weights = LLAMA_MIX
+    out, doc = combine(tmp_path, names, "cat", "--method", "cat", *weight_args(weights))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    ranks = {m["name"]: m["rank"] for m in doc["modules"]}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 8 + 4 + 8 and ranks["model.layers.1.mlp.down_proj"] == 4 + 2
+    assert ranks["model.layers.0.mlp.up_proj"] == 4  # only llama-rslora adapts it
+    assert cfg["rank_pattern"] == cfg["alpha_pattern"] and cfg["lora_alpha"] == cfg["r"]
+    assert not cfg["use_rslora"] and cfg["base_model_name_or_path"] == "fixtures/tiny-llama"
+    back = load_adapter(out)
+    assert {n: m.r for n, m in back.modules.items()} == ranks
+    assert all(m.scale == 1.0 for m in back.modules.values())
+
+
+# -- linear below Σr: the optimal truncation ------------------------------------------------------------------
+
+def test_linear_truncation_is_optimal(tmp_path):
+    names, weights = LLAMA_MIX
+    out, doc = combine(tmp_path, names, "r5", "--method", "linear", "--rank", 5, *weight_args(weights))
+    reported = {m["name"]: m for m in doc["modules"]}
+    _, layers = peft_stack([FIXTURES / n for n in names], weights, extra=[out])
+    truncated = 0
+    for name, layer in layers.items():
+        exact = sum(layer.get_delta_weight(a) for a in sources_of(layer, len(names))).double()
+        s = torch.linalg.svdvals(exact)
+        optimal = float(s[5:].square().sum().sqrt())
+        got = float(torch.linalg.matrix_norm(exact - layer.get_delta_weight("x0").double()))
+        rel = optimal / float(s.square().sum().sqrt())
+        assert reported[name]["rank"] == min(5, sum(reported[name]["input_ranks"]))
+        if optimal > 1e-6 * float(s[0]):
+            truncated += 1
+            assert got == pytest.approx(optimal, rel=1e-5), name
+            assert reported[name]["rel_error"] == pytest.approx(rel, rel=1e-5), name
+        else:
+            assert got <= 1e-5 * float(s[0])
+    assert truncated >= 10
+
+
+def test_linear_energy_picks_the_smallest_sufficient_rank(tmp_path):
+    names, weights = LLAMA_MIX
+    out, doc = combine(tmp_path, names, "e90", "--method", "linear", "--energy", 0.9, *weight_args(weights))
+    _, layers = peft_stack([FIXTURES / n for n in names], weights)
+    for m in doc["modules"]:
+        layer = layers[m["name"]]
+        s2 = torch.linalg.svdvals(sum(layer.get_delta_weight(a) for a in sources_of(layer, 3)).double()).square()
+        cum = torch.cumsum(s2, 0) / s2.sum()
+        assert m["retained_energy"] >= 0.9 - 1e-9
+        assert m["rank"] == int((cum < 0.9 - 1e-9).sum()) + 1, m["name"]
+        assert m["retained_energy"] == pytest.approx(float(cum[m["rank"] - 1]), rel=1e-5)
+
+
+# -- combine then merge equals merging the sources one after another ------------------------------------------
+
+@pytest.mark.parametrize("mix", [LLAMA_MIX, GPT2_MIX], ids=["llama-mix", "gpt2-bias"])
+def test_combine_then_merge_equals_sequential_merge(tmp_path, mix):
+    names, weights = mix
+    out, _ = combine(tmp_path, names, "cat", "--method", "cat", *weight_args(weights))
+    ref, _ = peft_stack([FIXTURES / n for n in names], weights)
+    ref = ref.merge_and_unload(adapter_names=[f"a{i}" for i in range(len(names))]).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(base_of(names[0]), dtype=torch.float32)
+    got = PeftModel.from_pretrained(base, out).merge_and_unload().state_dict()
+    assert ref.keys() == got.keys()
+    plain = AutoModelForCausalLM.from_pretrained(base_of(names[0]), dtype=torch.float32).state_dict()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    changed = [k for k in ref if not torch.equal(ref[k], plain[k])]
+    assert len(changed) >= 8 and (any(k.endswith(".bias") for k in changed) or "gpt2" not in names[0])
+
+
+# -- task arithmetic: identical to peft.utils.merge_utils before truncation ---------------------------------
+
+PEFT_FN = {"ties": merge_utils.ties, "dare_linear": merge_utils.dare_linear, "dare_ties": merge_utils.dare_ties,
+           "magnitude_prune": merge_utils.magnitude_prune}
+TASK_CASES = [("ties", "total"), ("ties", "frequency"), ("dare_linear", None), ("dare_ties", "total"),
+              ("dare_ties", "frequency"), ("magnitude_prune", None)]
+
+
+@pytest.fixture(scope="module")
+def task_inputs(tmp_path_factory):
+    """Per mix: our loaded adapters, the weights, and PEFT's unweighted get_delta_weight per module and source."""
+    tmp = tmp_path_factory.mktemp("twin")
+    make_gpt2_twin(tmp)
+    cases = []
+    for names, weights in [LLAMA_MIX, EMBED_MIX, (["gpt2-lora", "gpt2-twin"], [1.0, -0.6])]:
+        paths = [source_path(n, tmp) for n in names]
+        _, layers = peft_stack(paths)
+        deltas = {name: [(int(a[1:]), layer.get_delta_weight(a).detach()) for a in sources_of(layer, len(names))]
+                  for name, layer in layers.items()}
+        cases.append(([load_adapter(p) for p in paths], weights, deltas))
+    return cases
+
+
+@pytest.mark.parametrize("method,sign", TASK_CASES)
+def test_task_arithmetic_equals_peft_merge_utils(task_inputs, method, sign):
+    checked = 0
+    for ours, weights, deltas in task_inputs:
+        for name, srcs in deltas.items():
+            if len(srcs) < 2:
+                continue
+            mods = [ours[i].modules[name] for i, _ in srcs]
+            terms = [Term(m.B, m.A, m.scale, weights[i]) for (i, _), m in zip(srcs, mods)]
+            transposed = mods[0].fan_in_fan_out or mods[0].kind == "embedding"
+            got = task_merge(terms, method, module=name, transposed=transposed, density=0.4,
+                             majority_sign=sign or "total", seed=11)
+            kw = {"majority_sign_method": sign} if sign else {}
+            torch.manual_seed(module_seed(11, name))
+            ref = PEFT_FN[method]([d for _, d in srcs], torch.tensor([weights[i] for i, _ in srcs]), 0.4, **kw)
+            assert torch.equal(got, ref), name
+            checked += 1
+    assert checked >= 14
+
+
+def test_task_arithmetic_output_through_peft(tmp_path):
+    """Full-rank output (no truncation loss): the adapter PEFT loads carries merge_utils' result
+    (plain linears, embeddings and fan_in_fan_out layouts)."""
+    make_gpt2_twin(tmp_path)
+    for method, (names, weights) in [("ties", LLAMA_MIX), ("dare_ties", EMBED_MIX),
+                                     ("dare_ties", (["gpt2-lora", "gpt2-twin"], [1.0, -0.6]))]:
+        out, doc = combine(tmp_path, names, f"{method}-{names[0]}", "--method", method, "--density", 0.5,
+                           "--rank", 64, "--majority-sign", "frequency", *weight_args(weights),
+                           *(["--seed", 3] if method == "dare_ties" else []))
+        paths = [source_path(n, tmp_path) for n in names]
+        _, layers = peft_stack(paths, extra=[out])
+        for name, layer in layers.items():
+            srcs = sources_of(layer, len(names))
+            if len(srcs) < 2:
+                continue
+            torch.manual_seed(module_seed(3, name))
+            ref = PEFT_FN[method]([layer.get_delta_weight(a) for a in srcs],
+                                  torch.tensor([weights[int(a[1:])] for a in srcs]), 0.5,
+                                  majority_sign_method="frequency")
+            torch.testing.assert_close(layer.get_delta_weight("x0"), ref, rtol=1e-4,
+                                       atol=1e-5 * float(ref.abs().max()), msg=name)
+        assert max(m["rel_error"] for m in doc["modules"]) < 1e-5
+
+
+def test_task_arithmetic_default_rank_and_error_report(tmp_path):
+    names, weights = LLAMA_MIX
+    out, doc = combine(tmp_path, names, "ties", "--method", "ties", "--density", 0.3, *weight_args(weights))
+    assert {m["rank"] for m in doc["modules"]} == {8}  # the largest input rank
+    ours = [load_adapter(FIXTURES / n) for n in names]
+    back = load_adapter(out)
+    for m in doc["modules"]:
+        srcs = [(i, ad.modules[m["name"]]) for i, ad in enumerate(ours) if m["name"] in ad.modules]
+        merged = task_merge([Term(x.B, x.A, x.scale, weights[i]) for i, x in srcs], "ties", module=m["name"],
+                            transposed=False, density=0.3, majority_sign="total")
+        err = float(torch.linalg.matrix_norm(merged - back.modules[m["name"]].delta()) / torch.linalg.matrix_norm(merged))
+        assert m["rel_error"] == pytest.approx(err, rel=1e-3, abs=1e-6), m["name"]
+
+
+# -- determinism -------------------------------------------------------------------------------------------
+
+def test_same_seed_same_bytes(tmp_path):
+    names = ["llama-lora", "llama-patterns"]
+    args = ["--method", "dare_ties", "--density", 0.5, "--rank", 6]
+    a, _ = combine(tmp_path, names, "a", *args, "--seed", 7)
+    b, _ = combine(tmp_path, names, "b", *args, "--seed", 7)
+    c, _ = combine(tmp_path, names, "c", *args, "--seed", 8)
+    assert tree_digest(a) == tree_digest(b)
+    assert tree_digest(a)["adapter_model.safetensors"] != tree_digest(c)["adapter_model.safetensors"]
