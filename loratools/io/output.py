@@ -15,11 +15,14 @@ def write_checkpoint(output, *, inputs: Iterable, force: bool, specs: list[Tenso
                      tensors: Iterable[tuple[str, torch.Tensor]], side_files: list[Path] = (),
                      config: dict | None = None, metadata: dict[str, str] | None = None,
                      max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, filename: str = "model.safetensors",
-                     on_tensor: Callable[[str], None] | None = None) -> dict:
+                     on_tensor: Callable[[str], None] | None = None,
+                     extra_files: Callable[[Path], list[str]] | None = None) -> dict:
     """Stream `tensors` (name, tensor) into a new checkpoint at `output`, all or nothing.
 
     `specs` is the full plan (names, dtypes, shapes) known before any tensor is computed; `tensors` may
-    be a generator, so only the tensor being written is alive here.
+    be a generator, so only the tensor being written is alive here. `extra_files(tmp)`, when given, is
+    called after the last tensor to write files known only then (e.g. merge's DoRA record) into the
+    temporary directory; it returns their paths relative to it.
     """
     atomic = AtomicOutput(output, inputs, force)
     with atomic as tmp:
@@ -33,6 +36,8 @@ def write_checkpoint(output, *, inputs: Iterable, force: bool, specs: list[Tenso
         finally:
             writer.abort()
         files += copy_side_files(list(side_files), tmp, config=config)
+        if extra_files is not None:
+            files += extra_files(tmp)
     total = sum((atomic.out / f).stat().st_size for f in files)
     return {"output": str(atomic.out), "files": sorted(files), "bytes": total,
             "stale_removed": [str(p) for p in atomic.stale_removed]}
