@@ -1,0 +1,56 @@
+import click
+
+from ..merge import merge_checkpoint
+from ..progress import bar, info, print_json
+from .options import device_option, force_option, json_option, max_shard_size_option, output_option
+
+DTYPE_CHOICE = click.Choice(["auto", "float16", "bfloat16", "float32"])
+
+
+def report(summary: dict, as_json: bool, verb: str) -> None:
+    if as_json:
+        print_json(summary)
+        return
+    names = ", ".join(f"{a['path']} (x{a['weight']:g})" for a in summary["adapters"])
+    info(f"{verb} {names}: {summary['changed_tensors']} of {summary['tensors']} tensors changed"
+         + (f", {len(summary['replaced_tensors'])} replaced whole" if summary["replaced_tensors"] else "")
+         + (", lm_head untied from the embedding" if summary.get("untied_head") else "")
+         + (", 4-bit base dequantized" if summary.get("dequantized_base") else ""))
+    if summary.get("dora_record"):
+        info(f"DoRA norms recorded in {summary['dora_record']} (lets `loratools unmerge` undo this merge)")
+    info(f"wrote {summary['output']}: {len(summary['files'])} files, {summary['bytes']:,} bytes, "
+         f"{'/'.join(summary['dtypes'])} on {summary['device']}")
+
+
+@click.command("merge")
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=str))
+@output_option
+@click.option("--weight", "weights", type=float, multiple=True, metavar="W",
+              help="Scale an adapter's delta; give once per adapter, in order (default 1.0 each).")
+@click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True,
+              help="Output float dtype; auto keeps the base's (float16 for a 4-bit base).")
+@device_option
+@max_shard_size_option
+@force_option
+@json_option
+def command(base, adapters, output, weights, dtype, device, max_shard_size, force, as_json):
+    """Fold one or more PEFT LoRA adapters into BASE and write a plain dense checkpoint.
+
+    Matches PEFT's merge_and_unload() (rsLoRA, rank/alpha patterns, fan_in_fan_out, embeddings,
+    lora_bias, modules_to_save, DoRA). Several adapters are applied in the order given, in float32,
+    rounded once. BASE may be a bitsandbytes 4-bit checkpoint: it is dequantized on the fly.
+
+    \b
+    Examples:
+      loratools merge fixtures/tiny-llama fixtures/llama-lora -o /tmp/merged
+      loratools merge fixtures/tiny-llama fixtures/llama-lora fixtures/llama-rslora \\
+          --weight 0.7 --weight 0.3 -o /tmp/mix --dtype bfloat16
+    """
+    from ..io import Checkpoint
+
+    total = len(Checkpoint(base).tensors)
+    with bar("merge", total) as advance:
+        summary = merge_checkpoint(base, adapters, output, weights=list(weights), dtype=dtype, device=device,
+                                   max_shard_size=max_shard_size, force=force, on_tensor=lambda _: advance())
+    report(summary, as_json, "merged")
