@@ -10,6 +10,19 @@ Note: factored SVD.
     The SVD of B·A (B [m, R], A [R, n], R ≪ m, n) needs no dense m×n matrix: B = Q_B R_B and
     Aᵀ = Q_A R_A (thin QR), so B·A = Q_B (R_B R_Aᵀ) Q_Aᵀ and the SVD of the R×R core gives the rest.
     Cost O((m+n)R²) instead of O(mn·min(m,n)).
+
+Note: randomized SVD with --energy / --sv-ratio.
+    The randomized range finder needs a target size before it sees the spectrum, but the energy and
+    σ-ratio rules pick the rank from the spectrum. `truncate` probes instead: a randomized SVD of size k
+    (16 to start, or --max-rank), and the criterion is tested on its k leading values against the exact
+    ‖M‖² (computed up front). Met inside the probe: select from it. Not met: double k and probe again,
+    up to the cap. Ritz values never exceed the true σᵢ, so the energy picked this way is a lower bound
+    and the chosen rank never falls short of the criterion; the retained energy reported is exactly
+    ‖S_k‖² of the projection, and the error its explicit residual. Under `auto` the probing stops, and
+    the exact SVD runs instead, once k grows past the point where randomized stops paying off
+    (`use_randomized`): a delta that needs a quarter of its dimension is nearly full-rank, the exact
+    SVD costs about as much as the probes, and it returns the true spectrum. The probes cost at most
+    about twice the last one (geometric growth).
 """
 from __future__ import annotations
 
@@ -28,6 +41,7 @@ class Truncation:
     norm: float  # ‖M‖_F of the matrix that was truncated
     retained_energy: float  # ‖S_k‖² / ‖M‖²
     rel_error: float  # ‖M − U S Vh‖_F / ‖M‖_F
+    method: str = "full"  # "full" (exact SVD), "randomized" or "factored" (QR of the factors)
 
     def factors(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [m, k], A [k, n]) with B·A·scale = U·S·Vh; √S split evenly so neither factor dominates."""
@@ -101,23 +115,61 @@ def use_randomized(shape: tuple[int, int], k: int | None, method: str) -> bool:
     return k is not None and (k + 10) * 4 <= min(shape)
 
 
+PROBE_START = 16
+
+
+def _probe_randomized(M: torch.Tensor, norm2: float, *, energy, sv_ratio, max_rank, method: str, seed: int,
+                      n_iter: int, oversample: int):
+    """Randomized SVD for the energy / σ-ratio rules (see the module note); None = use the exact SVD."""
+    full = min(M.shape)
+    cap = min(max_rank, full) if max_rank is not None else full
+    probe = min(cap, PROBE_START)
+    while True:
+        if not use_randomized(tuple(M.shape), probe, method):
+            return None
+        U, S, Vh = randomized_svd(M, probe, oversample=oversample, n_iter=n_iter, seed=seed)
+        head = S[:probe]
+        met = True
+        if energy is not None:
+            met &= float((head.double() ** 2).sum()) >= (energy - 1e-12) * norm2
+        if sv_ratio is not None:
+            met &= bool(head[-1] < head[0] / sv_ratio)
+        if met or probe >= cap:
+            k = select_rank(head, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank, total_energy=norm2)
+            return U, S, Vh, k
+        probe = min(cap, probe * 2)
+
+
 def truncate(M: torch.Tensor, *, rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None,
              max_rank: int | None = None, method: str = "auto", seed: int = 0, n_iter: int = 4,
              oversample: int = 10) -> Truncation:
-    """Best rank-k approximation of a dense matrix (k chosen by `select_rank`)."""
+    """Best rank-k approximation of a dense matrix (k chosen by `select_rank`), on M's device.
+
+    method: "full" exact SVD; "randomized" range finder (fixed rank, or probing for energy / σ-ratio);
+    "auto" randomized when the rank is a small fraction of the matrix, else exact.
+    """
     M = M.float()
     norm2 = float((M.double() ** 2).sum())
-    if use_randomized(tuple(M.shape), rank, method):
-        U, S, Vh = randomized_svd(M, rank, oversample=oversample, n_iter=n_iter, seed=seed)
-        k = select_rank(S, rank=rank, max_rank=max_rank)
+    found = None
+    if rank is not None:
+        if use_randomized(tuple(M.shape), rank, method):
+            U, S, Vh = randomized_svd(M, rank, oversample=oversample, n_iter=n_iter, seed=seed)
+            found = U, S, Vh, select_rank(S, rank=rank, max_rank=max_rank)
+    elif method != "full" and (energy is not None or sv_ratio is not None):
+        found = _probe_randomized(M, norm2, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank, method=method,
+                                  seed=seed, n_iter=n_iter, oversample=oversample)
+    if found is not None:
+        U, S, Vh, k = found
         residual2 = float((torch.linalg.matrix_norm(M - (U[:, :k] * S[:k]) @ Vh[:k]).double()) ** 2)
+        used = "randomized"
     else:
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         k = select_rank(S, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank, total_energy=norm2)
         residual2 = None
+        used = "full"
     retained, err = _stats(S, k, norm2, residual2)
     return Truncation(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous(), k, math.sqrt(norm2),
-                      retained, err)
+                      retained, err, used)
 
 
 def factored_svd(B: torch.Tensor, A: torch.Tensor):
@@ -137,4 +189,4 @@ def truncate_factors(B: torch.Tensor, A: torch.Tensor, *, rank: int | None = Non
     k = select_rank(S, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank, total_energy=norm2)
     retained, err = _stats(S, k, norm2)
     return Truncation(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous(), k, math.sqrt(norm2),
-                      retained, err)
+                      retained, err, "factored")

@@ -1,0 +1,55 @@
+import json
+from pathlib import Path
+
+import click
+
+from ..progress import human_bytes, kv_table, print_json, table
+from .options import force_option, json_option, output_option
+
+
+@click.command("resize")
+@click.argument("adapter", type=click.Path(path_type=str))
+@output_option
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="New rank for every module (a module never grows past its current rank: that is lossless).")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Per module, the smallest rank keeping this fraction of the adapter's ‖ΔW‖².")
+@click.option("--sv-ratio", type=click.FloatRange(min=1), default=None,
+              help="Per module, keep singular values ≥ σ_max / R.")
+@click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Cap on any module's rank.")
+@click.option("--report", "report_file", type=click.Path(path_type=str), default=None,
+              help="Also write the report as JSON to this file.")
+@force_option
+@json_option
+def command(adapter, output, rank, energy, sv_ratio, max_rank, report_file, force, as_json):
+    """Re-rank a LoRA adapter: the optimal truncation of its own delta, without forming it.
+
+    Each module's B·A is recompressed through QR of the factors and an SVD of the small core; the
+    output has alpha = rank (scale 1). DoRA adapters are refused (their magnitudes depend on the base).
+
+    \b
+    Example:
+      loratools resize fixtures/llama-lora -o /tmp/llama-lora-r4 --rank 4
+      loratools resize ADAPTER -o OUT --energy 0.95 --report resize.json
+    """
+    from ..resize import resize_adapter
+
+    report = resize_adapter(adapter, output, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank,
+                            force=force)
+    if report_file:
+        Path(report_file).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    table("resized modules", ["module", "kind", "rank", "new rank", "retained energy", "rel. error"],
+          [[m["name"], m["kind"], m["old_rank"], m["rank"], m["retained_energy"], m["rel_error"]]
+           for m in report["modules"]])
+    t = report["totals"]
+    kv_table("totals", [
+        ("output", report["output"]),
+        ("modules", t["modules"]),
+        ("rank", f"{report['r']} (alpha {report['lora_alpha']}, scale 1)"),
+        ("parameters", f"{t['old_parameters']:,} -> {t['parameters']:,}"),
+        ("size", f"{human_bytes(t['old_bytes'])} -> {human_bytes(t['bytes'])}"),
+        ("overall rel. error", t["rel_error"]),
+        ("saved tensors copied", len(report["saved_tensors"])),
+    ])
+    if as_json:
+        print_json(report)

@@ -1,0 +1,528 @@
+"""`loratools extract`: a PEFT LoRA adapter from the difference of two checkpoints, with its error.
+
+For every targeted weight, ΔW = TUNED − BASE (float32) is truncated to a low rank (lowrank.truncate)
+and written as lora_B · lora_A · scale = the truncation. Everything else that differs is either carried
+whole (`modules_to_save=True`) or listed in the report; nothing is dropped silently.
+
+Note: what can be a LoRA target, and in which layout.
+    The kind of each weight comes from the model class itself: config.json is turned into the model on
+    PyTorch's meta device (no memory, no weights), and each tensor's module is looked up there:
+    nn.Linear → LoRA Linear; transformers' Conv1D (GPT-2 family, weights stored [in, out]) → LoRA
+    Linear with fan_in_fan_out, whose factors are those of ΔWᵀ; nn.Embedding → LoRA Embedding, whose
+    factors are lora_embedding_B [dim, r] · lora_embedding_A [r, num_embeddings] = ΔWᵀ; the output head
+    (get_output_embeddings(), a Linear) stays a LoRA Linear, which is what PEFT makes of `lm_head`.
+    Without a config or a model class (custom code), names decide: embedding-like leaf names
+    (embed_tokens, wte, ...), head-like ones (lm_head, ...), and Conv1D by model_type.
+
+Note: scale and alpha.
+    Each module's factors satisfy B·A·(alpha/r) = U_k S_k V_kᵀ exactly (the √S split is divided by the
+    scale), so the adapter reproduces the truncation whatever alpha is. By default alpha = r for every
+    module (scale 1); per-module ranks go to rank_pattern and the matching alphas to alpha_pattern.
+    `alpha=` fixes one lora_alpha for all modules instead (scale alpha/r per module).
+
+Note: tensors LoRA cannot carry.
+    Norms, biases, position tables of non-targeted embeddings, ... A changed one is listed (name, shape,
+    reason, ‖Δ‖/‖W‖). With `modules_to_save=True` they are carried exactly instead: a module that is not
+    a LoRA candidate (a norm) goes to PEFT's `modules_to_save` with all its TUNED parameters; the changed
+    bias of a LoRA-targeted module goes to `lora_B.bias` (PEFT's lora_bias, stored as Δb / scale), which
+    PEFT allows only when every targeted module has a base bias and none is an embedding; otherwise the
+    bias is listed. Modules excluded by choice (--target-modules, embeddings without
+    include_embeddings) are never carried whole behind the user's back: they are listed.
+
+Note: tied heads.
+    A model with tie_word_embeddings stores no lm_head.weight; its head is the input embedding. When the
+    input embedding is targeted, the adapter sets PEFT's `ensure_weight_tying`, so the head gets the
+    same (transposed) LoRA and the forward pass matches TUNED, whose head moved with its embedding.
+
+Note: streaming and checks first.
+    Both headers are compared (key sets, shapes) and every option and pattern is checked before any
+    tensor is read; then BASE and TUNED are read in step, one tensor pair at a time, so memory is a
+    few tensors plus the adapter being built (rank r factors, small). The adapter is written at the end
+    through an atomic directory: an error at any point leaves no output.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import LoraModule, adapter_config, adapter_tensors, write_adapter
+from .errors import InputError, MismatchError, UnsupportedError, UsageError
+from .io import AtomicOutput, Checkpoint, check_output_path, provenance
+from .lowrank import truncate
+
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# transformers models whose projections are pytorch_utils.Conv1D ([in, out] weights); names-only fallback.
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "gpt2_bigcode_legacy"}
+EMBEDDING_LEAVES = {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
+                    "embed_positions", "tok_embeddings", "embed_in", "shared"}
+HEAD_LEAVES = {"lm_head", "embed_out"}
+SEED = 0
+
+
+# -- pure tensor functions -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankRule:
+    """How each module's rank is chosen (lowrank.select_rank): fixed, or by energy / σ-ratio; capped."""
+
+    rank: int | None = None
+    energy: float | None = None
+    sv_ratio: float | None = None
+    max_rank: int | None = None
+
+    def check(self) -> "RankRule":
+        if self.rank is not None and (self.energy is not None or self.sv_ratio is not None):
+            raise UsageError("--rank fixes the rank; it cannot be combined with --energy or --sv-ratio "
+                             "(use --max-rank to cap those)")
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise UsageError(f"--max-rank must be at least 1, got {self.max_rank}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise UsageError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.sv_ratio is not None and not self.sv_ratio >= 1:
+            raise UsageError(f"--sv-ratio must be at least 1 (keep σ ≥ σ_max / R), got {self.sv_ratio}")
+        if self.rank is None and self.energy is None and self.sv_ratio is None:
+            raise UsageError("give one of --rank, --energy or --sv-ratio")
+        return self
+
+    def kwargs(self) -> dict:
+        return {"rank": self.rank, "energy": self.energy, "sv_ratio": self.sv_ratio, "max_rank": self.max_rank}
+
+
+def factor_layout(delta: torch.Tensor, kind: str) -> torch.Tensor:
+    """The matrix whose factors PEFT stores as B·A: ΔW for Linear, ΔWᵀ for Conv1D ([in, out]) and Embedding."""
+    return delta.T if kind in ("conv1d", "embedding") else delta
+
+
+def lowrank_module(delta: torch.Tensor, kind: str, rule: RankRule, *, alpha: float | None = None,
+                   method: str = "auto", out_dtype: torch.dtype = torch.float32, seed: int = SEED):
+    """(B, A, r, alpha, stats) for one weight delta (float32, on any device); B·A·alpha/r ≈ the delta's layout.
+
+    stats: svd method, retained energy, and the relative Frobenius error of the factors *as written*
+    (cast to out_dtype), measured explicitly: ‖M − B·A·scale‖ / ‖M‖.
+    """
+    M = factor_layout(delta.float(), kind)
+    t = truncate(M, method=method, seed=seed, **rule.kwargs())
+    r = t.rank
+    a = float(r) if alpha is None else float(alpha)
+    scale = a / r
+    B, A = t.factors(scale)
+    B, A = B.to(out_dtype), A.to(out_dtype)
+    if t.norm > 0:
+        resid = torch.linalg.matrix_norm(M - (B.float() @ A.float()) * scale).double()
+        rel = float(resid) / t.norm
+    else:
+        rel = 0.0
+    stats = {"svd": t.method, "retained_energy": t.retained_energy, "rel_error": rel, "delta_norm": t.norm}
+    return B.cpu(), A.cpu(), r, a, stats
+
+
+def module_matches(name: str, patterns) -> bool:
+    """PEFT's target_modules list semantics (exact name, or a suffix on a dot boundary), plus shell globs."""
+    for p in patterns:
+        if name == p or name.endswith("." + p):
+            return True
+        if any(c in p for c in "*?[") and (fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p)):
+            return True
+    return False
+
+
+def most_common_rank(ranks: list[int]) -> int:
+    c = Counter(ranks)
+    return max(c, key=lambda r: (c[r], r))
+
+
+# -- what each tensor is -----------------------------------------------------------------------------------
+
+@dataclass
+class TensorRole:
+    key: str  # tensor name in the checkpoints
+    module: str  # module name as PEFT sees it (in the model class of config.json)
+    param: str  # "weight", "bias", ...
+    kind: str  # "linear" | "conv1d" | "embedding" | "head" | "other"
+    module_type: str  # class name, or "?" when guessed from names
+
+
+@dataclass
+class ModelLayout:
+    roles: dict[str, TensorRole]
+    source: str  # "model class X" or "names"
+    tied_head: bool  # lm head tied to the input embedding (and absent from the files)
+    input_embedding: str | None
+    model_type: str | None
+    head: str | None = None  # output head module name (tied or not)
+
+
+def _meta_model(config: dict):
+    """The model class of config.json built on the meta device (no weights), or None."""
+    try:
+        import transformers
+        from transformers import AutoModel, AutoModelForCausalLM
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        model_type = config.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            return None
+        cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
+        archs = config.get("architectures") or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            with torch.device("meta"):
+                if cls is not None:
+                    return cls._from_config(cfg)
+                try:
+                    return AutoModelForCausalLM.from_config(cfg)
+                except ValueError:
+                    return AutoModel.from_config(cfg)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    except Exception:  # unknown or custom architecture: fall back to names
+        return None
+
+
+def _module_kind(module) -> str:
+    if type(module).__name__ == "Conv1D":
+        return "conv1d"
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    return "other"
+
+
+def _kind_from_names(module: str, model_type: str | None) -> str:
+    leaf = module.rsplit(".", 1)[-1]
+    if leaf in EMBEDDING_LEAVES:
+        return "embedding"
+    if leaf in HEAD_LEAVES:
+        return "head"
+    return "conv1d" if model_type in CONV1D_MODEL_TYPES else "linear"
+
+
+def model_layout(ck: Checkpoint) -> ModelLayout:
+    """Role of every tensor of a checkpoint (see the module note)."""
+    config = ck.config or {}
+    model_type = config.get("model_type")
+    model = _meta_model(config) if config else None
+    roles: dict[str, TensorRole] = {}
+    mods: dict[str, object] = {}
+    head = emb = None
+    prefix = None
+    if model is not None:
+        mods = dict(model.named_modules())
+        by_id = {id(m): n for n, m in mods.items()}
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        head = by_id.get(id(out)) if out is not None else None
+        emb = by_id.get(id(inp)) if inp is not None else None
+        prefix = getattr(model, "base_model_prefix", None) or None
+    for key, info in ck.tensors.items():
+        module, _, param = key.rpartition(".")
+        name = module
+        if mods and module not in mods and prefix and f"{prefix}.{module}" in mods:
+            name = f"{prefix}.{module}"  # a checkpoint saved from the backbone alone (e.g. gpt2's h.0...)
+        if name in mods:
+            m = mods[name]
+            kind = "head" if name == head else _module_kind(m)
+            mtype = type(m).__name__
+        else:
+            kind = _kind_from_names(module, model_type) if len(info.shape) == 2 and param == "weight" else "other"
+            mtype = "?"
+        if param != "weight" or len(info.shape) != 2:
+            kind = "other" if kind not in ("linear", "conv1d", "head") or param != "bias" else "bias"
+        roles[key] = TensorRole(key, name, param, kind, mtype)
+    if emb is None:
+        emb = next((r.module for r in roles.values() if r.kind == "embedding"
+                    and r.module.rsplit(".", 1)[-1] in ("embed_tokens", "wte", "word_embeddings", "embed_in",
+                                                        "tok_embeddings")), None)
+    tie = bool(config.get("tie_word_embeddings", model_type in CONV1D_MODEL_TYPES)) if config else False
+    has_head = any(r.kind == "head" and r.param == "weight" for r in roles.values())
+    source = f"model class {type(model).__name__}" if model is not None else "names"
+    if head is None and tie:
+        head = "lm_head"
+    return ModelLayout(roles, source, tie and not has_head, emb, model_type, head)
+
+
+# -- checks before any tensor is read -----------------------------------------------------------------------
+
+def check_pair(base: Checkpoint, tuned: Checkpoint):
+    """Same tensors, same shapes (dtypes may differ); dense checkpoints of one architecture."""
+    for ck in (base, tuned):
+        if ck.is_quantized:
+            raise UnsupportedError("a 4-bit quantized checkpoint cannot be differenced; run `loratools dequantize` "
+                                   "first", path=ck.path)
+    mt = [(ck.config or {}).get("model_type") for ck in (base, tuned)]
+    if mt[0] and mt[1] and mt[0] != mt[1]:
+        raise MismatchError(f"BASE is a {mt[0]!r} model but TUNED is a {mt[1]!r} model", path=tuned.path)
+    only_base = sorted(set(base.tensors) - set(tuned.tensors))
+    only_tuned = sorted(set(tuned.tensors) - set(base.tensors))
+    if only_base or only_tuned:
+        parts = []
+        if only_base:
+            parts.append(f"{len(only_base)} tensor(s) only in BASE ({_few(only_base)})")
+        if only_tuned:
+            parts.append(f"{len(only_tuned)} tensor(s) only in TUNED ({_few(only_tuned)})")
+        raise MismatchError("BASE and TUNED hold different tensors: " + "; ".join(parts), path=tuned.path,
+                            tensor=(only_base or only_tuned)[0])
+    bad = [n for n in base.tensors if tuple(base.tensors[n].shape) != tuple(tuned.tensors[n].shape)]
+    if bad:
+        n = bad[0]
+        raise MismatchError(f"shape {list(tuned.tensors[n].shape)} in TUNED but {list(base.tensors[n].shape)} in BASE"
+                            + (f" ({len(bad)} tensors differ in shape: {_few(bad)})" if len(bad) > 1 else ""),
+                            path=tuned.path, tensor=n)
+
+
+def _few(names, n=4) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return torch.device(device)
+
+
+@dataclass
+class Plan:
+    targets: dict[str, TensorRole]  # key -> role, LoRA candidates selected
+    excluded: dict[str, str]  # key -> why a LoRA-capable weight is not a candidate
+    layout: ModelLayout
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_targets(layout: ModelLayout, *, target_modules=None, include_embeddings: bool = False) -> Plan:
+    roles = layout.roles
+    lora_kinds = ("linear", "conv1d", "embedding", "head")
+    candidates = {k: r for k, r in roles.items() if r.kind in lora_kinds}
+    targets, excluded = {}, {}
+    conv = any(r.kind == "conv1d" for r in candidates.values())
+    for key, r in candidates.items():
+        if r.kind in ("embedding", "head") and not include_embeddings:
+            excluded[key] = f"{'embedding' if r.kind == 'embedding' else 'output head'}: add --include-embeddings"
+        elif target_modules and not module_matches(r.module, target_modules):
+            excluded[key] = "not selected by --target-modules"
+        elif r.kind == "head" and conv:
+            # PEFT sets fan_in_fan_out per module, but the adapter config holds one flag for all modules
+            excluded[key] = "a Linear head in a Conv1D (fan_in_fan_out) model: one adapter cannot flag both"
+        elif r.kind == "head" and layout.tied_head:
+            excluded[key] = "tied to the input embedding"
+        else:
+            targets[key] = r
+    if target_modules:
+        for p in target_modules:
+            if not any(module_matches(r.module, [p]) for r in candidates.values()):
+                raise UsageError(f"--target-modules {p!r} matches no 2-D Linear, Conv1D or Embedding weight "
+                                 f"(modules look like {next(iter(candidates.values())).module if candidates else '-'})")
+            if not any(module_matches(r.module, [p]) for r in targets.values()):
+                why = {excluded[k] for k, r in candidates.items() if module_matches(r.module, [p])}
+                raise UsageError(f"--target-modules {p!r} matches only weights that are not extracted: "
+                                 f"{'; '.join(sorted(why))}")
+    return Plan(targets, excluded, layout)
+
+
+# -- the driver -----------------------------------------------------------------------------------------------
+
+def _rel_change(b: torch.Tensor, t: torch.Tensor) -> float:
+    d = float(torch.linalg.vector_norm((t - b).double()))
+    n = float(torch.linalg.vector_norm(b.double()))
+    return d / n if n > 0 else math.inf
+
+
+def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: float | None = None,
+                       sv_ratio: float | None = None, max_rank: int | None = None, target_modules=None,
+                       include_embeddings: bool = False, modules_to_save: bool = False, alpha: float | None = None,
+                       svd: str = "auto", device: str = "auto", dtype: str = "float32", force: bool = False,
+                       on_tensor=None) -> dict:
+    """Extract a LoRA adapter from TUNED − BASE into `output`; returns the report (see docs/extract.md)."""
+    rule = RankRule(rank, energy, sv_ratio, max_rank).check()
+    if alpha is not None and not alpha > 0:
+        raise UsageError(f"--alpha must be positive, got {alpha}")
+    if svd not in ("auto", "full", "randomized"):
+        raise UsageError(f"--svd must be auto, full or randomized, got {svd!r}")
+    if dtype not in OUTPUT_DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    out_dtype = OUTPUT_DTYPES[dtype]
+    dev = resolve_device(device)
+    base_ck, tuned_ck = Checkpoint(base), Checkpoint(tuned)
+    check_pair(base_ck, tuned_ck)
+    check_output_path(output, [base, tuned], force)
+    layout = model_layout(base_ck)
+    plan = plan_targets(layout, target_modules=target_modules, include_embeddings=include_embeddings)
+    options = {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "max_rank": max_rank,
+               "target_modules": list(target_modules) if target_modules else None,
+               "include_embeddings": include_embeddings, "modules_to_save": modules_to_save, "alpha": alpha,
+               "svd": svd, "dtype": dtype}
+    meta = provenance("extract", options, {"base": base, "tuned": tuned})
+
+    modules: dict[str, LoraModule] = {}
+    rows: list[dict] = []
+    changed_other: dict[str, float] = {}  # key -> ‖Δ‖/‖W‖ of changed tensors that are not LoRA targets
+    bias_delta: dict[str, torch.Tensor] = {}  # module -> Δb for biases of targeted modules
+    identical = 0
+    tuned_bytes = 0
+    roles = layout.roles
+    planned_modules = {r.module for r in plan.targets.values()}
+    try:
+        for key, b in base_ck.iter_tensors():
+            t = tuned_ck.read(key)
+            if on_tensor:
+                on_tensor(key)
+            if torch.equal(b, t) if b.dtype == t.dtype else torch.equal(b.float(), t.float()):
+                identical += 1
+                continue
+            role = roles[key]
+            if key in plan.targets:
+                delta = t.to(dev).float() - b.to(dev).float()
+                B, A, r, a, stats = lowrank_module(delta, role.kind, rule, alpha=alpha, method=svd,
+                                                   out_dtype=out_dtype)
+                del delta
+                kind = "embedding" if role.kind == "embedding" else "linear"
+                modules[role.module] = LoraModule(role.module, kind, A, B, r, a, a / r,
+                                                  fan_in_fan_out=role.kind == "conv1d")
+                m, n = tuned_ck.info(key).shape
+                tuned_bytes += tuned_ck.info(key).nbytes
+                rows.append({"name": role.module, "kind": role.kind, "shape": [m, n], "rank": r, "alpha": a,
+                             **stats, "parameters": r * (m + n), "delta_parameters": m * n})
+            else:
+                if role.param == "bias" and role.module in planned_modules and modules_to_save:
+                    bias_delta[role.module] = t.float() - b.float()
+                changed_other[key] = _rel_change(b.float(), t.float())
+            del b, t
+    finally:
+        base_ck.close()
+        tuned_ck.close()
+
+    # -- what the LoRA modules do not carry ----------------------------------------------------------------
+    not_carried: list[dict] = []
+    saved: dict[str, torch.Tensor] = {}
+    bias_reason = "bias of a LoRA-targeted module (--modules-to-save carries it as PEFT's lora_bias)"
+    use_bias = False
+    if modules_to_save and any(m in modules for m in bias_delta):
+        blocker = _lora_bias_blocker(modules, roles)
+        if blocker is None:
+            use_bias = True
+            for name, m in modules.items():
+                db = bias_delta.get(name, torch.zeros(m.B.shape[0]))
+                m.bias = (db / m.scale).to(out_dtype)
+        else:
+            bias_reason = blocker
+    excluded_modules = {roles[k].module for k in plan.excluded}
+    whole_modules = set()
+    for key in sorted(changed_other):
+        r = roles[key]
+        if r.param == "bias" and r.module in modules:
+            if use_bias:
+                continue
+            why = bias_reason
+        elif key in plan.excluded:
+            why = plan.excluded[key]
+        elif r.module in excluded_modules:
+            why = "belongs to a module excluded from the LoRA targets"
+        elif modules_to_save:
+            whole_modules.add(r.module)  # norms, and biases of Linear modules whose weight did not change
+            continue
+        else:
+            what = r.module_type if r.module_type != "?" else "tensor"
+            why = f"{what} {r.param}: not a LoRA weight (--modules-to-save carries it whole)"
+        not_carried.append({"name": key, "shape": list(tuned_ck.info(key).shape), "rel_change": changed_other[key],
+                            "reason": why})
+    mts: list[str] = sorted(whole_modules)
+    if whole_modules:
+        with Checkpoint(tuned) as ck:
+            for key, r in roles.items():
+                if r.module in whole_modules:
+                    saved[f"{r.module}.{r.param}"] = ck.read(key)
+
+    if not modules and not saved:
+        what = f"; {len(not_carried)} other tensor(s) differ but cannot be carried ({_few([n['name'] for n in not_carried])})" \
+            if not_carried else ""
+        raise InputError(f"nothing to extract: no targeted weight differs between BASE and TUNED{what}", path=tuned)
+
+    # -- config and write ----------------------------------------------------------------------------------------
+    ranks = {n: m.r for n, m in modules.items()}
+    r0 = most_common_rank(list(ranks.values())) if ranks else (rule.rank or 8)
+    rank_pattern = {n: r for n, r in ranks.items() if r != r0}
+    alpha_pattern = {n: r for n, r in rank_pattern.items()} if alpha is None else {}
+    tie = layout.tied_head and any(m.kind == "embedding" and n == layout.input_embedding for n, m in modules.items())
+    names = list(modules)
+    if tie and layout.head:
+        # PEFT recognises a tied target by the leaf names embed_tokens / lm_head only; naming the head makes
+        # it tie the head's LoRA to the embedding's (GPT-2's wte is not on its list). No head tensors are
+        # saved: PEFT creates them as views of the embedding factors.
+        names.append(layout.head)
+    config = adapter_config(
+        r=r0, lora_alpha=float(r0) if alpha is None else alpha, target_modules=names,
+        base_model_name_or_path=str(base), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values()), lora_bias=use_bias,
+        modules_to_save=mts or None, **({"ensure_weight_tying": True} if tie else {}))
+    tensors = adapter_tensors(modules, saved)
+    with AtomicOutput(output, [base, tuned], force) as tmp:
+        files = write_adapter(tmp, config, tensors, metadata=meta)
+    out = Path(output)
+    adapter_bytes = (out / "adapter_model.safetensors").stat().st_size
+    return _report(out, base, tuned, rows, not_carried, mts, saved, identical, adapter_bytes, tuned_bytes, config,
+                   use_bias, tie, layout, svd, dev, dtype, files)
+
+
+def _lora_bias_blocker(modules: dict[str, LoraModule], roles) -> str | None:
+    """Why PEFT's lora_bias cannot carry the targeted modules' bias changes, or None when it can."""
+    if any(m.kind == "embedding" for m in modules.values()):
+        return "bias of a LoRA-targeted module: PEFT's lora_bias cannot be combined with an embedding target"
+    with_bias = {r.module for r in roles.values() if r.param == "bias"}
+    lacking = sorted(n for n in modules if n not in with_bias)
+    if lacking:
+        return (f"bias of a LoRA-targeted module: PEFT's lora_bias needs a bias on every targeted module "
+                f"({lacking[0]} has none)")
+    return None
+
+
+def _report(out, base, tuned, rows, not_carried, mts, saved, identical, adapter_bytes, delta_bytes, config, use_bias,
+            tie, layout, svd, dev, dtype, files) -> dict:
+    d2 = sum(r["delta_norm"] ** 2 for r in rows)
+    e2 = sum((r["rel_error"] * r["delta_norm"]) ** 2 for r in rows)
+    ret = sum(r["retained_energy"] * r["delta_norm"] ** 2 for r in rows)
+    adapter_params = sum(r["parameters"] for r in rows)
+    delta_params = sum(r["delta_parameters"] for r in rows)
+    totals = {
+        "modules": len(rows),
+        "adapter_parameters": adapter_params,
+        "delta_parameters": delta_params,
+        "adapter_bytes": adapter_bytes,
+        "delta_bytes": delta_bytes,
+        "size_ratio": adapter_bytes / delta_bytes if delta_bytes else None,
+        "rel_error": math.sqrt(e2 / d2) if d2 > 0 else 0.0,
+        "retained_energy": ret / d2 if d2 > 0 else 1.0,
+        "identical_tensors": identical,
+        "not_carried": len(not_carried),
+        "carried_whole": len(saved),
+    }
+    return {
+        "kind": "extract",
+        "output": str(out),
+        "files": sorted(files),
+        "base": str(base),
+        "tuned": str(tuned),
+        "module_kinds_from": layout.source,
+        "svd": svd,
+        "device": str(dev),
+        "dtype": dtype,
+        "r": config["r"],
+        "lora_alpha": config["lora_alpha"],
+        "lora_bias": use_bias,
+        "ensure_weight_tying": tie,
+        "modules": rows,
+        "modules_to_save": mts,
+        "carried_whole": [{"name": k, "shape": list(v.shape)} for k, v in sorted(saved.items())],
+        "not_carried": not_carried,
+        "totals": totals,
+    }

@@ -1,0 +1,113 @@
+"""`loratools resize`: recompute an adapter at another rank, the optimal truncation of its own delta.
+
+Note: never the dense delta.
+    Each module's delta is B·A·scale. lowrank.truncate_factors takes thin QRs of B and Aᵀ and the SVD of
+    the small r×r core, so the cost is O((m+n)r²) per module and the spectrum is exact: the kept part is
+    the best rank-k approximation of B·A·scale (Eckart–Young), and the reported error is the exact tail
+    √(Σ_{i>k} σᵢ²)/‖ΔW‖. A rank at or above the module's current rank keeps every singular value (the
+    rank never grows past it: there is nothing to add), so the result is lossless up to float32 rounding.
+
+Note: what happens to each part of an adapter.
+    - scale: folded into the new factors; the output has use_rslora off and alpha = r per module (scale 1),
+      per-module ranks and alphas in rank_pattern / alpha_pattern. An rsLoRA adapter's α/√r is therefore
+      already inside B·A, and consumers that assume alpha = r see the right delta.
+    - lora_bias (lora_B.bias): not part of the low-rank product; kept, multiplied by old_scale / new_scale
+      so that bias · scale is unchanged.
+    - embedding LoRA: the same truncation on lora_embedding_B · lora_embedding_A (its delta is that
+      product transposed, which has the same singular values).
+    - modules_to_save tensors and embedding base layers PEFT saved whole: copied unchanged.
+    - DoRA: refused. Its magnitude vector rescales each row by m / ‖W + ΔW‖, which depends on the full
+      base weight; truncating ΔW changes every row's norm, so no adapter of lower rank keeps the meaning
+      of the stored magnitudes (and the optimal-truncation guarantee is gone). Merge it instead.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .adapter import LoraModule, load_adapter, write_adapter, adapter_tensors
+from .errors import UnsupportedError, UsageError
+from .io import AtomicOutput, check_output_path, provenance
+from .lowrank import truncate_factors
+
+
+def resize_module(m: LoraModule, *, rank=None, energy=None, sv_ratio=None, max_rank=None):
+    """A new LoraModule (alpha = r, scale 1) holding the optimal truncation of m's B·A·scale; and stats."""
+    B = m.B.float() * m.scale
+    A = m.A.float()
+    t = truncate_factors(B, A, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank)
+    r = t.rank
+    newB, newA = t.factors(1.0)
+    dtype = m.A.dtype
+    bias = (m.bias.float() * m.scale).to(m.bias.dtype) if m.bias is not None else None
+    out = LoraModule(m.name, m.kind, newA.to(dtype), newB.to(dtype), r, float(r), 1.0,
+                     fan_in_fan_out=m.fan_in_fan_out, bias=bias)
+    stats = {"name": m.name, "kind": m.kind, "old_rank": m.r, "rank": r, "retained_energy": t.retained_energy,
+             "rel_error": t.rel_error, "delta_norm": t.norm,
+             "old_parameters": m.A.numel() + m.B.numel(), "parameters": newA.numel() + newB.numel()}
+    return out, stats
+
+
+def resize_adapter(adapter, output, *, rank: int | None = None, energy: float | None = None,
+                   sv_ratio: float | None = None, max_rank: int | None = None, force: bool = False) -> dict:
+    given = [x is not None for x in (rank, energy, sv_ratio)]
+    if sum(given) != 1:
+        raise UsageError("give exactly one of --rank, --energy or --sv-ratio")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if max_rank is not None and max_rank < 1:
+        raise UsageError(f"--max-rank must be at least 1, got {max_rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+    if sv_ratio is not None and not sv_ratio >= 1:
+        raise UsageError(f"--sv-ratio must be at least 1, got {sv_ratio}")
+    ad = load_adapter(adapter)
+    dora = [n for n, m in ad.modules.items() if m.magnitude is not None]
+    if ad.use_dora or dora:
+        raise UnsupportedError("DoRA adapters cannot be resized: the magnitude vector rescales each row by "
+                               "m / ‖W + ΔW‖, which depends on the full base weight, so truncating ΔW changes "
+                               "what every stored magnitude means; merge it into its base instead "
+                               "(`loratools merge`)", path=Path(adapter) / "adapter_config.json",
+                               tensor=dora[0] if dora else None)
+    check_output_path(output, [adapter], force)
+    meta = provenance("resize", {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "max_rank": max_rank},
+                      {"adapter": adapter})
+    modules, rows = {}, []
+    for name, m in ad.modules.items():
+        new, stats = resize_module(m, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank)
+        modules[name] = new
+        rows.append(stats)
+    ranks = {n: m.r for n, m in modules.items()}
+    c = Counter(ranks.values())
+    r0 = max(c, key=lambda r: (c[r], r)) if c else int(ad.config["r"])
+    pattern = {n: r for n, r in ranks.items() if r != r0}
+    config = dict(ad.config)
+    config.update({"r": r0, "lora_alpha": r0, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+                   "use_rslora": False})
+    tensors = adapter_tensors(modules, ad.saved)
+    with AtomicOutput(output, [adapter], force) as tmp:
+        files = write_adapter(tmp, config, tensors, metadata=meta)
+    out = Path(output)
+    d2 = sum(r["delta_norm"] ** 2 for r in rows)
+    e2 = sum((r["rel_error"] * r["delta_norm"]) ** 2 for r in rows)
+    return {
+        "kind": "resize",
+        "output": str(out),
+        "files": sorted(files),
+        "adapter": str(adapter),
+        "r": r0,
+        "lora_alpha": r0,
+        "modules": rows,
+        "saved_tensors": sorted(ad.saved),
+        "totals": {
+            "modules": len(rows),
+            "old_parameters": sum(r["old_parameters"] for r in rows),
+            "parameters": sum(r["parameters"] for r in rows),
+            "old_bytes": (Path(adapter) / "adapter_model.safetensors").stat().st_size,
+            "bytes": (out / "adapter_model.safetensors").stat().st_size,
+            "rel_error": (e2 / d2) ** 0.5 if d2 > 0 else 0.0,
+            "retained_energy": 1 - e2 / d2 if d2 > 0 else 1.0,
+        },
+    }
