@@ -43,6 +43,7 @@ Note: streaming and checks first.
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -160,7 +161,19 @@ class ModelLayout:
 
 
 def _meta_model(config: dict):
-    """The model class of config.json built on the meta device (no weights), or None."""
+    """The model class of config.json built on the meta device (no weights), or None. Cached per config."""
+    key = json.dumps(config, sort_keys=True, default=str)
+    if key not in _META_CACHE:
+        if len(_META_CACHE) >= 4:
+            _META_CACHE.pop(next(iter(_META_CACHE)))
+        _META_CACHE[key] = _build_meta_model(config)
+    return _META_CACHE[key]
+
+
+_META_CACHE: dict[str, object] = {}
+
+
+def _build_meta_model(config: dict):
     try:
         import transformers
         from transformers import AutoModel, AutoModelForCausalLM
