@@ -1,0 +1,388 @@
+"""Reference forward passes for `validate`: build models from a checkpoint's own config.json with
+transformers (local files only, no remote code), attach adapters through PEFT, run one deterministic
+batch, and compare logits.
+
+Pure functions first (metrics, tolerances, the batch), model plumbing at the bottom.
+
+Note: what the numbers mean.
+    For reference logits R and candidate logits C (both [batch, seq, vocab], compared in float32):
+      max_abs   max |C − R| over every logit;
+      rel_err   ‖C − R‖_F / ‖R‖_F over the whole batch;
+      cosine    the mean over positions of cos(R[b, t, :], C[b, t, :]);
+      top1      the fraction of positions whose arg-max token agrees.
+    A comparison passes when max_abs ≤ atol and rel_err ≤ rtol (and every candidate logit is finite).
+    top1 and cosine are reported, not gated: with max_abs ≤ atol the top token can only change where
+    the reference's two best logits are within 2·atol of each other, i.e. at near-ties.
+
+Note: default tolerances.
+    An exact comparison (a merged checkpoint against the unmerged PEFT model) differs only by rounding:
+    of the arithmetic in the compute dtype (eps_c) and of the merged weights to their stored dtype
+    (eps_s), with eps = finfo(dtype).eps (2⁻²³ float32, 2⁻¹⁰ float16, 2⁻⁷ bfloat16). Defaults:
+    rtol = max(4·eps_c, eps_s, 1e-4) and atol = max(16·eps_c, 4·eps_s, 1e-3)·max(1, max|R|); the floors
+    leave room for float32 summation-order differences in deep models. Measured on the fixtures, a
+    correct PEFT merge stays 10x (bfloat16 weights, float32 compute: rel_err 1e-4 against 7.8e-3) to
+    40x below these, while the adapters' whole effect on the logits (what a badly wrong merge loses)
+    is 6-30% — bigger than every default rtol. A wrong scale on one module of many can hide under a
+    bfloat16 allowance; the tensor checks (validate.py) catch it.
+    A 4-bit checkpoint against its dense base carries NF4's own error (≈ 9% per weight on the fixtures,
+    blockwise): default rtol = 0.25 on rel_err, and max_abs ≤ 0.5·max(1, max|R|). These catch a broken
+    quantization (wrong scales, garbled or swapped blocks), not a mediocre one.
+"""
+from __future__ import annotations
+
+import gc
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, UsageError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Note: the batch text.
+#     A fixed, model-independent paragraph. With a tokenizer it gives realistic token statistics (the
+#     positions where a trained model is confident); without one, token ids come from the seed alone.
+BATCH_TEXT = (
+    "The committee met on a grey Tuesday morning to decide what the new bridge should look like. "
+    "Engineers argued for steel, the mayor wanted stone, and a schoolteacher asked whether anyone had "
+    "measured how often the river floods. Nobody had. By noon they agreed to collect ten years of "
+    "water levels, to price both designs, and to meet again in the spring. Outside, a fisherman "
+    "mended his net and counted the boats that passed under the old wooden span: seven before lunch, "
+    "four after, and one that did not come back until the lamps were lit. Numbers 0 1 2 3 4 5 6 7 8 9, "
+    "punctuation (like this); quotes \"here\" and 'there' - and a URL: https://example.org/a?b=c."
+)
+
+
+# -- metrics (pure) ------------------------------------------------------------------------------------
+
+def logit_metrics(ref: torch.Tensor, cand: torch.Tensor) -> dict:
+    """Compare candidate logits against reference logits, both [batch, seq, vocab]."""
+    if ref.shape != cand.shape:
+        raise ValueError(f"logits of shape {list(cand.shape)} cannot be compared with {list(ref.shape)}")
+    ref = ref.float()
+    cand = cand.float()
+    finite = bool(torch.isfinite(cand).all())
+    d = cand - ref
+    if not finite:
+        d = torch.nan_to_num(d, nan=float("inf"))
+    absd = d.abs()
+    flat = int(absd.argmax())
+    b, t, v = (int(i) for i in torch.unravel_index(torch.tensor(flat), absd.shape))
+    ref_norm = float(ref.norm())
+    cos = torch.nn.functional.cosine_similarity(ref, torch.nan_to_num(cand), dim=-1, eps=1e-12)
+    return {
+        "max_abs": float(absd.max()),
+        "rel_err": float(d.norm()) / ref_norm if ref_norm > 0 else float(d.norm()),
+        "cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "top1": float((ref.argmax(-1) == cand.argmax(-1)).float().mean()),
+        "ref_max_abs": float(ref.abs().max()),
+        "finite": finite,
+        "worst": {"batch": b, "position": t, "token": v},
+    }
+
+
+def carried_fraction(base: torch.Tensor, adapted: torch.Tensor, tuned: torch.Tensor) -> dict:
+    """How much of a fine-tune (base → tuned) base + adapter reproduces, measured on logits.
+
+    residual = ‖adapted − tuned‖ / ‖base − tuned‖: 0 when the adapter reproduces the fine-tune, 1 when it
+    changes nothing (or as much in a useless direction), > 1 when it moves away. carried = 1 − residual.
+    """
+    base, adapted, tuned = base.float(), adapted.float(), tuned.float()
+    gap = float((base - tuned).norm())
+    residual = float((adapted - tuned).norm()) / gap if gap > 0 else 0.0
+    return {"finetune_rel_change": gap / max(float(tuned.norm()), 1e-30), "residual": residual,
+            "carried": 1.0 - residual}
+
+
+def dtype_eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+def coarsest(dtypes) -> torch.dtype:
+    """The floating-point dtype with the largest eps among `dtypes` (non-float ones are ignored)."""
+    floats = [d for d in dtypes if d is not None and d.is_floating_point]
+    return max(floats, key=dtype_eps) if floats else torch.float32
+
+
+@dataclass
+class Tolerance:
+    """Pass when max_abs ≤ atol and rel_err ≤ rtol; atol may be relative to the reference's range."""
+
+    rtol: float
+    atol: float | None = None  # absolute, when the user gave one
+    atol_rel: float | None = None  # else atol = atol_rel · max(1, max|R|)
+    basis: str = ""
+
+    def resolve_atol(self, ref_max_abs: float) -> float:
+        if self.atol is not None:
+            return self.atol
+        return self.atol_rel * max(1.0, ref_max_abs)
+
+
+def exact_tolerance(compute: torch.dtype, storage: torch.dtype, *, atol: float | None = None,
+                    rtol: float | None = None) -> Tolerance:
+    """Rounding-level tolerance for a comparison that should agree up to rounding: arithmetic in the
+    `compute` dtype, candidate weights stored in `storage` (see the Note on default tolerances)."""
+    ec, es = dtype_eps(compute), dtype_eps(storage)
+    default_rtol = max(4 * ec, es, 1e-4)
+    atol_rel = max(16 * ec, 4 * es, 1e-3)
+    names = sorted({str(d).removeprefix("torch.") for d in (compute, storage)})
+    return Tolerance(rtol=rtol if rtol is not None else default_rtol, atol=atol, atol_rel=atol_rel,
+                     basis=f"rounding: compute {str(compute).removeprefix('torch.')}, weights "
+                           f"{str(storage).removeprefix('torch.')}" if len(names) > 1 else f"rounding in {names[0]}")
+
+
+def quantized_tolerance(*, atol: float | None = None, rtol: float | None = None) -> Tolerance:
+    """A 4-bit model against its dense base: NF4/FP4's own error is allowed, a broken one is not."""
+    return Tolerance(rtol=rtol if rtol is not None else 0.25, atol=atol, atol_rel=0.5, basis="4-bit quantization")
+
+
+def judge(metrics: dict, tol: Tolerance) -> dict:
+    """metrics + the tolerances that applied + passed."""
+    atol = tol.resolve_atol(metrics["ref_max_abs"])
+    passed = metrics["finite"] and metrics["max_abs"] <= atol and metrics["rel_err"] <= tol.rtol
+    return {**metrics, "atol": atol, "rtol": tol.rtol, "tolerance_basis": tol.basis, "passed": bool(passed)}
+
+
+# -- the batch (pure given its inputs) ----------------------------------------------------------------
+
+def make_batch(model_dir: Path | None, vocab_size: int, batch: int, seq_len: int, seed: int
+               ) -> tuple[torch.Tensor, str]:
+    """Token ids [batch, seq_len] and where they came from ("tokenizer" or "random").
+
+    With a tokenizer.json beside the checkpoint, each row is BATCH_TEXT's tokens (repeated to length)
+    starting at a seeded offset (row 0 at the start); otherwise ids are drawn uniformly from the seed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    tok_file = model_dir / "tokenizer.json" if model_dir is not None else None
+    if tok_file is not None and tok_file.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            ids = [i for i in Tokenizer.from_file(str(tok_file)).encode(BATCH_TEXT).ids if 0 <= i < vocab_size]
+        except Exception:  # an unreadable tokenizer is not fatal: fall back to seeded ids
+            ids = []
+        if len(ids) >= 8:
+            stream = torch.tensor(ids, dtype=torch.long).repeat(seq_len // len(ids) + 2)
+            starts = torch.randint(0, len(ids), (batch,), generator=g)
+            starts[0] = 0
+            return torch.stack([stream[s:s + seq_len] for s in starts.tolist()]), "tokenizer"
+    return torch.randint(0, vocab_size, (batch, seq_len), generator=g, dtype=torch.long), "random"
+
+
+# -- devices and dtypes --------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+def config_dtype(config: dict | None) -> torch.dtype | None:
+    cfg = config or {}
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return DTYPES.get(str(name)) if name else None
+
+
+def resolve_compute_dtype(name: str, device: torch.device, config: dict | None) -> torch.dtype:
+    """auto: the model's own dtype on CUDA, float32 on the CPU (fp16/bf16 matmuls there are slow and
+    not what a CPU user runs)."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, not {name!r}")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return config_dtype(config) or torch.float32
+    return torch.float32
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+# -- model plumbing --------------------------------------------------------------------------------------
+
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' progress bars and info logging while loading; restore them afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+    seconds: float
+
+
+def model_dir(path: str | Path) -> Path:
+    """The directory transformers loads from: it needs config.json beside the weights."""
+    p = Path(path)
+    d = p if p.is_dir() else p.parent
+    if not (d / "config.json").is_file():
+        raise InputError("cannot build the model: no config.json beside the weights (forward passes need "
+                         "the model's own config; use --static-only to skip them)", path=path)
+    return d
+
+
+def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Loaded:
+    """AutoModelForCausalLM from a local directory's config.json, in eval mode on `device`.
+
+    A 4-bit checkpoint is loaded through bitsandbytes from its own quantization_config. Tensors the
+    checkpoint lacks are initialised by transformers from the seeded RNG (so a broken candidate fails
+    the same way every run) and listed in `missing`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = model_dir(path)
+    t0 = time.perf_counter()
+    with quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(d, trust_remote_code=False, local_files_only=True)
+            kwargs = dict(config=config, dtype=dtype, trust_remote_code=False, local_files_only=True,
+                          output_loading_info=True)
+            if device.type == "cuda":
+                kwargs["device_map"] = {"": device.index if device.index is not None else 0}
+            torch.manual_seed(seed)
+            model, info = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+        except Exception as e:  # transformers raises ValueError/OSError/RuntimeError/KeyError for bad dirs
+            raise InputError(f"transformers cannot load this model: {type(e).__name__}: {e}", path=d) from None
+    model.eval()
+    if getattr(model, "is_quantized", False):
+        _unify_dense_dtype(model, dtype)
+    mism = info.get("mismatched_keys") or []
+    return Loaded(model=model, missing=sorted(info.get("missing_keys") or []),
+                  unexpected=sorted(info.get("unexpected_keys") or []),
+                  mismatched=sorted(str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in mism),
+                  seconds=time.perf_counter() - t0)
+
+
+def _unify_dense_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast a 4-bit model's dense parameters (norms, embeddings, biases, head) to the compute dtype.
+
+    Note: mixed dtypes after a 4-bit load.
+        transformers 5 keeps a bitsandbytes model's non-quantized tensors in their stored dtype whatever
+        `dtype=` says (and loads some biases in float32), so a bf16 GPT-2 saved in 4 bits and loaded with
+        dtype=float32 fails in its first LayerNorm. The packed 4-bit weights are left alone: Linear4bit
+        casts its input to its compute dtype and its output back.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if isinstance(p, bnb.nn.Params4bit) or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            p.data = p.data.to(dtype)
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and b.dtype != dtype and name != "inv_freq":
+                module._buffers[name] = b.to(dtype)
+
+
+def conv1d_weights(path: str | Path) -> set[str]:
+    """Names of the weights a model keeps in transformers' Conv1D layout ([in, out], GPT-2 style), found by
+    building the model from its config.json on the meta device (no memory, no weights read). Empty when
+    the model cannot be built."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(model_dir(path), trust_remote_code=False, local_files_only=True)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception:  # an unknown architecture: callers fall back to shapes
+        return set()
+    return {f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, Conv1D)}
+
+
+def attach_adapters(model: torch.nn.Module, adapters: list[Path], weights: list[float]) -> torch.nn.Module:
+    """A PeftModel with every adapter loaded and active (unmerged), each delta scaled by its weight.
+
+    Several active adapters add their outputs, i.e. the model computes with W + Σ wᵢ·ΔWᵢ, which is what
+    `loratools merge` folds in. A weight multiplies PEFT's per-layer `scaling` (lora_alpha/r), as
+    PEFT's own `scale_layer` does, so it scales the lora_B bias as well.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    names = [f"adapter{i}" for i in range(len(adapters))]
+    with quiet_transformers():
+        try:
+            pm = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=names[0], is_trainable=False)
+            for name, path in zip(names[1:], adapters[1:]):
+                pm.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        except Exception as e:
+            raise InputError(f"PEFT cannot load this adapter onto the base: {type(e).__name__}: {e}",
+                             path=adapters[0] if len(adapters) == 1 else None) from None
+        if len(names) > 1:
+            pm.base_model.set_adapter(names)
+    for name, w in zip(names, weights):
+        if w == 1.0:
+            continue
+        for mod in pm.modules():
+            if isinstance(mod, LoraLayer) and name in mod.scaling:
+                mod.scaling[name] *= w
+    pm.eval()
+    return pm
+
+
+@torch.no_grad()
+def run_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits for the batch, returned on the CPU in float32."""
+    device = next(p.device for p in model.parameters())
+    out = model(input_ids=ids.to(device), use_cache=False)
+    return out.logits.detach().float().cpu()
+
+
+def free_memory() -> None:
+    """Give a dropped model's memory back before the next one is loaded (callers `del` their references)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def max_positions(config: dict | None) -> int | None:
+    cfg = config or {}
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = cfg.get(key)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def peak_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+__all__ = ["BATCH_TEXT", "DTYPES", "Loaded", "Tolerance", "attach_adapters", "carried_fraction", "coarsest",
+           "config_dtype", "conv1d_weights", "device_description", "dtype_eps", "exact_tolerance", "judge", "load_model",
+           "logit_metrics", "make_batch", "max_positions", "model_dir", "peak_memory", "quantized_tolerance",
+           "free_memory", "resolve_compute_dtype", "resolve_device", "run_logits"]
