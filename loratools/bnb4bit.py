@@ -1,0 +1,381 @@
+"""The bitsandbytes 4-bit number formats (NF4, FP4), blockwise absmax scaling and double quantization.
+
+One file, pure tensor functions, no file I/O: everything `loratools quantize` / `dequantize` and the
+4-bit reader (quantized.py) need to produce and read exactly the bytes that bitsandbytes 0.50 +
+transformers write for a `load_in_4bit` model. bitsandbytes itself is only used by the tests, to
+prove byte parity.
+
+Layout of one quantized weight `W` (any shape, `n` elements, flattened row-major):
+  - `W`               uint8 `[ceil(n/2), 1]`: two 4-bit codes per byte, element 2k in the high nibble;
+  - `W.absmax`        float32 `[ceil(n/blocksize)]` (or uint8 with double quantization);
+  - `W.quant_map`     float32 `[16]`: the code table;
+  - with double quantization, `W.nested_absmax` float32 `[ceil(blocks/256)]` and
+    `W.nested_quant_map` float32 `[256]` (the 8-bit dynamic table), plus an offset in the JSON;
+  - `W.quant_state.bitsandbytes__nf4` (or `__fp4`): uint8 bytes of a JSON dict (see QuantState).
+
+Note: one arithmetic for every device.
+    bitsandbytes quantizes with different kernels on CPU (pure torch for 4 bits, a C loop for the
+    8-bit absmax) and CUDA, and design.md records that they disagree in a few double-quant bytes. The
+    functions here are element-wise torch ops whose results are exactly rounded (abs, max, one
+    multiply or divide, compare), so they give the same bytes on CPU and CUDA; the two steps that are
+    not (the mean used as the double-quant offset, and argsort of the FP4 table, which has +0 and -0)
+    always run on CPU. The bytes are those of bitsandbytes on CPU, which is also what
+    `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` gives on a
+    machine without a GPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit accepts
+NESTED_BLOCKSIZE = 256  # fixed by bitsandbytes for the absmax of the absmax
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+QUANT_STATE_PREFIX = ".quant_state.bitsandbytes__"
+
+# Note: chunking.
+#     A weight is quantized CHUNK elements at a time (a multiple of every block size, and even, so
+#     chunks hold whole blocks and whole bytes). Every block is independent, so the bytes do not
+#     depend on the chunk size; the chunk only bounds the float32 temporaries (~5 x 16 MiB here)
+#     whatever the size of the weight, e.g. a 128k x 8k embedding that is listed in --skip-modules' complement.
+CHUNK = 1 << 22
+
+
+# -- code tables ----------------------------------------------------------------------------------
+
+# NF4: the 16 quantiles of N(0, 1) from the QLoRA paper, normalised to [-1, 1], exactly as bitsandbytes
+# stores them (float32 values written out, so no scipy at run time).
+_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0)
+# FP4 (1 sign, 2 exponent, 1 mantissa bit, bias 2) in bit-pattern order, scaled to [-1, 1] by its
+# largest magnitude (12). Index 8 is the sign bit on zero, but bitsandbytes stores +0.0 there (its table
+# is written with the integer -0), so both zero codes dequantize to +0.0.
+_FP4 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+
+
+@lru_cache(maxsize=None)
+def _code_cpu(quant_type: str) -> torch.Tensor:
+    data = torch.tensor(_NF4 if quant_type == "nf4" else _FP4, dtype=torch.float32)
+    return data / data.abs().max()  # float32 division, as bitsandbytes does: NF4 unchanged, FP4 / 12
+
+
+def code_4bit(quant_type: str, device="cpu") -> torch.Tensor:
+    """The 16-entry float32 table that `quant_map` stores."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    return _code_cpu(quant_type).to(device)
+
+
+@lru_cache(maxsize=None)
+def _bounds_cpu(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Note: FP4 bucket order.
+    #     The FP4 table is not sorted and holds zero twice (indices 0 and 8). Values are bucketed
+    #     against the midpoints of the sorted table, then mapped back to a table index. Which of the
+    #     two a value near zero lands on depends on how argsort orders the tie, so argsort runs on
+    #     CPU, as in bitsandbytes (small positive values land on index 8).
+    code = _code_cpu(quant_type)
+    order = torch.argsort(code)
+    midpoints = (code[order[:-1]] + code[order[1:]]) / 2
+    return midpoints, order
+
+
+@lru_cache(maxsize=None)
+def _dynamic_map_cpu() -> torch.Tensor:
+    # bitsandbytes' signed 8-bit "dynamic" table (create_dynamic_map(True, 7, 8)), used for the
+    # absmax of double quantization: per decade 10^-6 .. 10^0, the midpoints of a float32 linspace
+    # over [0.1, 1] with 2^i + 1 points, both signs, plus 0 and 1, sorted.
+    data = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0, 1.0]
+    data.sort()
+    assert len(data) == 256
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def dynamic_map(device="cpu") -> torch.Tensor:
+    """The 256-entry float32 table that `nested_quant_map` stores."""
+    return _dynamic_map_cpu().to(device)
+
+
+# -- 4-bit blockwise quantization -----------------------------------------------------------------
+
+def _bucket(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    midpoints, order = _bounds_cpu(quant_type)
+    # Note: rounding.
+    #     bucketize(right=False) puts a value exactly on a midpoint into the LOWER bucket; that is
+    #     bitsandbytes' tie rule and it is what makes the bytes equal, not merely close.
+    q = torch.bucketize(scaled, midpoints.to(scaled.device), out_int32=True)
+    if quant_type != "nf4":
+        q = order.to(scaled.device)[q]
+    return q.to(torch.uint8)
+
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    return (q[::2] << 4) | q[1::2]  # element 2k in the high nibble, 2k+1 in the low one
+
+
+def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 4-bit quantization of `w` (any shape; flattened row-major).
+
+    Returns (packed uint8 `[ceil(n/2), 1]`, absmax float32 `[ceil(n/blocksize)]`), on w's device.
+    """
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    flat = w.reshape(-1)
+    n = flat.numel()
+    full = n - n % blocksize
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
+    for start in range(0, full, CHUNK):
+        stop = min(start + CHUNK, full)
+        blocks = flat[start:stop].float().reshape(-1, blocksize)
+        am = blocks.abs().amax(dim=1)
+        absmax[start // blocksize: stop // blocksize] = am
+        # Note: scaling.
+        #     Full blocks are multiplied by the float32 reciprocal of their absmax (not divided by
+        #     it: the two differ in the last bit for some values, and so can the nibble). An
+        #     all-zero block gets absmax 0 and scale 1/1e-38, so its values stay 0. Clamping guards
+        #     the one rounding case x * (1/x) > 1.
+        scaled = torch.clamp(blocks * (1.0 / am.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)
+        packed[start // 2: stop // 2] = _pack(_bucket(scaled, quant_type))
+        del blocks, scaled
+    if full < n:
+        tail = flat[full:].float()
+        am = tail.abs().max().clamp(min=1e-38)
+        absmax[-1] = am
+        # The last, partial block is divided, not multiplied by the reciprocal (bitsandbytes does so),
+        # and an odd count is padded with a 0.0 value, i.e. the code of zero in the last low nibble.
+        scaled = torch.clamp(tail / am, -1, 1)
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        packed[full // 2:] = _pack(_bucket(scaled, quant_type))
+    return packed.unsqueeze(1), absmax
+
+
+def _dequant_code(quant_type: str, shape: tuple[int, ...], blocksize: int, device) -> torch.Tensor:
+    # Note: the sign of FP4 zero.
+    #     bitsandbytes' C/CUDA dequantization kernels decode FP4 code 8 (sign bit on zero) as -0.0,
+    #     while its stored table and its pure-torch fallback hold +0.0. On CPU the fallback runs for
+    #     an odd last dimension, or on AVX-512 machines for blocksize >= 2048. We follow the same rule,
+    #     so that the dense bytes match bitsandbytes, down to the sign of zero.
+    code = code_4bit(quant_type, device)
+    if quant_type == "fp4":
+        fallback = torch.device(device).type == "cpu" and (
+            shape[-1] % 2 != 0 or (blocksize >= 2048 and torch.backends.cpu.get_cpu_capability() == "AVX512"))
+        if not fallback:
+            code = code.clone()
+            code[8] = -0.0
+    return code
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, *, blocksize: int, quant_type: str,
+                    shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of quantize_4bit: table[nibble] * absmax[block] in float32, one rounding to `dtype`.
+
+    Bit-identical to bitsandbytes.functional.dequantize_4bit (its CPU kernel computes the same float32
+    product and rounds to nearest even; so does its CUDA kernel).
+    """
+    n = math.prod(shape)
+    code = _dequant_code(quant_type, tuple(shape), blocksize, packed.device)
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    absmax = absmax.float()
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        byte = flat[start // 2: (stop + 1) // 2]
+        idx = torch.stack((byte >> 4, byte & 0xF), dim=1).reshape(-1)[: stop - start].long()
+        block = torch.arange(start, stop, device=packed.device) // blocksize
+        out[start:stop] = (code[idx] * absmax[block]).to(dtype)
+    return out.reshape(shape)
+
+
+# -- double quantization: the absmax vector in 8 bits ------------------------------------------
+
+def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Double quantization: (uint8 codes, float32 nested_absmax, offset) for a float32 absmax vector.
+
+    Note: the offset.
+        The absmax values are all positive; subtracting their mean centres them so that the signed
+        8-bit table is used on both sides. The mean is a float32 reduction whose last bit depends on
+        the summation order, so it is taken on CPU with torch, as bitsandbytes does on CPU.
+    Note: 8-bit rounding (bitsandbytes 0.50's CPU kernel, reproduced step for step).
+        It does not search the table per value. Each value is scaled by the float32 reciprocal of
+        its block's absmax, clamped to [-1, 1], mapped to one of 65536 bins by
+        trunc(((v + 1) * 0.5) * 65535 + 0.5) (four float32 roundings), and the bin looked up in a
+        precomputed table of "nearest entry" (see _lut_8bit). Values within about 1e-5 of a midpoint
+        between two entries can thus land on the farther entry; matching the bytes means making the
+        same choice. An all-zero block (every absmax equal to the offset) stores code 0.
+    """
+    offset = absmax.float().cpu().mean()
+    x = absmax.float() - offset.to(absmax.device)
+    n = x.numel()
+    nblocks = -(-n // NESTED_BLOCKSIZE)
+    padded = torch.nn.functional.pad(x, (0, nblocks * NESTED_BLOCKSIZE - n)).reshape(nblocks, NESTED_BLOCKSIZE)
+    nested = padded.abs().amax(dim=1)  # padding zeros never exceed a max of absolute values
+    inv = (1.0 / nested).unsqueeze(1)
+    v = torch.clamp(padded * inv, -1.0, 1.0)
+    t = ((v + 1.0) * 0.5) * float(LUT_BINS - 1) + 0.5
+    zero = (nested == 0).unsqueeze(1)  # 0 * (1/0) is NaN: such blocks store code 0
+    q = _lut_8bit(absmax.device)[torch.where(zero, 0, t.nan_to_num(0.0).to(torch.int64))]
+    q = torch.where(zero, 0, q)
+    return q.reshape(-1)[:n].contiguous(), nested, offset.item()
+
+
+LUT_BINS = 65536
+
+
+@lru_cache(maxsize=None)
+def _lut_8bit_cpu() -> torch.Tensor:
+    # bin i stands for v_i = -1 + 2i/65535 (float32) and holds the number of midpoints between
+    # consecutive table entries that lie strictly below v_i, i.e. the entry nearest v_i, ties down.
+    code = _dynamic_map_cpu()
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    v = -1.0 + (2.0 * torch.arange(LUT_BINS, dtype=torch.float32)) / float(LUT_BINS - 1)
+    return torch.searchsorted(midpoints, v, right=False).to(torch.uint8)
+
+
+def _lut_8bit(device) -> torch.Tensor:
+    return _lut_8bit_cpu().to(device)
+
+
+def dequantize_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset: float,
+                      code: torch.Tensor | None = None) -> torch.Tensor:
+    """table[q] * nested_absmax[block] + offset, all float32 (bitsandbytes' dequantize_blockwise + add)."""
+    code = dynamic_map(qabsmax.device) if code is None else code.to(qabsmax.device).float()
+    block = torch.arange(qabsmax.numel(), device=qabsmax.device) // NESTED_BLOCKSIZE
+    out = code[qabsmax.reshape(-1).long()] * nested_absmax.float()[block]
+    return out + torch.tensor(offset, dtype=torch.float32, device=out.device)
+
+
+# -- the quant_state JSON -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuantState:
+    """What `W.quant_state.bitsandbytes__<type>` holds, besides the tensors."""
+
+    quant_type: str
+    blocksize: int
+    dtype: str  # the dense dtype the weight had, e.g. "float16"
+    shape: tuple[int, ...]
+    nested_offset: float | None = None  # set iff double quantization
+    nested_blocksize: int = NESTED_BLOCKSIZE
+    nested_dtype: str = "float32"
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_offset is not None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return FLOAT_DTYPES[self.dtype]
+
+    @property
+    def key_suffix(self) -> str:
+        return QUANT_STATE_PREFIX + self.quant_type
+
+    def to_dict(self) -> dict:
+        # Key order and json.dumps' default separators are what bitsandbytes' pack_dict_to_tensor
+        # writes, so the bytes match too.
+        d = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": self.dtype,
+             "shape": list(self.shape)}
+        if self.nested:
+            d.update(nested_blocksize=self.nested_blocksize, nested_dtype=self.nested_dtype,
+                     nested_offset=self.nested_offset)
+        return d
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(json.dumps(self.to_dict()).encode("utf-8")), dtype=torch.uint8)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantState":
+        """Parse (and check) a quant_state dict; raises ValueError naming what is wrong."""
+        try:
+            qs = cls(quant_type=str(d["quant_type"]), blocksize=int(d["blocksize"]), dtype=str(d["dtype"]),
+                     shape=tuple(int(s) for s in d["shape"]),
+                     nested_offset=float(d["nested_offset"]) if "nested_offset" in d else None,
+                     nested_blocksize=int(d.get("nested_blocksize", NESTED_BLOCKSIZE)),
+                     nested_dtype=str(d.get("nested_dtype", "float32")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"quant_state lacks or garbles {e}") from None
+        if qs.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type {qs.quant_type!r} is not one of {QUANT_TYPES}")
+        if qs.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize {qs.blocksize} is not one of {BLOCKSIZES}")
+        if qs.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype {qs.dtype!r} is not one of {sorted(FLOAT_DTYPES)}")
+        if qs.nested and (qs.nested_dtype != "float32" or qs.nested_blocksize <= 0):
+            raise ValueError(f"unsupported nested state: {qs.nested_dtype}, blocksize {qs.nested_blocksize}")
+        return qs
+
+    # shapes of the tensors stored beside the packed weight
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    def aux_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """suffix -> (dtype, shape) of every tensor stored beside the packed weight."""
+        specs = {"": (torch.uint8, ((self.numel + 1) // 2, 1)),
+                 ".absmax": (torch.uint8 if self.nested else torch.float32, (self.blocks,)),
+                 ".quant_map": (torch.float32, (16,))}
+        if self.nested:
+            specs[".nested_absmax"] = (torch.float32, (-(-self.blocks // self.nested_blocksize),))
+            specs[".nested_quant_map"] = (torch.float32, (256,))
+        specs[self.key_suffix] = (torch.uint8, (len(json.dumps(self.to_dict()).encode("utf-8")),))
+        return specs
+
+
+def quantize_weight(w: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool
+                    ) -> tuple[dict[str, torch.Tensor], QuantState]:
+    """One dense weight -> its stored tensors (suffix -> tensor, on w's device) and QuantState."""
+    dtype = str(w.dtype).removeprefix("torch.")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"only float16/bfloat16/float32 weights can be quantized, not {dtype}")
+    packed, absmax = quantize_4bit(w, blocksize, quant_type)
+    out = {"": packed}
+    if double_quant:
+        qabsmax, nested, offset = quantize_absmax(absmax)
+        qs = QuantState(quant_type, blocksize, dtype, tuple(w.shape), nested_offset=offset)
+        out[".absmax"] = qabsmax
+        out[".quant_map"] = code_4bit(quant_type, w.device)
+        out[".nested_absmax"] = nested
+        out[".nested_quant_map"] = dynamic_map(w.device)
+    else:
+        qs = QuantState(quant_type, blocksize, dtype, tuple(w.shape))
+        out[".absmax"] = absmax
+        out[".quant_map"] = code_4bit(quant_type, w.device)
+    out[qs.key_suffix] = qs.to_tensor().to(w.device)
+    return out, qs
+
+
+def dequantize_weight(tensors: dict[str, torch.Tensor], qs: QuantState, dtype: torch.dtype | None = None
+                      ) -> torch.Tensor:
+    """Stored tensors (suffix -> tensor, as quantize_weight returns) -> the dense weight.
+
+    Like bitsandbytes, reads the stored `nested_quant_map` but uses the built-in 4-bit table (its
+    kernels ignore the stored `quant_map`).
+    """
+    absmax = tensors[".absmax"]
+    if qs.nested:
+        absmax = dequantize_absmax(absmax, tensors[".nested_absmax"], qs.nested_offset,
+                                   tensors.get(".nested_quant_map"))
+    return dequantize_4bit(tensors[""], absmax, blocksize=qs.blocksize, quant_type=qs.quant_type,
+                           shape=qs.shape, dtype=qs.torch_dtype if dtype is None else dtype)

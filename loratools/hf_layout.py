@@ -1,0 +1,95 @@
+"""What transformers builds from a checkpoint's config.json: module classes, tied and output weights.
+
+The 4-bit commands need two facts that the tensors alone do not carry: which weights belong to an
+`nn.Linear` or a GPT-2 style `Conv1D` (and so are quantized, and in which orientation), and which ones
+transformers leaves dense (tied weights, the output embedding, the last parameter). Both come from
+instantiating the model class named in config.json on the meta device: no memory, no weights read,
+and exactly the module tree that `from_pretrained` would build.
+
+Note: why not a list of names.
+    A rule such as "2-D `.weight` tensors, minus embeddings" disagrees with transformers for tied
+    heads, for Linear subclasses it does not quantize, and for Conv1D (stored [in, out], quantized
+    transposed). The meta model is the same source transformers itself uses, so the selection cannot
+    drift from it. When transformers cannot build the class (no config, custom code), the fallback
+    rule below is used and reported as such.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+LINEAR = "linear"
+CONV1D = "conv1d"
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Module facts for one config; module names are dotted paths as in the state dict."""
+
+    source: str  # "transformers" (meta model) or "fallback" (name rule)
+    kinds: dict[str, str] = field(default_factory=dict)  # module -> "linear" | "conv1d" (quantizable ones)
+    default_skips: tuple[str, ...] = ()  # transformers' get_keys_to_not_convert (tied, last, output embedding)
+    keep_in_fp32: tuple[str, ...] = ()  # model._keep_in_fp32_modules: never quantized
+    dtype: str | None = None  # the dtype transformers loads the weights in (config dtype), if known
+
+    def is_conv1d(self, module: str) -> bool:
+        return self.kinds.get(module) == CONV1D
+
+
+def should_convert(module: str, patterns) -> bool:
+    """transformers' should_convert_module: skip when a pattern matches from the start on a dot
+    boundary, as a regex with that boundary, or as a suffix."""
+    if patterns is None:
+        return True
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in patterns)
+
+
+def layout_for(config: dict | None) -> ModelLayout:
+    """The layout of the model a config describes (cached per config)."""
+    if not config:
+        return ModelLayout("fallback")
+    return _layout_cached(json.dumps(config, sort_keys=True))
+
+
+@lru_cache(maxsize=8)
+def _layout_cached(config_json: str) -> ModelLayout:
+    config = json.loads(config_json)
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    dtype = dtype if dtype in ("float16", "bfloat16", "float32") else None
+    try:
+        model = _meta_model(config)
+    except Exception:  # unknown architecture, custom code, a config transformers rejects
+        return ModelLayout("fallback", dtype=dtype)
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    kinds = {}
+    for name, module in model.named_modules():
+        # Note: exact class test, as transformers' replace_with_bnb_linear does: subclasses of
+        # nn.Linear (e.g. NonDynamicallyQuantizableLinear inside nn.MultiheadAttention) stay dense.
+        if isinstance(module, Conv1D):
+            kinds[name] = CONV1D
+        elif type(module) is nn.Linear:
+            kinds[name] = LINEAR
+    keep = tuple(sorted(getattr(model, "_keep_in_fp32_modules", None) or ()))
+    return ModelLayout("transformers", kinds, tuple(sorted(get_keys_to_not_convert(model))), keep, dtype)
+
+
+def _meta_model(config: dict):
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
+    model_type = cfg_dict.pop("model_type")
+    hf_config = AutoConfig.for_model(model_type, **cfg_dict)
+    archs = config.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    with torch.device("meta"):
+        if cls is not None:
+            return cls(hf_config)
+        return transformers.AutoModelForCausalLM.from_config(hf_config)

@@ -1,0 +1,114 @@
+"""Reading a bitsandbytes 4-bit checkpoint as if it were dense, one tensor at a time.
+
+`dense_specs(ck)` lists what a dense copy of the checkpoint would hold (names, dtypes, shapes), from
+headers and the small quant_state JSON tensors only; `read_dense(ck, name)` returns one such tensor,
+dequantizing a packed 4-bit weight on the fly. A dense checkpoint passes through unchanged, so every
+command that reads a base (merge, validate, inspect, dequantize) can take either.
+
+Note: orientation of GPT-2 Conv1D weights.
+    transformers quantizes a `Conv1D` weight (stored `[in, out]`) transposed, as the `[out, in]`
+    weight of an `nn.Linear`, and its quant_state records `[out, in]`. The dense view given here is
+    the layout of the original dense checkpoint, so a Conv1D weight is transposed back to `[in, out]`:
+    adapters trained on the dense model (`fan_in_fan_out=True`) and `GPT2LMHeadModel` both expect
+    that. Which modules are Conv1D comes from config.json (hf_layout.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from .bnb4bit import AUX_SUFFIXES, QUANT_STATE_PREFIX, QuantState, dequantize_weight
+from .errors import FormatError
+from .hf_layout import layout_for
+from .io.checkpoint import Checkpoint
+
+
+def is_aux(name: str) -> bool:
+    """True for tensors stored beside a packed 4-bit weight (absmax, maps, the quant_state JSON)."""
+    return name.endswith(AUX_SUFFIXES) or QUANT_STATE_PREFIX in name
+
+
+def quant_states(ck: Checkpoint) -> dict[str, QuantState]:
+    """weight name -> parsed QuantState, for every packed 4-bit weight (cached on the checkpoint)."""
+    cached = getattr(ck, "_loratools_qstates", None)
+    if cached is not None:
+        return cached
+    out = {}
+    for weight, raw in ck.quant_states.items():
+        raw = {k: v for k, v in raw.items() if k != "_format"}
+        try:
+            qs = QuantState.from_dict(raw)
+        except ValueError as e:
+            raise FormatError(str(e), path=ck.path, tensor=weight + QUANT_STATE_PREFIX + str(raw.get("quant_type"))) from None
+        _check_stored(ck, weight, qs)
+        out[weight] = qs
+    ck._loratools_qstates = out
+    return out
+
+
+def _check_stored(ck: Checkpoint, weight: str, qs: QuantState) -> None:
+    for suffix, (dtype, shape) in qs.aux_specs().items():
+        name = weight + suffix
+        if suffix.startswith(QUANT_STATE_PREFIX):
+            continue  # its length depends on how the JSON was spelled; it parsed, that is enough
+        info = ck.tensors.get(name)
+        if info is None:
+            raise FormatError(f"4-bit weight lacks its {suffix.lstrip('.') or 'packed data'} tensor", path=ck.path,
+                              tensor=name)
+        if suffix == "":
+            if info.dtype != torch.uint8 or info.nbytes != (qs.numel + 1) // 2:
+                raise FormatError(f"packed 4-bit data should be {(qs.numel + 1) // 2} uint8 bytes for shape "
+                                  f"{list(qs.shape)}, found {info.dtype_name} {list(info.shape)}", path=ck.path, tensor=name)
+        elif info.dtype != dtype or tuple(info.shape) != shape:
+            raise FormatError(f"expected {str(dtype).removeprefix('torch.')} {list(shape)}, found {info.dtype_name} "
+                              f"{list(info.shape)}", path=ck.path, tensor=name)
+
+
+def _conv1d(ck: Checkpoint, weight: str) -> bool:
+    return layout_for(ck.config if ck.is_quantized else None).is_conv1d(weight.removesuffix(".weight"))
+
+
+def dense_specs(ck: Checkpoint) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Dense tensor names -> (dtype, shape), in file order; auxiliary 4-bit tensors omitted."""
+    qstates = quant_states(ck) if ck.is_quantized else {}
+    out = {}
+    for name, info in ck.tensors.items():
+        qs = qstates.get(name)
+        if qs is not None:
+            shape = qs.shape[::-1] if len(qs.shape) == 2 and _conv1d(ck, name) else qs.shape
+            out[name] = (qs.torch_dtype, tuple(shape))
+        elif qstates and is_aux(name) and _owner(name) in qstates:
+            continue
+        else:
+            out[name] = (info.dtype, tuple(info.shape))
+    return out
+
+
+def _owner(name: str) -> str:
+    if QUANT_STATE_PREFIX in name:
+        return name.split(QUANT_STATE_PREFIX)[0]
+    for suffix in AUX_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_quantized(ck: Checkpoint, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The stored tensors of one packed weight, suffix -> tensor ("" is the packed data)."""
+    qs = quant_states(ck)[name]
+    return {suffix: ck.read(name + suffix).to(device) for suffix in qs.aux_specs() if not suffix.startswith(QUANT_STATE_PREFIX)}
+
+
+def read_dense(ck: Checkpoint, name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor of the dense view: a packed 4-bit weight dequantized (bit-identical to
+    bitsandbytes.functional.dequantize_4bit, in the quant_state dtype unless `dtype` is given), any
+    other tensor as stored (on `device`)."""
+    qstates = quant_states(ck) if ck.is_quantized else {}
+    qs = qstates.get(name)
+    if qs is None:
+        if qstates and is_aux(name) and _owner(name) in qstates:
+            raise FormatError("auxiliary 4-bit tensor, not part of the dense view", path=ck.path, tensor=name)
+        return ck.read(name).to(device)
+    w = dequantize_weight(read_quantized(ck, name, device), qs, dtype)
+    if w.dim() == 2 and _conv1d(ck, name):
+        w = w.t().contiguous()
+    return w
