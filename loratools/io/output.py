@@ -16,17 +16,20 @@ def write_checkpoint(output, *, inputs: Iterable, force: bool, specs: list[Tenso
                      config: dict | None = None, metadata: dict[str, str] | None = None,
                      max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, filename: str = "model.safetensors",
                      on_tensor: Callable[[str], None] | None = None,
-                     extra_files: Callable[[Path], list[str]] | None = None) -> dict:
+                     extra_files: Callable[[Path], list[str]] | None = None,
+                     shrinkable: Iterable[str] = ()) -> dict:
     """Stream `tensors` (name, tensor) into a new checkpoint at `output`, all or nothing.
 
     `specs` is the full plan (names, dtypes, shapes) known before any tensor is computed; `tensors` may
     be a generator, so only the tensor being written is alive here. `extra_files(tmp)`, when given, is
     called after the last tensor to write files known only then (e.g. merge's DoRA record) into the
-    temporary directory; it returns their paths relative to it.
+    temporary directory; it returns their paths relative to it. `shrinkable` names 1-D uint8 tensors
+    planned last at an upper-bound length (see ShardWriter).
     """
     atomic = AtomicOutput(output, inputs, force)
     with atomic as tmp:
-        writer = ShardWriter(tmp, specs, filename=filename, max_shard_size=max_shard_size, metadata=metadata)
+        writer = ShardWriter(tmp, specs, filename=filename, max_shard_size=max_shard_size, metadata=metadata,
+                             shrinkable=shrinkable)
         try:
             for name, t in tensors:
                 writer.write(name, t)

@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -77,7 +78,8 @@ class ShardWriter:
 
     def __init__(self, directory: str | os.PathLike, specs: list[TensorSpec], *,
                  filename: str = "model.safetensors", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 metadata: dict[str, str] | None = None, reserve_metadata: int = 0, allow_shards: bool = True):
+                 metadata: dict[str, str] | None = None, reserve_metadata: int = 0, allow_shards: bool = True,
+                 shrinkable: Iterable[str] = ()):
         self.dir = Path(directory)
         # Provenance metadata carries placeholders of final length, completed at close (see io/provenance.py)
         self._finalize_metadata = getattr(metadata, "finalize", None)
@@ -88,8 +90,10 @@ class ShardWriter:
             raise LoratoolsError("internal: tensor planned twice", tensor=dup)
         groups: list[list[TensorSpec]] = [[]]
         size = 0
-        for spec in specs:
-            if allow_shards and groups[-1] and size + spec.nbytes > max_shard_size:
+        shrink = set(shrinkable)
+        for k, spec in enumerate(specs):
+            tail = spec.name in shrink and k > 0 and specs[k - 1].name in shrink  # shrinkables share a shard
+            if allow_shards and groups[-1] and size + spec.nbytes > max_shard_size and not tail:
                 groups.append([])
                 size = 0
             groups[-1].append(spec)
@@ -105,6 +109,19 @@ class ShardWriter:
         self._prefix_len: list[int] = []
         self._pending = set(names)
         self._fd: tuple[int, int] | None = None  # (shard no, fd)
+        # Note: shrinkable tensors.
+        #     A few outputs have a length known only once computed (bitsandbytes' quant_state JSON holds
+        #     a float whose spelling varies). They are planned at an upper bound, must be the last
+        #     specs (so they sit at the end of the last shard) and be written in plan order; each may
+        #     come shorter than planned, the next one is placed right after it, and close() rewrites
+        #     the header with the real shapes (never longer, so the data offsets before them hold) and
+        #     truncates the file.
+        self._shrinkable = [n for n in names if n in shrink]
+        if self._shrinkable and (names[-len(self._shrinkable):] != self._shrinkable
+                                 or any(self._specs[n].dtype != torch.uint8 or len(self._specs[n].shape) != 1
+                                        for n in self._shrinkable)):
+            raise LoratoolsError("internal: shrinkable tensors must be 1-D uint8 and planned last")
+        self._shrink_next = 0
         self._check_space(sum(s.nbytes for s in specs))
         try:
             for i, group in enumerate(groups):
@@ -143,9 +160,30 @@ class ShardWriter:
         spec = self._specs.get(name)
         if spec is None or name not in self._pending:
             raise LoratoolsError("internal: tensor not planned or written twice", tensor=name)
+        if name in self._shrinkable:
+            self._write_shrinkable(name, tensor)
+            return
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise LoratoolsError(f"internal: planned {spec.dtype} {list(spec.shape)}, got {tensor.dtype} "
                                  f"{list(tensor.shape)}", tensor=name)
+        self._pwrite(name, tensor)
+
+    def _write_shrinkable(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._specs[name]
+        k = self._shrinkable.index(name)
+        if k != self._shrink_next or tensor.dtype != torch.uint8 or tensor.dim() != 1 \
+                or tensor.numel() > spec.shape[0]:
+            raise LoratoolsError(f"internal: shrinkable tensor out of order or over its planned "
+                                 f"{spec.shape[0]} bytes", tensor=name)
+        if k > 0:  # right after the previous one, wherever it ended
+            prev = self._specs[self._shrinkable[k - 1]]
+            shard, prev_off = self._where[prev.name]
+            self._where[name] = (shard, prev_off + prev.nbytes)
+        self._specs[name] = TensorSpec(name, torch.uint8, (tensor.numel(),))
+        self._shrink_next += 1
+        self._pwrite(name, tensor)
+
+    def _pwrite(self, name: str, tensor: torch.Tensor) -> None:
         shard, offset = self._where[name]
         data = tensor_bytes(tensor)
         fd = self._open(shard)
@@ -183,7 +221,11 @@ class ShardWriter:
             self._close_fd()
             if self._finalize_metadata is not None:
                 final_metadata = {**self._finalize_metadata(), **(final_metadata or {})}
-            if final_metadata is not None or self._reserve:
+            if self._shrinkable:
+                self._groups[-1] = [self._specs[s.name] for s in self._groups[-1]]
+                end = self._prefix_len[-1] + sum(s.nbytes for s in self._groups[-1])
+                os.truncate(self.dir / self.filenames[-1], end)
+            if final_metadata is not None or self._reserve or self._shrinkable:
                 meta = {**self.metadata, **(final_metadata or {})}
                 for i, group in enumerate(self._groups):
                     prefix, _ = build_header([(s.name, s.dtype, s.shape) for s in group], meta,

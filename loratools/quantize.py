@@ -1,0 +1,336 @@
+"""`loratools quantize` and `loratools dequantize`: bitsandbytes 4-bit checkpoints, streamed.
+
+quantize writes what `AutoModelForCausalLM.from_pretrained(BASE, quantization_config=
+BitsAndBytesConfig(load_in_4bit=True, ...))` + `save_pretrained` writes, tensor for tensor and byte for
+byte, without building the model: one weight is read, quantized (bnb4bit.py), measured and written
+before the next is read. dequantize is the inverse view (quantized.py) written out as a dense checkpoint.
+
+Which weights are quantized (Note: selection).
+    Exactly the modules transformers converts to `Linear4bit`: every `nn.Linear` (exact class) and
+    GPT-2 `Conv1D` of the model class named in config.json (hf_layout.py), except transformers'
+    default skips (tied weights, the output embedding, the module of the last parameter) and
+    `_keep_in_fp32_modules`; `--skip-modules` adds patterns to those defaults. Biases, norms and
+    embeddings stay dense.
+Note: the written skip list.
+    At load time a non-null `llm_int8_skip_modules` REPLACES transformers' defaults (so `lm_head`
+    would be expected 4-bit unless listed). With no `--skip-modules` we write null, as transformers
+    does, and the load recomputes the same defaults; with `--skip-modules` we write defaults + the
+    given patterns, so that the load converts exactly the modules we quantized.
+Note: dtype.
+    transformers loads the checkpoint in the dtype of config.json (`dtype="auto"`) before it
+    quantizes, so weights are cast to that dtype first (the quant_state records it) and the other
+    floating-point tensors are written in it too; without a config dtype, tensors keep their own.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .bnb4bit import (BLOCKSIZES, FLOAT_DTYPES, QUANT_STATE_PREFIX, QUANT_TYPES, QuantState,
+                      dequantize_weight, quantize_weight)
+from .errors import InputError, UnsupportedError, UsageError
+from .hf_layout import CONV1D, layout_for, should_convert
+from .io import Checkpoint, TensorSpec
+from .io.output import write_checkpoint
+from .io.provenance import provenance
+from .io.safetensors_format import element_size
+from .quantized import dense_specs, quant_states, read_dense
+
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+# Longest spelling json.dumps gives a float (17 significant digits, sign, exponent): bounds the
+# quant_state JSON length before the double-quant offset is known (see ShardWriter shrinkable).
+_LONGEST_FLOAT = -1.2345678901234567e-300
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+# -- per-tensor maths -----------------------------------------------------------------------------
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: tuple[int, ...]  # dense shape, as in the checkpoint
+    params: int
+    bytes_before: int
+    bytes_after: int
+    err_sq: float  # sum of squared errors, float64
+    ref_sq: float  # sum of squares of the dense weight
+
+    @property
+    def rel_rms(self) -> float:
+        return math.sqrt(self.err_sq / self.ref_sq) if self.ref_sq > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "parameters": self.params,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "bits_per_parameter": 8 * self.bytes_after / self.params, "rel_rms_error": self.rel_rms}
+
+
+def error_sums(w: torch.Tensor, approx: torch.Tensor, chunk: int = 1 << 22) -> tuple[float, float]:
+    """(sum (w - approx)^2, sum w^2) in float32 chunks with float64 totals: no full float32 copy."""
+    a, b = w.reshape(-1), approx.reshape(-1)
+    err = ref = 0.0
+    for s in range(0, a.numel(), chunk):
+        x = a[s:s + chunk].float()
+        err += float(torch.sum(torch.square(x - b[s:s + chunk].float()), dtype=torch.float64))
+        ref += float(torch.sum(torch.square(x), dtype=torch.float64))
+    return err, ref
+
+
+def quantize_tensor(w: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool, conv1d: bool,
+                    device: torch.device) -> tuple[dict[str, torch.Tensor], QuantState, float, float]:
+    """One dense weight (already in the model dtype) -> (stored tensors on CPU, state, err_sq, ref_sq).
+
+    The error is measured against what bitsandbytes will compute at load: the dequantized weight in
+    the quant_state dtype.
+    """
+    x = w.to(device)
+    if conv1d:
+        x = x.t().contiguous()  # Conv1D [in, out] is quantized as the Linear it becomes, [out, in]
+    stored, qs = quantize_weight(x, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    err, ref = error_sums(x, dequantize_weight(stored, qs))
+    return {k: v.cpu() for k, v in stored.items()}, qs, err, ref
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+@dataclass
+class QuantPlan:
+    """Which tensors get quantized (name -> "linear" | "conv1d") and the written skip list."""
+
+    targets: dict[str, str]
+    skip_list: list[str] | None  # llm_int8_skip_modules to write
+    dtype: torch.dtype | None  # the model dtype (cast target for floating tensors), None = as stored
+    selection: str  # "transformers" | "fallback"
+    skipped: list[str] = field(default_factory=list)  # 2-D float weights left dense, for the report
+
+
+_FALLBACK_DENSE = ("embed", "wte", "wpe", "lm_head", "embed_out", "output", "norm", "ln_")
+
+
+def plan_quantization(ck: Checkpoint, skip_modules: list[str] | None) -> QuantPlan:
+    layout = layout_for(ck.config)
+    user = list(skip_modules) if skip_modules else None
+    if layout.source == "transformers":
+        defaults = list(layout.default_skips)
+        kinds = layout.kinds
+    else:
+        # Note: fallback selection when transformers cannot build the model class: 2-D float
+        # `.weight` tensors whose module name does not look like an embedding, head or norm.
+        defaults = ["lm_head"]
+        kinds = {n.removesuffix(".weight"): "linear" for n, i in ck.tensors.items()
+                 if n.endswith(".weight") and len(i.shape) == 2 and i.dtype.is_floating_point
+                 and not any(k in n.rsplit(".", 2)[-2] for k in _FALLBACK_DENSE)}
+    patterns = defaults + list(layout.keep_in_fp32) + (user or [])
+    targets, skipped = {}, []
+    for module, kind in kinds.items():
+        name = module + ".weight"
+        info = ck.tensors.get(name)
+        if info is None or not info.dtype.is_floating_point or len(info.shape) != 2:
+            continue
+        if should_convert(module, patterns):
+            targets[name] = kind
+        else:
+            skipped.append(name)
+    if not targets:
+        raise InputError("no weight to quantize: found no nn.Linear/Conv1D weight that transformers would "
+                         "quantize (check --skip-modules and config.json)", path=ck.path)
+    dtype = FLOAT_DTYPES.get(layout.dtype) if layout.dtype else None
+    skip_list = sorted(set(defaults + user)) if user else None
+    return QuantPlan(targets, skip_list, dtype, layout.source, sorted(skipped))
+
+
+def quantization_config(*, quant_type: str, double_quant: bool, compute_dtype: str,
+                        skip_list: list[str] | None) -> dict:
+    """The block transformers' BitsAndBytesConfig.to_dict() writes into config.json (sorted keys)."""
+    return {
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": skip_list,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
+    }
+
+
+def _out_dtype(info_dtype: torch.dtype, plan: QuantPlan) -> torch.dtype:
+    return plan.dtype if plan.dtype is not None and info_dtype.is_floating_point else info_dtype
+
+
+def _check_options(quant_type, blocksize, compute_dtype):
+    if quant_type not in QUANT_TYPES:
+        raise UsageError(f"quant type must be one of {', '.join(QUANT_TYPES)}, not {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise UsageError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, not {blocksize}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
+
+
+# -- the commands ---------------------------------------------------------------------------------
+
+def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                        compute_dtype: str = "bfloat16", skip_modules: list[str] | None = None,
+                        device: str = "auto", max_shard_size: int, force: bool = False, on_tensor=None) -> dict:
+    """Quantize a dense checkpoint to a bitsandbytes 4-bit one; returns the summary and error report."""
+    _check_options(quant_type, blocksize, compute_dtype)
+    ck = Checkpoint(src)
+    if ck.is_quantized:
+        raise InputError("already a 4-bit checkpoint; quantize takes a dense one (see `loratools dequantize`)",
+                         path=src)
+    if ck.config is None:
+        raise InputError("no config.json beside the weights: transformers needs it (and its "
+                         "quantization_config) to load a 4-bit checkpoint", path=src)
+    dev = resolve_device(device)
+    plan = plan_quantization(ck, skip_modules)
+    for name in plan.targets:
+        info = ck.tensors[name]
+        if (plan.dtype or info.dtype) not in FLOAT_DTYPES.values():
+            raise UnsupportedError(f"only float16/bfloat16/float32 weights can be quantized, not {info.dtype_name}",
+                                   path=src, tensor=name)
+
+    # The plan: dense tensors as they are (cast to the model dtype), each target's stored tensors in
+    # its place, and every quant_state JSON at the end, planned at its longest possible length.
+    specs, shrinkable = [], []
+    for name, info in ck.tensors.items():
+        if name not in plan.targets:
+            specs.append(TensorSpec(name, _out_dtype(info.dtype, plan), info.shape))
+            continue
+        shape = info.shape[::-1] if plan.targets[name] == CONV1D else info.shape
+        # "bfloat16" is the longest dtype name and _LONGEST_FLOAT the longest offset: an upper bound
+        probe = QuantState(quant_type, blocksize, "bfloat16", tuple(shape),
+                           nested_offset=_LONGEST_FLOAT if double_quant else None)
+        for suffix, (dtype, sh) in probe.aux_specs().items():
+            if suffix.startswith(QUANT_STATE_PREFIX):
+                shrinkable.append(TensorSpec(name + suffix, dtype, sh))
+            else:
+                specs.append(TensorSpec(name + suffix, dtype, sh))
+    specs += shrinkable
+
+    config = dict(ck.config)
+    config["quantization_config"] = quantization_config(quant_type=quant_type, double_quant=double_quant,
+                                                        compute_dtype=compute_dtype, skip_list=plan.skip_list)
+    options = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
+               "compute_dtype": compute_dtype, "skip_modules": skip_modules or None,
+               "max_shard_size": max_shard_size}
+    reports: list[TensorReport] = []
+
+    def tensors():
+        states = []
+        for name, t in ck.iter_tensors():
+            out_dtype = _out_dtype(t.dtype, plan)
+            if name not in plan.targets:
+                yield name, t.to(out_dtype)
+                continue
+            w = t.to(out_dtype)
+            stored, qs, err, ref = quantize_tensor(w, quant_type=quant_type, blocksize=blocksize,
+                                                   double_quant=double_quant,
+                                                   conv1d=plan.targets[name] == CONV1D, device=dev)
+            del t, w
+            after = 0
+            for suffix, tensor in stored.items():
+                after += tensor.numel() * tensor.element_size()
+                if suffix.startswith(QUANT_STATE_PREFIX):
+                    states.append((name + suffix, tensor))
+                else:
+                    yield name + suffix, tensor
+            info = ck.tensors[name]
+            reports.append(TensorReport(name, info.shape, info.numel, info.numel * element_size(out_dtype),
+                                        after, err, ref))
+        yield from states
+
+    summary = write_checkpoint(
+        output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
+        config=config, metadata=provenance("quantize", options, {"checkpoint": src}),
+        max_shard_size=max_shard_size, on_tensor=on_tensor, shrinkable=[s.name for s in shrinkable])
+
+    q_params = sum(r.params for r in reports)
+    total_params = sum(i.numel for i in ck.tensors.values())
+    err = sum(r.err_sq for r in reports)
+    ref = sum(r.ref_sq for r in reports)
+    data_before = sum(i.nbytes for i in ck.tensors.values())
+    data_after = data_before - sum(r.bytes_before - r.bytes_after for r in reports)
+    summary.update({
+        "quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
+        "compute_dtype": compute_dtype, "device": dev.type, "selection": plan.selection,
+        "skip_modules": plan.skip_list, "dense_weights_kept": plan.skipped,
+        "tensors": [r.to_json() for r in reports],
+        "total": {
+            "quantized_tensors": len(reports),
+            "quantized_parameters": q_params,
+            "parameters": total_params,
+            "rel_rms_error": math.sqrt(err / ref) if ref > 0 else 0.0,
+            "quantized_bytes_before": sum(r.bytes_before for r in reports),
+            "quantized_bytes_after": sum(r.bytes_after for r in reports),
+            "bits_per_quantized_parameter": 8 * sum(r.bytes_after for r in reports) / q_params,
+            "bytes_before": ck.bytes_on_disk(),
+            "bytes_after": summary["bytes"],
+            "tensor_bytes_before": data_before,
+            "tensor_bytes_after": data_after,
+            "bits_per_parameter": 8 * data_after / total_params,
+        },
+    })
+    return summary
+
+
+def dequantize_checkpoint(src, output, *, dtype: str | None = None, device: str = "auto", max_shard_size: int,
+                          force: bool = False, on_tensor=None) -> dict:
+    """Write the dense view of a 4-bit checkpoint (quantized.read_dense) as an ordinary checkpoint."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, not {dtype!r}")
+    ck = Checkpoint(src)
+    if not ck.is_quantized:
+        raise InputError("not a 4-bit checkpoint (no bitsandbytes quant_state); dequantize takes the output "
+                         "of `loratools quantize` or of transformers' save_pretrained with load_in_4bit", path=src)
+    dev = resolve_device(device)
+    qstates = quant_states(ck)
+    target = FLOAT_DTYPES[dtype] if dtype else None
+    plan = dense_specs(ck)
+
+    def out_dtype(name, stored):
+        if target is None:
+            return stored
+        return target if stored.is_floating_point else stored
+
+    specs = [TensorSpec(n, out_dtype(n, d), s) for n, (d, s) in plan.items()]
+    config = dict(ck.config) if ck.config is not None else None
+    if config is not None:
+        config.pop("quantization_config", None)
+        if dtype:
+            config["dtype"] = dtype
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype
+
+    def tensors():
+        for name in plan:
+            if name in qstates:
+                t = read_dense(ck, name, device=str(dev), dtype=target).cpu()
+            else:
+                t = read_dense(ck, name)
+                t = t.to(out_dtype(name, t.dtype))
+            yield name, t
+        ck.close()
+
+    summary = write_checkpoint(
+        output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
+        config=config, metadata=provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size},
+                                           {"checkpoint": src}),
+        max_shard_size=max_shard_size, on_tensor=on_tensor)
+    summary.update({"tensors": len(specs), "dequantized_tensors": len(qstates), "device": dev.type,
+                    "dtype": dtype or "as quantized"})
+    return summary
