@@ -82,10 +82,13 @@ def _t(x: torch.Tensor, flag: bool) -> torch.Tensor:
 
 
 def lora_delta(m: LoraModule, weight: float = 1.0, device="cpu") -> torch.Tensor:
-    """weight · scale · B @ A in float32, in the base tensor's layout (PEFT's get_delta_weight)."""
+    """weight · scale · B @ A in float32, in the base tensor's layout (PEFT's get_delta_weight).
+
+    Always the whole product in one matmul, as PEFT computes it: a matmul split into row blocks can take
+    other kernel paths for the edge tiles and differ from PEFT in the last bit of a few elements."""
     A = m.A.to(device=device, dtype=torch.float32)
     B = m.B.to(device=device, dtype=torch.float32)
-    return _t((B @ A) * (m.scale * weight), transposed(m))
+    return _t((B @ A).mul_(m.scale * weight), transposed(m))
 
 
 def dora_weight_norm(base: torch.Tensor, delta: torch.Tensor, is_transposed: bool) -> torch.Tensor:
@@ -114,15 +117,26 @@ class Step:
         return self.module.magnitude is not None
 
 
-def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu") -> tuple[torch.Tensor, list]:
-    """Apply steps in order in float32: W += ΔW (LoRA), W = m/||W₀+ΔW|| · (W + ΔW) (DoRA).
+def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=torch.float32
+                 ) -> tuple[torch.Tensor, list]:
+    """Apply steps in order in float32: W += ΔW (LoRA), W = m/||W₀+ΔW|| · (W + ΔW) (DoRA); round once
+    to `out_dtype`. Returns the result (on `device`) and, per step, the DoRA norm (None for LoRA).
 
-    Returns the float32 result and, per step, the DoRA norm (None for plain LoRA)."""
+    The first plain delta takes the base in place (ΔW += W equals W + ΔW bit for bit), so a plain merge
+    holds the base, one float32 tensor and the output."""
     w0 = base.to(device)
-    acc = w0.to(torch.float32, copy=True)
+    acc = None
     norms = []
     for s in steps:
         d = lora_delta(s.module, s.weight, device)
+        if acc is None:
+            acc = d
+            if s.dora:
+                acc = w0.to(torch.float32, copy=True)
+            else:
+                acc += w0
+                norms.append(None)
+                continue
         if s.dora:
             tr = transposed(s.module)
             norm = dora_weight_norm(w0, d, tr)
@@ -133,19 +147,21 @@ def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu") -> tuple[t
             acc += d
             norms.append(None)
         del d
-    return acc, norms
+    if acc is None:
+        acc = w0
+    return acc.to(out_dtype), norms
 
 
-def unmerge_weight(merged: torch.Tensor, steps: list[Step], norms: list, device="cpu") -> torch.Tensor:
-    """Undo `merge_weight` in reverse order: W -= ΔW (LoRA), W = W / (m/norm) − ΔW (DoRA), float32."""
+def unmerge_weight(merged: torch.Tensor, steps: list[Step], norms: list, device="cpu", out_dtype=torch.float32
+                   ) -> torch.Tensor:
+    """Undo `merge_weight` in reverse order: W -= ΔW (LoRA), W = W / (m/norm) − ΔW (DoRA), in float32,
+    rounded once to `out_dtype`."""
     acc = merged.to(device).to(torch.float32, copy=True)
     for s, norm in zip(reversed(steps), reversed(norms)):
-        d = lora_delta(s.module, s.weight, device)
         if s.dora:
             acc /= dora_factor(s.module.magnitude, norm.to(device), transposed(s.module))
-        acc -= d
-        del d
-    return acc
+        acc -= lora_delta(s.module, s.weight, device)
+    return acc.to(out_dtype)
 
 
 def bias_delta(steps: list[Step], device="cpu") -> torch.Tensor:
@@ -235,10 +251,14 @@ def build_plan(base: Checkpoint, adapters: list[Adapter], weights: list[float], 
             if emb is not None and emb.replace_kind == "base_layer" and head.replace is None:
                 # PEFT loads a saved embedding base layer into the parameter the head shares.
                 head.replace, head.replace_kind, head.replace_adapter = emb.replace, "base_layer", emb.replace_adapter
-        elif head is not None:  # tied on purpose: the head's changes go to the shared embedding
+        elif head is not None:  # kept tied: the head's changes go to the shared embedding
             plans.pop(HEAD_KEY)
             target = plan_for(tied, tied)
-            target.steps += head.steps
+            # With ensure_weight_tying PEFT saves the head's LoRA as a transposed copy of the embedding's
+            # (lora_A = B_embᵀ, lora_B = A_embᵀ): the same ΔW, which the shared tensor must get once.
+            on_embedding = {s.adapter for s in target.steps}
+            target.steps += [s for s in head.steps if not (s.adapter in on_embedding and
+                                                           adapters[s.adapter].config.get("ensure_weight_tying"))]
             if head.replace is not None and target.replace is None:
                 target.replace, target.replace_kind, target.replace_adapter = \
                     head.replace, head.replace_kind, head.replace_adapter
@@ -327,8 +347,18 @@ def _output_config(base: Checkpoint, dtype: str, dense: DenseBase, untie: bool) 
     return cfg if changed else None
 
 
-def _finite_or_fail(out: torch.Tensor, inputs: torch.Tensor, key: str, dtype: torch.dtype, path):
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(inputs).all()):
+def _all_finite(t: torch.Tensor) -> bool:
+    # aminmax propagates NaN and is one fast pass (isfinite is slow on CPU float16)
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _finite_or_fail(out: torch.Tensor, inputs: torch.Tensor, key: str, path):
+    """Refuse a merge that overflows the output dtype (e.g. a bf16-trained model written as float16)."""
+    dtype = out.dtype
+    if out.is_floating_point() and not _all_finite(out) and _all_finite(inputs):
         hint = " (use --dtype bfloat16 or float32)" if dtype == torch.float16 else ""
         raise MismatchError(f"the merged tensor has values outside the {str(dtype).removeprefix('torch.')} "
                             f"range{hint}; nothing was written", path=path, tensor=key)
@@ -371,16 +401,16 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
         if p.is_bias:
             acc = w.to(dev).to(torch.float32, copy=True)
             acc += bias_delta(p.steps, dev)
+            out = acc.to(out_dtype[key])
         elif p.steps:
-            acc, step_norms = merge_weight(w, p.steps, dev)
+            out, step_norms = merge_weight(w, p.steps, dev, out_dtype[key])
             for s, n in zip(p.steps, step_norms):
                 if n is not None:
                     norms[f"adapter{s.adapter}.{s.module.name}.weight_norm"] = n.cpu()
         else:
-            acc = w
-        out = acc.to(out_dtype[key]).cpu()
-        _finite_or_fail(out, w, key, out_dtype[key], base)
-        return out
+            out = w.to(out_dtype[key])
+        _finite_or_fail(out, w, key, base)
+        return out.cpu()
 
     def tensors():
         for name, t in dense.iter_tensors():
@@ -503,13 +533,13 @@ def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "
         if p.is_bias:
             acc = t.to(dev).to(torch.float32, copy=True)
             acc -= bias_delta(p.steps, dev)
+            out = acc.to(out_dtype[key])
         else:
             step_norms = [norms[f"adapter{s.adapter}.{s.module.name}.weight_norm"] if s.dora else None
                           for s in p.steps]
-            acc = unmerge_weight(t, p.steps, step_norms, dev)
-        out = acc.to(out_dtype[key]).cpu()
-        _finite_or_fail(out, t, key, out_dtype[key], merged)
-        return out
+            out = unmerge_weight(t, p.steps, step_norms, dev, out_dtype[key])
+        _finite_or_fail(out, t, key, merged)
+        return out.cpu()
 
     def tensors():
         for name, t in dense.iter_tensors():

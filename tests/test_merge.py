@@ -393,28 +393,30 @@ def test_base_without_top_level_prefix(tmp_path):
 # -- tied output embeddings ----------------------------------------------------------------------------
 
 def tied_adapter(tmp_path, **lora_kw):
+    """A GPT-2 (tied head) adapter made by PEFT, and the logits of the PEFT model that made it."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(GPT2, dtype=torch.float32)
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora_kw))
-    if lora_kw.get("modules_to_save"):
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "modules_to_save" in n:
-                    p.add_(torch.randn_like(p) * 0.05)
-    out = tmp_path / "tied-adapter"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora_kw))
+        if lora_kw.get("modules_to_save"):
+            with torch.no_grad():
+                for n, p in pm.named_parameters():
+                    if "modules_to_save" in n:
+                        p.add_(torch.randn_like(p) * 0.05)
+        out = tmp_path / "tied-adapter"
         pm.save_pretrained(out)
-    return out
+        pm.eval()
+        return out, logits(pm)
 
 
 @pytest.mark.parametrize("kw", [dict(target_modules=["wte"]),
                                 dict(target_modules=["c_attn"], modules_to_save=["lm_head"])],
                          ids=["embedding-lora", "lm_head-modules_to_save"])
 def test_tied_head_is_untied_to_keep_what_the_adapter_computes(tmp_path, kw):
-    adapter = tied_adapter(tmp_path, **kw)
+    adapter, want = tied_adapter(tmp_path, **kw)
     out = tmp_path / "out"
     r = run_cli("merge", GPT2, adapter, "-o", out, "--json")
     assert json.loads(r.stdout)["untied_head"] is True
@@ -423,6 +425,31 @@ def test_tied_head_is_untied_to_keep_what_the_adapter_computes(tmp_path, kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm, _ = peft_model(GPT2, [adapter], torch.float32)
-        want = logits(pm)
+        assert torch.allclose(logits(pm), want, atol=1e-5)  # PEFT loads it back as it was trained
         got = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
     assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
+
+
+def test_overflow_is_refused(tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("merge", GPT2, FIXTURES / "gpt2-lora", "--weight", "1e6", "--dtype", "float16", "-o", out,
+                expect=1)
+    assert "float16 range" in r.stderr and "bfloat16" in r.stderr
+    assert_nothing_written(tmp_path, out)
+
+
+def test_ensure_weight_tying_adapter_stays_tied(tmp_path):
+    """PEFT ties the head's LoRA to the embedding's (and saves both): the shared tensor gets ΔW once, and
+    the merged model computes what the PEFT model that was trained computes. (peft 0.21's from_pretrained
+    does not re-wrap the head of such an adapter, so the reloaded PEFT model is not the reference.)"""
+    adapter, want = tied_adapter(tmp_path, target_modules=["wte", "lm_head"], ensure_weight_tying=True)
+    assert load_adapter(adapter).modules.keys() >= {"lm_head", "transformer.wte"}
+    out = tmp_path / "out"
+    r = run_cli("merge", GPT2, adapter, "-o", out, "--json")
+    assert json.loads(r.stdout)["untied_head"] is False
+    assert "lm_head.weight" not in Checkpoint(out).tensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
+    assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
+
