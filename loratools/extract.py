@@ -62,6 +62,13 @@ CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", 
 EMBEDDING_LEAVES = {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
                     "embed_positions", "tok_embeddings", "embed_in", "shared"}
 HEAD_LEAVES = {"lm_head", "embed_out"}
+INPUT_EMBEDDING_LEAVES = {"embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings"}
+# Leaf names that are nn.Linear (or Conv1D, by model_type) in every transformers model that uses them: when all
+# 2-D weights are named so, no model class is built (see model_layout).
+LINEAR_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                 "gate_up_proj", "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h",
+                 "dense_4h_to_h", "fc1", "fc2", "out_proj", "query", "key", "value", "wq", "wk", "wv", "wo",
+                 "w1", "w2", "w3", "fc_in", "fc_out", "Wqkv", "out_proj", "in_proj", "x_proj", "dt_proj"}
 SEED = 0
 
 
@@ -105,8 +112,8 @@ def lowrank_module(delta: torch.Tensor, kind: str, rule: RankRule, *, alpha: flo
                    method: str = "auto", out_dtype: torch.dtype = torch.float32, seed: int = SEED):
     """(B, A, r, alpha, stats) for one weight delta (float32, on any device); B·A·alpha/r ≈ the delta's layout.
 
-    stats: svd method, retained energy, and the relative Frobenius error of the factors *as written*
-    (cast to out_dtype), measured explicitly: ‖M − B·A·scale‖ / ‖M‖.
+    stats: svd method, retained energy, and the relative Frobenius error ‖M − B·A·scale‖ / ‖M‖ of the
+    factors as written: the truncation's own error in float32, measured again after a cast to fp16/bf16.
     """
     M = factor_layout(delta.float(), kind)
     t = truncate(M, method=method, seed=seed, **rule.kwargs())
@@ -114,12 +121,10 @@ def lowrank_module(delta: torch.Tensor, kind: str, rule: RankRule, *, alpha: flo
     a = float(r) if alpha is None else float(alpha)
     scale = a / r
     B, A = t.factors(scale)
-    B, A = B.to(out_dtype), A.to(out_dtype)
-    if t.norm > 0:
-        resid = torch.linalg.matrix_norm(M - (B.float() @ A.float()) * scale).double()
-        rel = float(resid) / t.norm
-    else:
-        rel = 0.0
+    rel = t.rel_error
+    if out_dtype != torch.float32 and t.norm > 0:  # rounding the factors adds error: measure what is written
+        B, A = B.to(out_dtype), A.to(out_dtype)
+        rel = float(torch.linalg.matrix_norm(M - (B.float() @ A.float()) * scale).double()) / t.norm
     stats = {"svd": t.method, "retained_energy": t.retained_energy, "rel_error": rel, "delta_norm": t.norm}
     return B.cpu(), A.cpu(), r, a, stats
 
@@ -220,11 +225,38 @@ def _kind_from_names(module: str, model_type: str | None) -> str:
     return "conv1d" if model_type in CONV1D_MODEL_TYPES else "linear"
 
 
-def model_layout(ck: Checkpoint) -> ModelLayout:
-    """Role of every tensor of a checkpoint (see the module note)."""
+def _names_suffice(ck: Checkpoint) -> bool:
+    """True when every 2-D weight has a standard Linear, embedding or head name (no model class needed)."""
+    for key, info in ck.tensors.items():
+        module, _, param = key.rpartition(".")
+        if param == "weight" and len(info.shape) == 2:
+            leaf = module.rsplit(".", 1)[-1]
+            if leaf not in LINEAR_LEAVES and leaf not in EMBEDDING_LEAVES and leaf not in HEAD_LEAVES:
+                return False
+    return True
+
+
+def _config_tie_default(config: dict) -> bool | None:
+    """tie_word_embeddings of the model's config class when config.json does not say (cheap: no modeling code)."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        return bool(getattr(CONFIG_MAPPING[config["model_type"]](), "tie_word_embeddings", None))
+    except Exception:
+        return None
+
+
+def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> ModelLayout:
+    """Role of every tensor of a checkpoint (see the module note).
+
+    use_model_class: None = only when some 2-D weight has a non-standard name (building the model class
+    imports transformers' modeling code, seconds of fixed cost); True/False force it on/off.
+    """
     config = ck.config or {}
     model_type = config.get("model_type")
-    model = _meta_model(config) if config else None
+    if use_model_class is None:
+        use_model_class = not _names_suffice(ck)
+    model = _meta_model(config) if config and use_model_class else None
     roles: dict[str, TensorRole] = {}
     mods: dict[str, object] = {}
     head = emb = None
@@ -247,18 +279,30 @@ def model_layout(ck: Checkpoint) -> ModelLayout:
             kind = "head" if name == head else _module_kind(m)
             mtype = type(m).__name__
         else:
-            kind = _kind_from_names(module, model_type) if len(info.shape) == 2 and param == "weight" else "other"
+            w = ck.tensors.get(f"{module}.weight")
+            kind = _kind_from_names(module, model_type) if w is not None and len(w.shape) == 2 else "other"
             mtype = "?"
         if param != "weight" or len(info.shape) != 2:
             kind = "other" if kind not in ("linear", "conv1d", "head") or param != "bias" else "bias"
         roles[key] = TensorRole(key, name, param, kind, mtype)
     if emb is None:
         emb = next((r.module for r in roles.values() if r.kind == "embedding"
-                    and r.module.rsplit(".", 1)[-1] in ("embed_tokens", "wte", "word_embeddings", "embed_in",
-                                                        "tok_embeddings")), None)
-    tie = bool(config.get("tie_word_embeddings", model_type in CONV1D_MODEL_TYPES)) if config else False
+                    and r.module.rsplit(".", 1)[-1] in INPUT_EMBEDDING_LEAVES), None)
+    if head is None:
+        head = next((r.module for r in roles.values() if r.kind == "head"), None)
+    tie = config.get("tie_word_embeddings")
+    if model is not None:  # the config class knows the model's default when config.json is silent
+        tie = getattr(model.config, "tie_word_embeddings", tie)
+    elif tie is None and model_type:
+        tie = _config_tie_default(config)
+    tie = bool(tie) if tie is not None else model_type in CONV1D_MODEL_TYPES
     has_head = any(r.kind == "head" and r.param == "weight" for r in roles.values())
-    source = f"model class {type(model).__name__}" if model is not None else "names"
+    if model is not None:
+        source = f"model class {type(model).__name__}"
+    elif use_model_class:
+        source = "names (no model class could be built for this config)"
+    else:
+        source = "names (every 2-D weight has a standard Linear/embedding name)"
     if head is None and tie:
         head = "lm_head"
     return ModelLayout(roles, source, tie and not has_head, emb, model_type, head)
@@ -395,7 +439,7 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
                 continue
             role = roles[key]
             if key in plan.targets:
-                delta = t.to(dev).float() - b.to(dev).float()
+                delta = t.to(dev, torch.float32).sub_(b.to(dev, torch.float32))
                 B, A, r, a, stats = lowrank_module(delta, role.kind, rule, alpha=alpha, method=svd,
                                                    out_dtype=out_dtype)
                 del delta

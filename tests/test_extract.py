@@ -302,3 +302,17 @@ def test_device(tmp_path):
     assert rep["device"].startswith("cuda")
     for a, b in zip(rep["modules"], cpu["modules"]):
         assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-3)
+
+
+@pytest.mark.parametrize("ckpt", [LLAMA, GPT2])
+def test_names_and_model_class_agree(ckpt):
+    """The fast path (standard names, no modeling code) classifies exactly as the meta-device model does."""
+    from loratools.extract import model_layout
+
+    by_names = model_layout(Checkpoint(ckpt), use_model_class=False)
+    by_class = model_layout(Checkpoint(ckpt), use_model_class=True)
+    assert by_class.source.startswith("model class") and by_names.source.startswith("names")
+    assert {k: (r.kind, r.module) for k, r in by_names.roles.items()} == \
+        {k: (r.kind, r.module) for k, r in by_class.roles.items()}
+    assert (by_names.tied_head, by_names.input_embedding, by_names.head) == \
+        (by_class.tied_head, by_class.input_embedding, by_class.head)
