@@ -279,13 +279,22 @@ def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int 
             "quantized_bytes_after": sum(r.bytes_after for r in reports),
             "bits_per_quantized_parameter": 8 * sum(r.bytes_after for r in reports) / q_params,
             "bytes_before": ck.bytes_on_disk(),
-            "bytes_after": summary["bytes"],
+            "bytes_after": _weight_bytes(summary),
             "tensor_bytes_before": data_before,
             "tensor_bytes_after": data_after,
             "bits_per_parameter": 8 * data_after / total_params,
         },
     })
     return summary
+
+
+def _weight_bytes(summary: dict) -> int:
+    """Bytes of the written weight files (shards + index), as Checkpoint.bytes_on_disk counts them."""
+    from pathlib import Path
+
+    out = Path(summary["output"])
+    return sum((out / f).stat().st_size for f in summary["files"]
+               if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"))
 
 
 def dequantize_checkpoint(src, output, *, dtype: str | None = None, device: str = "auto", max_shard_size: int,
