@@ -83,20 +83,13 @@ def resolve_base_key(base_keys: Collection[str], name: str) -> str | None:
 
 
 def dense_shapes(base: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape as a dense model sees it (4-bit packed weights get their original shape;
-    bitsandbytes' companion tensors are left out)."""
-    qstates = base.quant_states
-    out = {}
-    for name, info in base.tensors.items():
-        if QUANT_STATE_MARK in name:
-            continue
-        if name.endswith(QUANT_AUX_SUFFIXES) and name.rsplit(".", 1)[0] in qstates:
-            continue
-        if name in qstates and "shape" in qstates[name]:
-            out[name] = tuple(int(d) for d in qstates[name]["shape"])
-        else:
-            out[name] = tuple(info.shape)
-    return out
+    """Tensor name -> shape as a dense model sees it (4-bit packed weights get their dense shape, GPT-2
+    Conv1D ones back in their [in, out] layout; bitsandbytes' companion tensors are left out)."""
+    if base.is_quantized:
+        from .quantized import dense_specs
+
+        return {name: tuple(shape) for name, (_, shape) in dense_specs(base).items()}
+    return {name: tuple(info.shape) for name, info in base.tensors.items()}
 
 
 def is_tied(base: Checkpoint) -> bool:

@@ -280,7 +280,7 @@ class DenseBase:
             from . import quantized
 
             self._q = quantized
-            self.specs = {s.name: (s.dtype, tuple(s.shape)) for s in quantized.dense_specs(ck)}
+            self.specs = quantized.dense_specs(ck)
         else:
             self.specs = {n: (i.dtype, tuple(i.shape)) for n, i in ck.tensors.items()}
 
@@ -288,6 +288,8 @@ class DenseBase:
         if not self.quantized:
             yield from self.ck.iter_tensors()
             return
+        # Dequantized in the quant_state dtype, bit-identical to bitsandbytes' dequantize_4bit: the
+        # weights the QLoRA adapter was trained against, and what `model.dequantize()` gives.
         for name in self.specs:
             yield name, self._q.read_dense(self.ck, name, device=self.device)
         self.ck.close()
