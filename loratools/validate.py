@@ -94,21 +94,24 @@ class TensorCheck:
 
 def check_tensor(cand: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *, k: float = 1.0,
                  slack: float = 0.0, device="cpu") -> TensorCheck:
-    """|cand − expected| ≤ k·ulp_dtype(expected) + slack for every element, in chunks of CHUNK elements."""
+    """|cand − expected| ≤ k·ulp_dtype(expected) + slack for every element, in chunks of CHUNK elements.
+    A non-float dtype allows only equality; a NaN or Inf in the candidate always fails."""
     c_flat, e_flat = cand.reshape(-1), expected.reshape(-1)
     n_bad, max_ratio, max_abs, err_sq, ref_sq = 0, 0.0, 0.0, 0.0, 0.0
+    exact = dtype not in MANTISSA_BITS
     for i in range(0, c_flat.numel(), CHUNK):
         c = c_flat[i:i + CHUNK].to(device=device, dtype=torch.float32)
         e = e_flat[i:i + CHUNK].to(device=device, dtype=torch.float32)
-        err = (c - e).abs()
-        err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
-        allow = ulp(e, dtype) * k + slack
-        ratio = err / allow
+        err = (c - e).abs_().nan_to_num_(nan=float("inf"))
+        if exact:
+            ratio = torch.where(err > 0, float("inf"), 0.0)
+        else:
+            ratio = err / ulp(e, dtype).mul_(k).add_(slack)
         n_bad += int((ratio > 1).sum())
         max_ratio = max(max_ratio, float(ratio.max()))
         max_abs = max(max_abs, float(err.max()))
-        err_sq += float(torch.where(torch.isfinite(err), err, torch.zeros_like(err)).double().square().sum())
-        ref_sq += float(e.double().square().sum())
+        err_sq += float(torch.linalg.vector_norm(err)) ** 2
+        ref_sq += float(torch.linalg.vector_norm(e)) ** 2
     return TensorCheck(int(c_flat.numel()), n_bad, max_ratio, max_abs, math.sqrt(err_sq), math.sqrt(ref_sq))
 
 
@@ -506,7 +509,8 @@ def forward_checks(base: Checkpoint, adapter_paths: list[Path], weights: list[fl
         del cl
         fw.free_memory()
         if role == "merged":
-            tol = fw.exact_tolerance(dtype, fw.coarsest(set(storage)), atol=atol, rtol=rtol)
+            tol = fw.quantized_tolerance(atol=atol, rtol=rtol) if ck.is_quantized else \
+                fw.exact_tolerance(dtype, fw.coarsest(set(storage)), atol=atol, rtol=rtol)
             comparisons.append(_comparison("merged", "base + adapters (PEFT, unmerged)", str(ck.path),
                                            fw.logit_metrics(l_ref, l_cand), tol, loading=load_notes or None))
         elif role == "tuned":
@@ -627,7 +631,18 @@ def validate(base, adapters=(), *, merged=None, tuned=None, quantized=None, weig
         "environment": _environment(),
     }
     report["summary"] = _summary(report)
-    return report
+    return _finite_numbers(report)
+
+
+def _finite_numbers(doc):
+    """NaN and ±Inf (from non-finite candidates) become null, so --json stays strict JSON."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: _finite_numbers(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_finite_numbers(v) for v in doc]
+    return doc
 
 
 def _comparison_message(c: dict) -> str:
@@ -660,14 +675,30 @@ def _comparison_found(c: dict):
 
 def _summary(report: dict) -> str:
     probs = report["problems"]
-    if not probs:
-        n = len([c for c in report["comparisons"] if c.get("gated", True)])
-        t = sum(v.get("checked", 0) for v in report["tensors"].values() if isinstance(v, dict))
-        return (f"all checks passed: {n} logits comparison(s), {t} tensor(s) checked"
-                + (f" (forward passes skipped: {report['forward_skipped']})" if report["forward_skipped"] else ""))
-    first = probs[0]["message"]
-    more = len(probs) - 1
-    return first + (f" (and {more} more problem{'s' if more > 1 else ''}; see the table)" if more else "")
+    if probs:
+        more = len(probs) - 1
+        return probs[0]["message"] + (f" (and {more} more problem{'s' if more > 1 else ''}; see the table)"
+                                      if more else "")
+    parts = []
+    if report["adapters"]:
+        n = len(report["adapters"])
+        parts.append(f"{n} adapter{'s fit' if n > 1 else ' fits'} the base")
+    for role, v in report["tensors"].items():
+        if "checked" in v:
+            parts.append(f"{v['checked']} {role} tensors within allowance")
+        elif role == "tuned":
+            parts.append(f"the adapters carry {v['weights_carried']:.3g} of the tuned weight change")
+    for c in report["comparisons"]:
+        if c["name"] == "tuned":
+            parts.append(f"tuned logits: carried {c['carried']:.3g} (>= {c['min_carried']:g})")
+        elif "rtol" in c:
+            parts.append(f"{c['name']} logits: rel err {c['rel_err']:.2g} (<= {c['rtol']:.2g}), "
+                         f"max |Δ| {c['max_abs']:.2g} (<= {c['atol']:.2g})")
+    if report["forward_skipped"]:
+        parts.append(f"forward passes skipped ({report['forward_skipped']})")
+    elif not any("rtol" in c or c["name"] == "tuned" for c in report["comparisons"]):
+        parts.append("the model" + (" with its adapters" if report["adapters"] else "") + " runs, logits finite")
+    return "all checks passed: " + "; ".join(parts)
 
 
 def failure(report: dict) -> ValidationFailed | None:

@@ -124,8 +124,8 @@ def test_peft_merge_passes(name, merged):
     cmp = {c["name"]: c for c in report["comparisons"]}
     assert cmp["merged"]["passed"] and cmp["merged"]["rel_err"] < cmp["merged"]["rtol"] / 5
     assert cmp["merged"]["top1"] > 0.95
-    # the adapters really change the model, so the merged comparison can tell a wrong merge from a right one
-    assert cmp["adapters"]["rel_err"] > 5 * cmp["merged"]["rtol"]
+    # the adapters change the logits by more than the allowance: a merge that lost them fails by logits alone
+    assert cmp["adapters"]["rel_err"] > 1.5 * cmp["merged"]["rtol"]
     rows = report["tensors"]["merged"]["rows"]
     assert rows and all(r["passed"] for r in rows)
     assert len([r for r in rows if r["adapted"]]) >= len(load_adapter(FIXTURES / name).modules)
@@ -348,6 +348,30 @@ def test_broken_quantized_is_named(quantized, tmp_path):
     report = validate(LLAMA, quantized=bad, static_only=True)
     assert report["problems"][0]["tensor"] == key
     assert "dequantized weight is" in report["problems"][0]["message"]
+
+
+def test_qlora_merge_into_dequantized_base_passes(quantized, merged, tmp_path):
+    """QLoRA: the reference is PEFT on the 4-bit base (bitsandbytes Linear4bit); the candidate is a dense merge
+    into the dequantized base. Tensor checks dequantize the base on the fly."""
+    from loratools.io import Checkpoint
+    from loratools.validate import DenseReader
+
+    q = quantized["tiny-llama"]
+    reader = DenseReader(Checkpoint(q))
+    dense = tmp_path / "dequantized"
+    dense.mkdir()
+    save_file({n: reader.read(n).to(torch.float16).contiguous() for n in reader.shapes}, dense / "model.safetensors",
+              metadata={"format": "pt"})
+    cfg = json.loads((q / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (dense / "config.json").write_text(json.dumps(cfg))
+    out = peft_merge(dense, [FIXTURES / "llama-lora"], tmp_path / "merged")
+    report = validate(q, [FIXTURES / "llama-lora"], merged=out, batch=2, seq_len=32)
+    assert report["passed"], messages(report)
+    assert report["tensors"]["merged"]["checked"] == 8
+    # merged into the original 16-bit base instead, it is not the model QLoRA trained: the check says so
+    other = validate(q, [FIXTURES / "llama-lora"], merged=merged["llama-lora"], static_only=True)
+    assert not other["passed"] and other["tensors"]["merged"]["failed"] == 14  # every quantized weight
 
 
 # -- fine-tuned checkpoints ------------------------------------------------------------------------------------
