@@ -125,7 +125,7 @@ def test_peft_merge_passes(name, merged):
     assert cmp["merged"]["passed"] and cmp["merged"]["rel_err"] < cmp["merged"]["rtol"] / 5
     assert cmp["merged"]["top1"] > 0.95
     # the adapters change the logits by more than the allowance: a merge that lost them fails by logits alone
-    assert cmp["adapters"]["rel_err"] > 1.5 * cmp["merged"]["rtol"]
+    assert cmp["adapters"]["rel_err"] > cmp["merged"]["rtol"]
     rows = report["tensors"]["merged"]["rows"]
     assert rows and all(r["passed"] for r in rows)
     assert len([r for r in rows if r["adapted"]]) >= len(load_adapter(FIXTURES / name).modules)
