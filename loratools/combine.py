@@ -26,12 +26,14 @@ Note: the output's shape.
     match exactly the union of the modules the inputs adapt); otherwise the full module names.
     Factors are written in the inputs' common float dtype (float32 when they differ).
 
-Note: one CPU thread for the factored maths.
+Note: one CPU thread for small work.
     cat and linear only touch thin matrices ([out, Σr], a Σr×Σr core). There the thread pool costs more
     than it gives: measured here, a 704×32 QR + 32×32 SVD took 0.6 ms on one thread and 250-300 ms on
-    two when the cores were shared with other work (OpenMP workers waiting on each other). So on CPU
-    those methods run with torch.set_num_threads(1), restored afterwards; the dense task-arithmetic
-    methods keep the pool (their SVDs are large).
+    two when the cores were shared with other work (OpenMP workers waiting on each other). The same holds
+    for the task-arithmetic methods on small modules (ties + rank-16 SVD of a 256×704 delta: 90 ms on one
+    thread, 1.5 s on two, under load). So on CPU the factored methods, and the dense ones for modules
+    under 2^20 elements, run with torch.set_num_threads(1), restored afterwards; larger dense modules keep
+    the pool, where an idle machine's cores pay off for the SVD.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ from .errors import InputError, MismatchError, OutputError, UnsupportedError, Us
 from .io import AtomicOutput, check_output_path, provenance, write_json
 
 log = logging.getLogger("loratools")
+
+SMALL_DENSE = 2**20  # elements; below it a dense module's maths runs on one CPU thread (see the note)
 
 
 @dataclass
@@ -284,8 +288,12 @@ def combine_module(plan: ModulePlan, opts: CombineOptions, device: torch.device,
 
 
 def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str | torch.device = "cpu",
-                   on_module: Callable[[str], None] | None = None):
-    """Check and combine loaded adapters. Returns (modules, saved tensors, config, report rows, warnings)."""
+                   on_module: Callable[[str], None] | None = None, release_inputs: bool = False):
+    """Check and combine loaded adapters. Returns (modules, saved tensors, config, report rows, warnings).
+
+    release_inputs: drop each input module from its Adapter once combined, so the peak memory is about the
+    inputs' size rather than inputs + output (for callers that loaded the adapters only for this).
+    """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     warnings: list[str] = []
     base = base_model_of(adapters, warnings)
@@ -298,12 +306,13 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
     dtypes = {t.dtype for ad in adapters for m in ad.modules.values() for t in (m.A, m.B)}
     out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     default_rank = max(m.r for ad in adapters for m in ad.modules.values())
+    targets = target_modules_of(adapters, plans)
 
     modules: dict[str, LoraModule] = {}
     rows = []
-    single = 1 if device.type == "cpu" and opts.method in EXACT_METHODS else None
     for name, plan in plans.items():
-        with _threads(single):
+        small = opts.method in EXACT_METHODS or math.prod(plan.base_shape) < SMALL_DENSE
+        with _threads(1 if device.type == "cpu" and small else None):
             B, A, bias, tr = combine_module(plan, opts, device, default_rank)
         if lora_bias and bias is None:
             bias = torch.zeros(B.shape[0])  # every module gets a lora_B.bias under lora_bias=True
@@ -312,7 +321,11 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
                                    bias=None if bias is None else bias.cpu())
         rows.append({"name": name, "kind": plan.kind, "sources": [i for i, _ in plan.sources],
                      "input_ranks": [m.r for _, m in plan.sources], "rank": tr.rank,
-                     "retained_energy": tr.retained_energy, "rel_error": tr.rel_error})
+                     "retained_energy": tr.retained_energy, "rel_error": tr.rel_error, "svd": tr.method})
+        if release_inputs:
+            for i, _ in plan.sources:
+                adapters[i].modules.pop(name, None)
+            plan.sources.clear()
         if on_module:
             on_module(name)
 
@@ -320,7 +333,7 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
     r = min(ranks, key=lambda k: (-ranks[k], k))  # most common; the smaller on a tie
     pattern = {n: m.r for n, m in modules.items() if m.r != r}
     extra = {"layer_replication": layer_replication} if layer_replication is not None else {}
-    config = adapter_config(r=r, lora_alpha=r, target_modules=target_modules_of(adapters, plans),
+    config = adapter_config(r=r, lora_alpha=r, target_modules=targets,
                             base_model_name_or_path=base, rank_pattern=pattern, alpha_pattern=pattern,
                             fan_in_fan_out=any(p.fan_in_fan_out for p in plans.values()), lora_bias=lora_bias,
                             modules_to_save=mts, task_type=task_type, **extra)
@@ -371,7 +384,8 @@ def combine_adapters(adapters: list[str | Path], output, *, method: str, weights
     check_output_path(output, paths, force)
     report_path = _check_report_path(report, output, paths)
     loaded = [load_adapter(p) for p in paths]
-    modules, saved, config, rows, warnings = combine_loaded(loaded, opts, device=dev, on_module=on_module)
+    modules, saved, config, rows, warnings = combine_loaded(loaded, opts, device=dev, on_module=on_module,
+                                                            release_inputs=True)
     for w in warnings:
         log.warning("%s", w)
     meta = provenance("combine", opts.record(), {"adapters": paths})

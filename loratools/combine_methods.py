@@ -95,7 +95,7 @@ def cat(terms: list[Term]) -> Truncation:
     k = B.shape[1]
     # ‖B·A‖²_F = Σ (BᵀB) ∘ (A·Aᵀ), from two k×k Gram matrices
     norm2 = float(((B.T @ B).double() * (A @ A.T).double()).sum())
-    return Truncation(B, torch.ones(k, device=B.device), A, k, max(norm2, 0.0) ** 0.5, 1.0, 0.0)
+    return Truncation(B, torch.ones(k, device=B.device), A, k, max(norm2, 0.0) ** 0.5, 1.0, 0.0, method="stacked")
 
 
 def linear(terms: list[Term], *, rank: int | None = None, energy: float | None = None) -> Truncation:
