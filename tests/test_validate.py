@@ -230,6 +230,40 @@ def test_missing_tensor_is_named(name, merged, tmp_path):
     assert failure(report).tensor is None and key in failure(report).one_line()
 
 
+def _base_tensor(name: str, key: str) -> torch.Tensor:
+    from loratools.io import Checkpoint
+
+    return Checkpoint(base_of(name)).read(key)
+
+
+@pytest.mark.parametrize("name, key, damage, expected", [
+    ("llama-lora", "model.layers.1.self_attn.o_proj.weight", "base", "the adapter delta is missing"),
+    ("llama-lora", "model.layers.1.self_attn.o_proj.weight", "subtract", "subtracted, not added"),
+    ("llama-dora", "model.layers.0.mlp.up_proj.weight", "plain", "DoRA magnitude not applied"),
+    ("llama-mts", "lm_head.weight", "base", "modules_to_save replacement was not applied"),
+    ("gpt2-bias", "transformer.h.1.mlp.c_fc.bias", "double", "wrong scale: the merged delta is 2x"),
+], ids=["missing-delta", "subtracted", "dora-plain", "mts-not-applied", "lora-bias-scale"])
+def test_other_diagnoses(name, key, damage, expected, merged, tmp_path):
+    from loratools.merge import lora_delta
+
+    def edit(t):
+        base = _base_tensor(name, key).float()
+        if damage == "base":
+            t[key] = base.to(t[key].dtype)
+        elif damage == "subtract":
+            t[key] = (2 * base - t[key].float()).to(t[key].dtype)
+        elif damage == "double":
+            t[key] = (2 * t[key].float() - base).to(t[key].dtype)
+        else:  # DoRA merged as if it were plain LoRA
+            m = load_adapter(FIXTURES / name).modules[key.removesuffix(".weight")]
+            t[key] = (base + lora_delta(m)).to(t[key].dtype)
+
+    bad = rewrite(merged[name], tmp_path / "bad", edit)
+    report = validate(base_of(name), [FIXTURES / name], merged=bad, static_only=True)
+    assert [p["tensor"] for p in report["problems"]] == [key]
+    assert expected in report["problems"][0]["message"], report["problems"][0]["message"]
+
+
 def test_broken_merge_fails_by_logits_and_cli_exit_code(merged, tmp_path):
     """Forward passes too: a wrong scale on every adapted module moves the logits far beyond the allowance;
     the CLI exits 1 with one line naming the first bad tensor, and the table lists every one."""
@@ -372,6 +406,21 @@ def test_qlora_merge_into_dequantized_base_passes(quantized, merged, tmp_path):
     # merged into the original 16-bit base instead, it is not the model QLoRA trained: the check says so
     other = validate(q, [FIXTURES / "llama-lora"], merged=merged["llama-lora"], static_only=True)
     assert not other["passed"] and other["tensors"]["merged"]["failed"] == 14  # every quantized weight
+
+
+def test_loratools_quantize_and_qlora_merge_pass(tmp_path):
+    """What `loratools quantize` writes passes against its base; `loratools merge` of a 4-bit base passes
+    against that 4-bit base + the adapter (PEFT on bitsandbytes layers)."""
+    q = tmp_path / "nf4"
+    run_cli("quantize", GPT2, "-o", q, "--nf4")
+    report = validate(GPT2, quantized=q, batch=2, seq_len=32)
+    assert report["passed"], messages(report)
+    ql = tmp_path / "llama-nf4"
+    run_cli("quantize", LLAMA, "-o", ql, "--nf4")
+    m = tmp_path / "qlora-merged"
+    run_cli("merge", ql, FIXTURES / "llama-lora", "-o", m)
+    report = validate(ql, [FIXTURES / "llama-lora"], merged=m, batch=2, seq_len=32)
+    assert report["passed"], messages(report)
 
 
 # -- fine-tuned checkpoints ------------------------------------------------------------------------------------
