@@ -285,7 +285,8 @@ def adapter_from_header(path) -> tuple[Adapter, list[Problem]]:
             continue
         A, B = p[a_role].shape, p[b_role].shape
         if len(A) != 2 or len(B) != 2:
-            problems.append(Problem(name, PREFIX + name, apath, expected="2-D factors", found=f"A {list(A)}, B {list(B)}",
+            problems.append(Problem(name, PREFIX + name, apath, expected="2-D factors",
+                                    found=f"A {list(A)}, B {list(B)}",
                                     message=f"module {name}: only 2-D LoRA factors (Linear, Conv1D, Embedding) are "
                                             f"supported; found A {list(A)}, B {list(B)}"))
             continue

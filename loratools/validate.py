@@ -222,7 +222,7 @@ def _diagnose(cand: torch.Tensor, start: torch.Tensor, expected: torch.Tensor, p
 
     if plan is not None and plan.replace is not None and not plan.steps:
         if check_tensor(c, base_src, dtype, k=1, device=device).passed:
-            return (f"still the base's tensor: the adapter's {plan.replace_kind} replacement was not applied")
+            return f"still the base's tensor: the adapter's {plan.replace_kind} replacement was not applied"
     if float(d.abs().max()) == 0:
         return None
     steps = plan.steps if plan is not None else []
@@ -239,7 +239,7 @@ def _diagnose(cand: torch.Tensor, start: torch.Tensor, expected: torch.Tensor, p
                     f"the delta of adapter {adapter_names[st.adapter]} is {nice(c_i)}x the expected one"
                     for st, c_i in off)
     coef = fits(d)
-    if coef is not None:
+    if coef is not None and abs(coef - 1) >= 0.01:  # (≈ 1: right delta, errors elsewhere: no diagnosis)
         if abs(coef) < 0.05:
             return "the adapter delta is missing: the tensor equals the base"
         if abs(coef + 1) < 0.05:
@@ -281,7 +281,8 @@ def merged_tensor_checks(base: Checkpoint, merged: Checkpoint, adapters: list[Ad
         if ckey is None:
             if key not in breader.shapes:  # a tensor the merge adds (an untied head): not a layout problem
                 problems.append(_row("merged", f"merged: missing tensor {key} (the adapters change the tied head "
-                                     f"{p.source} on its own, so the merge must store it)", module=key.rsplit(".", 1)[0],
+                                     f"{p.source} on its own, so the merge must store it)",
+                                     module=key.rsplit(".", 1)[0],
                                      tensor=key, path=merged.path, expected="present", found="missing"))
             continue
         if tuple(cnames[ckey]) != tuple(breader.shapes.get(key, cnames[ckey])):
@@ -325,7 +326,8 @@ def merged_tensor_checks(base: Checkpoint, merged: Checkpoint, adapters: list[Ad
         for other, (oshape, ofp, odtype, ok, oslack, onorm) in expected_fp.items():
             if other == key or oshape != shape:
                 continue
-            if check_tensor(fp, ofp, odtype, k=ok, slack=oslack).passed and abs(norm - onorm) <= 1e-2 * max(onorm, 1e-30):
+            same_norm = abs(norm - onorm) <= 1e-2 * max(onorm, 1e-30)
+            if same_norm and check_tensor(fp, ofp, odtype, k=ok, slack=oslack).passed:
                 row["diagnosis"] = f"holds the weights meant for {other} (modules swapped?)"
                 row["swapped_with"] = other
                 break
@@ -343,8 +345,9 @@ def merged_tensor_checks(base: Checkpoint, merged: Checkpoint, adapters: list[Ad
 
 def tuned_tensor_report(base: Checkpoint, tuned: Checkpoint, adapters: list[Adapter], weights: list[float],
                         device) -> dict:
-    """Per adapted tensor: carried = 1 − ‖(T − W) − ΔW‖ / ‖T − W‖; overall, over every tensor (an untouched
-    tensor carries none of its change), and the share of the weight change inside adapted tensors."""
+    """Per adapted tensor: carried = 1 − ‖(T − W) − ΔW‖ / ‖T − W‖; overall, over every tensor (an
+    untouched tensor carries none of its change), and the share of the weight change inside adapted
+    tensors."""
     from .merge import build_plan, merge_weight
 
     plan = build_plan(base, adapters, weights)

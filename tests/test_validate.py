@@ -471,6 +471,16 @@ def test_tuned_reports_how_much_the_adapter_carries(tmp_path):
     assert "below --min-carried 0.5" in messages(other)
 
 
+def test_loratools_extract_output_is_checked(tmp_path):
+    tuned = FIXTURES / "tiny-llama-tuned"
+    out = tmp_path / "extracted"
+    run_cli("extract", LLAMA, tuned, "-o", out, "--rank", "16")
+    r = run_cli("validate", LLAMA, out, "--tuned", tuned, "--batch", "2", "--seq-len", "32", "--json")
+    doc = json.loads(r.stdout)
+    c = {c["name"]: c for c in doc["comparisons"]}["tuned"]
+    assert doc["passed"] and 0 < c["carried"] < 1 and 0 < doc["tensors"]["tuned"]["weights_carried"] < 1
+
+
 # -- --json schema, CPU and CUDA --------------------------------------------------------------------------------
 
 def test_json_schema(merged):

@@ -27,8 +27,8 @@ from .options import device_option, json_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the test batch.")
 @click.option("--atol", type=float, default=None, help="Allowed max |Δlogit| for the merged and quantized "
               "comparisons (default: from the dtypes involved; see docs).")
-@click.option("--rtol", type=float, default=None, help="Allowed relative logits error ‖Δ‖/‖ref‖ for the merged "
-              "and quantized comparisons (default: from the dtypes involved).")
+@click.option("--rtol", type=float, default=None, help="Allowed relative logits error ‖Δ‖/‖ref‖ for the "
+              "merged and quantized comparisons (default: from the dtypes involved).")
 @click.option("--min-carried", type=float, default=0.0, show_default=True,
               help="--tuned passes when base + ADAPTERs carry at least this fraction of the fine-tune's logit change.")
 @click.option("--static-only", is_flag=True, help="Header and tensor checks only: build no model.")
