@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .bnb4bit import (BLOCKSIZES, FLOAT_DTYPES, QUANT_STATE_PREFIX, QUANT_TYPES, QuantState,
-                      dequantize_weight, quantize_weight)
+from .bnb4bit import BLOCKSIZES, FLOAT_DTYPES, QUANT_STATE_PREFIX, QUANT_TYPES, QuantState, quantize_weight_measured
 from .errors import InputError, UnsupportedError, UsageError
 from .hf_layout import CONV1D, layout_for, should_convert
 from .io import Checkpoint, TensorSpec
@@ -75,17 +74,6 @@ class TensorReport:
                 "bits_per_parameter": 8 * self.bytes_after / self.params, "rel_rms_error": self.rel_rms}
 
 
-def error_sums(w: torch.Tensor, approx: torch.Tensor, chunk: int = 1 << 22) -> tuple[float, float]:
-    """(sum (w - approx)^2, sum w^2) in float32 chunks with float64 totals: no full float32 copy."""
-    a, b = w.reshape(-1), approx.reshape(-1)
-    err = ref = 0.0
-    for s in range(0, a.numel(), chunk):
-        x = a[s:s + chunk].float()
-        err += float(torch.sum(torch.square(x - b[s:s + chunk].float()), dtype=torch.float64))
-        ref += float(torch.sum(torch.square(x), dtype=torch.float64))
-    return err, ref
-
-
 def quantize_tensor(w: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool, conv1d: bool,
                     device: torch.device) -> tuple[dict[str, torch.Tensor], QuantState, float, float]:
     """One dense weight (already in the model dtype) -> (stored tensors on CPU, state, err_sq, ref_sq).
@@ -96,8 +84,8 @@ def quantize_tensor(w: torch.Tensor, *, quant_type: str, blocksize: int, double_
     x = w.to(device)
     if conv1d:
         x = x.t().contiguous()  # Conv1D [in, out] is quantized as the Linear it becomes, [out, in]
-    stored, qs = quantize_weight(x, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
-    err, ref = error_sums(x, dequantize_weight(stored, qs))
+    stored, qs, (err, ref) = quantize_weight_measured(x, quant_type=quant_type, blocksize=blocksize,
+                                                      double_quant=double_quant)
     return {k: v.cpu() for k, v in stored.items()}, qs, err, ref
 
 

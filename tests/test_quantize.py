@@ -6,6 +6,7 @@ and bitsandbytes' own quantize_4bit / dequantize_4bit.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -77,6 +78,19 @@ def load_quiet(path):
     return model, info, buf.getvalue()
 
 
+@contextlib.contextmanager
+def eager_bitsandbytes():
+    """bitsandbytes wraps its CPU fallbacks in torch.compile (seconds per dtype); the same ops eager."""
+    import torch._dynamo
+
+    old = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    try:
+        yield
+    finally:
+        torch._dynamo.config.disable = old
+
+
 IDS = torch.tensor([[1, 5, 9, 42, 7, 300, 11, 2, 77, 64]])
 
 
@@ -114,7 +128,8 @@ def test_format_bytes_equal_bitsandbytes(quant_type, dtype):
     """quantize_weight == bnb quantize_4bit (packed, absmax, maps, JSON) and our dequantization ==
     dequantize_4bit, bit for bit, over block tails, odd sizes, zero blocks and both blocksizes."""
     g = torch.Generator().manual_seed(7)
-    cases = [(96, 80), (33, 64 * 5 + 10), (1, 2), (300, 256)]
+    # odd last dimensions send bitsandbytes' CPU dequantization to its torch fallback (FP4 zero sign)
+    cases = [(96, 80), (33, 64 * 5 + 10), (1, 2), (300, 256), (5, 7), (3, 67)]
     for shape in cases:
         for blocksize in (64, 128):
             for double_quant in (False, True):
@@ -131,7 +146,49 @@ def test_format_bytes_equal_bitsandbytes(quant_type, dtype):
                 for suffix, t in expected.items():
                     assert (t.dtype, tuple(t.shape)) == (ours[suffix].dtype, tuple(ours[suffix].shape)), suffix
                     assert raw_bytes(t) == raw_bytes(ours[suffix]), (shape, blocksize, double_quant, suffix)
-                assert raw_bytes(F.dequantize_4bit(ref, state)) == raw_bytes(dequantize_weight(ours, qs))
+                with eager_bitsandbytes():
+                    expected_dense = F.dequantize_4bit(ref, state)
+                assert raw_bytes(expected_dense) == raw_bytes(dequantize_weight(ours, qs))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bucket_tables_equal_bucketize_exhaustively(quant_type):
+    """The top-16-bit lookup (bnb4bit._positions) == torch.bucketize(right=False) against the
+    midpoints, for EVERY float32 in each interval that holds a midpoint, plus random values."""
+    from loratools.bnb4bit import _bounds_cpu, _bucket_tables_cpu, _positions
+
+    midpoints, _ = _bounds_cpu(quant_type)
+    _, corr = _bucket_tables_cpu(quant_type)
+    tops = torch.nonzero(torch.isfinite(corr)).flatten()
+    assert len(tops) >= 14
+    low = torch.arange(65536, dtype=torch.int64)
+    x = ((tops.unsqueeze(1) << 16) | low).reshape(-1).to(torch.int32).view(torch.float32)
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([x, torch.randn(1 << 18, generator=g), torch.randn(1 << 16, generator=g) * 1e-3,
+                   torch.tensor([0.0, -0.0, 1.0, -1.0, 1.0000001, -1.0000001, 2.0, -2.0, 1e-45, -1e-45])])
+    ref = torch.bucketize(x, midpoints, right=False)
+    assert torch.equal(_positions(x, quant_type).long(), ref)
+
+
+def test_shrinkable_tail_tensors(tmp_path):
+    """ShardWriter(shrinkable=...): tensors planned at an upper bound and written shorter, at the end
+    of the last shard, give a valid checkpoint (the quant_state JSON case)."""
+    from loratools.io import ShardWriter, TensorSpec
+
+    specs = [TensorSpec("a", torch.float32, (1000,)), TensorSpec("b", torch.float32, (1000,)),
+             TensorSpec("s1", torch.uint8, (50,)), TensorSpec("s2", torch.uint8, (50,))]
+    w = ShardWriter(tmp_path, specs, max_shard_size=4500, shrinkable=["s1", "s2"])
+    data = {"a": torch.arange(1000.0), "b": -torch.arange(1000.0),
+            "s1": torch.tensor(list(b'{"x": 1}'), dtype=torch.uint8),
+            "s2": torch.tensor(list(b'{"longer": [1, 2, 3]}'), dtype=torch.uint8)}
+    for name, t in data.items():
+        w.write(name, t)
+    files = w.close()
+    assert len(files) == 3  # two shards + index
+    ck = Checkpoint(tmp_path)
+    for name, t in data.items():
+        assert torch.equal(ck.read(name), t)
+    assert ck.tensors["s1"].file == ck.tensors["s2"].file
 
 
 def test_quant_state_json_roundtrip():
