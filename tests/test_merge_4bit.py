@@ -48,7 +48,7 @@ def dequantized_peft(qbase, adapter, dtype):
 @pytest.mark.parametrize("adapter", ["llama-lora", "llama-dora"])
 def test_merge_into_nf4_matches_peft_on_dequantized(tmp_path, nf4_llama, adapter):
     out = tmp_path / "out"
-    r = run_cli("merge", nf4_llama, FIXTURES / adapter, "-o", out, "--json")
+    r = run_cli("merge", nf4_llama, FIXTURES / adapter, "-o", out, "--json", "--device", "cpu")
     doc = json.loads(r.stdout)
     assert doc["dequantized_base"] is True and doc["dtypes"] == ["float16"]
     cfg = json.loads((out / "config.json").read_text())
@@ -73,7 +73,7 @@ def test_merge_into_fp4_gpt2_conv1d(tmp_path):
     fan_in_fan_out adapter to the dense [in, out] layout, and bf16 output is honoured."""
     q = quantize(GPT2, tmp_path / "gpt2-fp4", torch.bfloat16, bnb_4bit_quant_type="fp4")
     out = tmp_path / "out"
-    run_cli("merge", q, FIXTURES / "gpt2-bias", "-o", out, "--dtype", "bfloat16")
+    run_cli("merge", q, FIXTURES / "gpt2-bias", "-o", out, "--dtype", "bfloat16", "--device", "cpu")
     pm = dequantized_peft(q, FIXTURES / "gpt2-bias", torch.bfloat16)
     ref = {k: v.detach().contiguous() for k, v in pm.merge_and_unload().state_dict().items()}
     # transformers' dequantize() turns the quantized Conv1D layers into nn.Linear ([out, in]); ours keep
