@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 import torch
 
 from .atomic import AtomicOutput
+from .safetensors_format import TensorInfo
 from .sidefiles import copy_side_files
 from .writer import DEFAULT_MAX_SHARD_SIZE, ShardWriter, TensorSpec
 
@@ -21,7 +22,8 @@ def write_checkpoint(output, *, inputs: Iterable, force: bool, specs: list[Tenso
     """Stream `tensors` (name, tensor) into a new checkpoint at `output`, all or nothing.
 
     `specs` is the full plan (names, dtypes, shapes) known before any tensor is computed; `tensors` may
-    be a generator, so only the tensor being written is alive here. `extra_files(tmp)`, when given, is
+    be a generator, so only the tensor being written is alive here. An item may carry an input's
+    TensorInfo instead of a tensor: its bytes are then copied file to file (ShardWriter.copy_from). `extra_files(tmp)`, when given, is
     called after the last tensor to write files known only then (e.g. merge's DoRA record) into the
     temporary directory; it returns their paths relative to it. `shrinkable` names 1-D uint8 tensors
     planned last at an upper-bound length (see ShardWriter).
@@ -32,7 +34,10 @@ def write_checkpoint(output, *, inputs: Iterable, force: bool, specs: list[Tenso
                              shrinkable=shrinkable)
         try:
             for name, t in tensors:
-                writer.write(name, t)
+                if isinstance(t, TensorInfo):
+                    writer.copy_from(name, t)
+                else:
+                    writer.write(name, t)
                 if on_tensor:
                     on_tensor(name)
             files = writer.close()

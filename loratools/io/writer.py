@@ -195,6 +195,30 @@ class ShardWriter:
             raise _disk_error(e, self.dir / self.filenames[shard]) from None
         self._pending.discard(name)
 
+    def copy_from(self, name: str, info) -> None:
+        """Write a planned tensor straight from its bytes in an input file (a TensorInfo of the same dtype
+        and shape), kernel to kernel where the OS allows: a tensor passed through unchanged never
+        occupies memory (merge uses this for every tensor no adapter touches)."""
+        spec = self._specs.get(name)
+        if spec is None or name not in self._pending or name in self._shrinkable:
+            raise LoratoolsError("internal: tensor not planned, written twice or shrinkable", tensor=name)
+        if info.dtype != spec.dtype or tuple(info.shape) != spec.shape:
+            raise LoratoolsError(f"internal: planned {spec.dtype} {list(spec.shape)}, got {info.dtype} "
+                                 f"{list(info.shape)}", tensor=name)
+        shard, offset = self._where[name]
+        fd = self._open(shard)
+        try:
+            src = os.open(info.file, os.O_RDONLY)
+        except OSError as e:
+            from ..errors import InputError
+
+            raise InputError(f"cannot open: {e.strerror}", path=info.file, tensor=info.name) from None
+        try:
+            _copy_range(src, info.offset, fd, offset, info.nbytes, info, self.dir / self.filenames[shard])
+        finally:
+            os.close(src)
+        self._pending.discard(name)
+
     def _open(self, shard: int) -> int:
         if self._fd and self._fd[0] == shard:
             return self._fd[1]
@@ -251,6 +275,39 @@ class ShardWriter:
         if self._fd:
             os.close(self._fd[1])
             self._fd = None
+
+
+COPY_CHUNK = 16 * 2**20
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, nbytes: int, info, dst_path) -> None:
+    """Copy nbytes between file offsets: os.copy_file_range (in the kernel), else pread/pwrite chunks."""
+    from ..errors import FormatError
+
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    while done < nbytes:
+        n = min(COPY_CHUNK, nbytes - done)
+        try:
+            if use_kernel:
+                try:
+                    k = os.copy_file_range(src, dst, n, src_off + done, dst_off + done)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                        raise
+                    use_kernel = False
+                    continue
+            else:
+                chunk = os.pread(src, n, src_off + done)
+                k = len(chunk)
+                w = 0
+                while w < k:
+                    w += os.pwrite(dst, memoryview(chunk)[w:], dst_off + done + w)
+        except OSError as e:
+            raise _disk_error(e, dst_path) from None
+        if k == 0:
+            raise FormatError(f"file is truncated: read {done} of {nbytes} bytes", path=info.file, tensor=info.name)
+        done += k
 
 
 def write_json(path: Path, data) -> None:
