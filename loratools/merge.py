@@ -284,14 +284,24 @@ class DenseBase:
         else:
             self.specs = {n: (i.dtype, tuple(i.shape)) for n, i in ck.tensors.items()}
 
-    def iter_tensors(self):
-        if not self.quantized:
-            yield from self.ck.iter_tensors()
-            return
-        # Dequantized in the quant_state dtype, bit-identical to bitsandbytes' dequantize_4bit: the
-        # weights the QLoRA adapter was trained against, and what `model.dequantize()` gives.
+    def stored_as_is(self, name: str, dtype: torch.dtype) -> bool:
+        """True when the dense tensor is the stored one, in `dtype`: it can be copied file to file."""
+        info = self.ck.tensors.get(name)
+        return info is not None and info.dtype == dtype and tuple(info.shape) == self.specs[name][1] and \
+            not (self.quantized and name in self.ck.quant_states)
+
+    def iter_tensors(self, copy_as_is=lambda name: False):
+        """(name, tensor) in file order; (name, TensorInfo) for names `copy_as_is` selects, which the
+        writer copies without reading them into memory."""
         for name in self.specs:
-            yield name, self._q.read_dense(self.ck, name, device=self.device)
+            if copy_as_is(name):
+                yield name, self.ck.tensors[name]
+            elif self.quantized:
+                # Dequantized in the quant_state dtype, bit-identical to bitsandbytes' dequantize_4bit:
+                # the weights the QLoRA adapter was trained against, what `model.dequantize()` gives.
+                yield name, self._q.read_dense(self.ck, name, device=self.device)
+            else:
+                yield name, self.ck.read(name)
         self.ck.close()
 
 
@@ -414,8 +424,14 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
         _finite_or_fail(out, w, key, base)
         return out.cpu()
 
+    def untouched(name: str) -> bool:
+        return readers.get(name) == [name] and name not in plan.tensors and dense.stored_as_is(name, out_dtype[name])
+
     def tensors():
-        for name, t in dense.iter_tensors():
+        for name, t in dense.iter_tensors(untouched):
+            if not isinstance(t, torch.Tensor):
+                yield name, t  # copied file to file
+                continue
             for key in readers.get(name, ()):
                 yield key, compute(key, t)
             del t
@@ -543,9 +559,13 @@ def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "
         _finite_or_fail(out, t, key, merged)
         return out.cpu()
 
+    def untouched(name: str) -> bool:
+        p = plan.tensors.get(name)
+        return (p is None or not p.steps) and dense.stored_as_is(name, out_dtype[name])
+
     def tensors():
-        for name, t in dense.iter_tensors():
-            yield name, compute(name, t)
+        for name, t in dense.iter_tensors(untouched):
+            yield name, compute(name, t) if isinstance(t, torch.Tensor) else t
             del t
 
     config = None

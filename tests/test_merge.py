@@ -456,3 +456,26 @@ def test_ensure_weight_tying_adapter_stays_tied(tmp_path):
         got = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
     assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
 
+
+
+def test_untouched_tensors_copied_file_to_file_same_bytes(tmp_path, monkeypatch):
+    """Tensors no adapter touches are copied by the kernel (copy_file_range) or, where it is missing,
+    by pread/pwrite chunks; either way the output is byte-identical."""
+    import errno
+    import os
+
+    import loratools.io.writer as writer_mod
+
+    a = merge(tmp_path, LLAMA, "llama-lora", name="a")
+
+    def no_kernel_copy(*args, **kw):
+        raise OSError(errno.ENOSYS, "not here")
+
+    monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)
+    monkeypatch.setattr(writer_mod, "COPY_CHUNK", 1000)
+    b = merge(tmp_path, LLAMA, "llama-lora", name="b")
+    assert tree_digest(a) == tree_digest(b)
+    base = dict(Checkpoint(LLAMA).iter_tensors())
+    for name, t in Checkpoint(a).iter_tensors():
+        if "self_attn" not in name:
+            assert torch.equal(t, base[name]), name
