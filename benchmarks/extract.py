@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -52,11 +53,19 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--work", default="/tmp/loratools-bench")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
+    base, tuned = work / f"base-{args.size}", work / f"extract-tuned-{args.size}"
+    if args.generate_only:
+        generate_llama(base, args.size)
+        generate_llama(tuned, args.size, perturb=synthetic_finetune)
+        return
+    # Note: generate in a child. A child's peak RSS (wait4's ru_maxrss) starts from its parent's peak at
+    # fork/exec, so a parent that once held the generated tensors would inflate every contender's figure.
+    subprocess.run([sys.executable, __file__, "--generate-only", "--size", args.size, "--work", str(work)],
+                   check=True)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    base = generate_llama(work / f"base-{args.size}", args.size)
-    tuned = generate_llama(work / f"extract-tuned-{args.size}", args.size, perturb=synthetic_finetune)
     outs = {k: work / f"extract-out-{k}" for k in ("ours", "theirs")}
     for d in outs.values():
         shutil.rmtree(d, ignore_errors=True)

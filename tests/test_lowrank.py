@@ -93,3 +93,14 @@ def test_factored_svd_and_truncate_factors():
     assert t3.rel_error == pytest.approx(dense.rel_error, rel=1e-4)
     x, y = t3.factors()
     assert torch.allclose(x @ y, (dense.U * dense.S) @ dense.Vh, atol=1e-4)
+
+
+def test_reported_error_matches_the_explicit_residual():
+    """The randomized path's ‖M‖² − ‖S_k‖² shortcut (see the module note) agrees with the residual in float64."""
+    g = torch.Generator().manual_seed(7)
+    M = low_rank(1500, 1000, 64, seed=3, decay=0.97) + 0.02 * torch.randn(1500, 1000, generator=g) / 40
+    t = truncate(M, rank=16, method="randomized")
+    R = M.double() - (t.U.double() * t.S.double()) @ t.Vh.double()
+    explicit = float(torch.linalg.matrix_norm(R) / torch.linalg.matrix_norm(M.double()))
+    assert t.rel_error > 0.1 and t.rel_error == pytest.approx(explicit, rel=1e-5)
+    assert t.norm == pytest.approx(float(torch.linalg.matrix_norm(M.double())), rel=1e-6)
