@@ -55,7 +55,7 @@ from .io import Checkpoint
 
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52}
 EPS32 = 2.0 ** -23
-CHUNK = 1 << 22  # elements per chunk in element-wise checks: bounds the float32 temporaries
+CHUNK = 1 << 20  # elements per chunk in element-wise checks: bounds the float32 temporaries
 HEAD = 256  # elements in a tensor fingerprint
 QUANT_WEIGHT_RTOL = 0.25  # per-tensor ‖Q − W‖/‖W‖ allowed for a 4-bit weight (NF4 ≈ 0.09, FP4 ≈ 0.12)
 
@@ -570,8 +570,30 @@ def validate(base, adapters=(), *, merged=None, tuned=None, quantized=None, weig
     problems, notes, adapter_ok = static_checks(base_ck, adapter_paths, candidates)
     adapters_ok = all(adapter_ok)
     loaded = [load_adapter(p) for p in adapter_paths] if adapters_ok else []
-    tensors: dict = {}
     layout_ok = {role: not any(p["check"] == role for p in problems) for role in candidates}
+    # Note: order of work. The forward passes run before the tensor checks: the tensor checks' many
+    # chunk-sized temporaries can stay in the allocator's heap afterwards, and should not add to the
+    # peak of the model loads. The problems are listed static, tensor, logits whatever the order.
+    fwd, skipped, logit_problems = None, None, []
+    if static_only:
+        skipped = "--static-only"
+    elif not adapters_ok:
+        skipped = "the adapters have static problems (PEFT could not load them)"
+    else:
+        try:
+            fw.model_dir(base_ck.path)
+        except LoratoolsError as e:
+            skipped = e.message
+            problems.append(_row("base", e.one_line(), path=base_ck.path))
+    if skipped is None:
+        fwd = forward_checks(base_ck, adapter_paths, weights, candidates, device=dev, dtype=compute, batch=batch,
+                             seq_len=seq_len, seed=seed, atol=atol, rtol=rtol, min_carried=min_carried, log=say)
+        for c in fwd["comparisons"]:
+            if not c["passed"]:
+                logit_problems.append(_row("logits", _comparison_message(c), tensor=None, path=c["candidate"]
+                                           if c["name"] != "tuned" else c["reference"],
+                                           expected=_comparison_expected(c), found=_comparison_found(c)))
+    tensors: dict = {}
     if "merged" in candidates and adapters_ok:
         if candidates["merged"].is_quantized:
             notes.append(_row("merged", "merged: a 4-bit merged checkpoint is compared by logits only",
@@ -589,26 +611,7 @@ def validate(base, adapters=(), *, merged=None, tuned=None, quantized=None, weig
         rows, probs = quantized_tensor_checks(base_ck, candidates["quantized"], dev)
         tensors["quantized"] = {"checked": len(rows), "failed": sum(not r["passed"] for r in rows), "rows": rows}
         problems += probs
-    fwd = None
-    skipped = None
-    if static_only:
-        skipped = "--static-only"
-    elif not adapters_ok:
-        skipped = "the adapters have static problems (PEFT could not load them)"
-    else:
-        try:
-            fw.model_dir(base_ck.path)
-        except LoratoolsError as e:
-            skipped = e.message
-            problems.append(_row("base", e.one_line(), path=base_ck.path))
-    if skipped is None:
-        fwd = forward_checks(base_ck, adapter_paths, weights, candidates, device=dev, dtype=compute, batch=batch,
-                             seq_len=seq_len, seed=seed, atol=atol, rtol=rtol, min_carried=min_carried, log=say)
-        for c in fwd["comparisons"]:
-            if not c["passed"]:
-                problems.append(_row("logits", _comparison_message(c), tensor=None, path=c["candidate"]
-                                     if c["name"] != "tuned" else c["reference"],
-                                     expected=_comparison_expected(c), found=_comparison_found(c)))
+    problems += logit_problems
     report = {
         "kind": "validate",
         "passed": not problems,
