@@ -150,8 +150,12 @@ def read_adapter_config(path: Path) -> dict:
     return cfg
 
 
-def load_adapter(path: str | Path) -> Adapter:
-    """Read a PEFT LoRA adapter whole (adapters are small) and resolve r, alpha and scale per module."""
+def load_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
+    """Read a PEFT LoRA adapter whole (adapters are small) and resolve r, alpha and scale per module.
+
+    NaN/Inf in any tensor is refused (merging or combining it would spread it silently through the
+    output); `inspect` passes check_finite=False to show such an adapter anyway.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or directory", path=path)
@@ -172,6 +176,11 @@ def load_adapter(path: str | Path) -> Adapter:
         for key, info in infos.items():
             t = read_tensor(info, fh)
             dtypes.add(t.dtype)
+            if check_finite and t.is_floating_point():
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise FormatError(f"adapter tensor holds NaN/Inf values ({bad} of {t.numel()} elements)",
+                                      path=wpath, tensor=key)
             if not key.startswith(PREFIX):
                 raise FormatError(f"unexpected key (PEFT keys start with {PREFIX!r})", path=wpath, tensor=key)
             rest = key[len(PREFIX):]

@@ -88,7 +88,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
 
 
 def inspect_adapter(path: str | Path) -> dict:
-    ad = load_adapter(path)
+    ad = load_adapter(path, check_finite=False)
     cfg = ad.config
     modules = [{
         "name": m.name,
