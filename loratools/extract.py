@@ -395,28 +395,6 @@ def _rel_change(b: torch.Tensor, t: torch.Tensor) -> float:
     return d / n if n > 0 else math.inf
 
 
-def read_pairs(base: Checkpoint, tuned: Checkpoint):
-    """Yield (name, base tensor, tuned tensor) in BASE's on-disk order, reading the next pair ahead.
-
-    Note: read-ahead.
-        One worker thread reads pair i+1 (file reads release the GIL) while the caller computes on pair i,
-        so I/O hides behind the SVDs instead of adding to them. Only that thread touches the two
-        Checkpoints while the generator runs; memory is two pairs instead of one.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    order = {n: i for i, n in enumerate(base.tensors)}
-    names = sorted(base.tensors, key=order.get)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-read") as pool:
-        read = lambda n: (base.read(n), tuned.read(n))  # noqa: E731
-        pending = pool.submit(read, names[0]) if names else None
-        for i, name in enumerate(names):
-            b, t = pending.result()
-            pending = pool.submit(read, names[i + 1]) if i + 1 < len(names) else None
-            yield name, b, t
-            del b, t
-
-
 def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: float | None = None,
                        sv_ratio: float | None = None, max_rank: int | None = None, target_modules=None,
                        include_embeddings: bool = False, modules_to_save: bool = False, alpha: float | None = None,
@@ -451,9 +429,9 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
     tuned_bytes = 0
     roles = layout.roles
     planned_modules = {r.module for r in plan.targets.values()}
-    pairs = read_pairs(base_ck, tuned_ck)
     try:
-        for key, b, t in pairs:
+        for key, b in base_ck.iter_tensors():
+            t = tuned_ck.read(key)
             if on_tensor:
                 on_tensor(key)
             if torch.equal(b, t) if b.dtype == t.dtype else torch.equal(b.float(), t.float()):
@@ -478,7 +456,6 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
                 changed_other[key] = _rel_change(b.float(), t.float())
             del b, t
     finally:
-        pairs.close()  # joins the read-ahead thread before the files are closed
         base_ck.close()
         tuned_ck.close()
 
