@@ -25,9 +25,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import torch
 
-from .adapter import LoraModule, load_adapter, write_adapter, adapter_tensors
+from .adapter import LoraModule, adapter_tensors, load_adapter, write_adapter
 from .errors import UnsupportedError, UsageError
 from .io import AtomicOutput, check_output_path, provenance
 from .lowrank import truncate_factors

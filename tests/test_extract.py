@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from conftest import FIXTURES, GPT2, LLAMA, run_cli, tree_digest
 from loratools.adapter import load_adapter
