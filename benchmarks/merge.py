@@ -43,6 +43,17 @@ def ours_cmd(base, lora, out) -> list[str]:
             "--max-shard-size", "500MB", "--force"]
 
 
+def warm(*dirs: Path) -> None:
+    """Read the inputs once so that every contender starts with them in the page cache (whoever ran
+    first would otherwise pay the cold reads alone)."""
+    for d in dirs:
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.read(1 << 24):
+                        pass
+
+
 def compare_outputs(a: Path, b: Path) -> dict:
     """Bit-identical tensors between the two merged checkpoints (read one tensor at a time)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -84,9 +95,12 @@ def main():
         shutil.rmtree(work / d, ignore_errors=True)
 
     baseline = python_rss_baseline()
+    warm(base, lora)
     ours = measure("loratools merge", ours_cmd(base, lora, work / "merge-ours"))
+    warm(base, lora)
     theirs = measure("PEFT merge_and_unload+save", [sys.executable, "-c", PEFT_CODE, str(base), str(lora),
                                                     str(work / "merge-peft")])
+    warm(small_base, small_lora)
     small = measure(f"loratools merge ({args.small})", ours_cmd(small_base, small_lora, work / "merge-ours-small"))
 
     largest = max(2 * math.prod(s) for s in llama_shapes(**SIZES[args.size]).values()) / 2**20

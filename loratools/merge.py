@@ -143,6 +143,18 @@ class Step:
         return self.module.magnitude is not None
 
 
+# Elementwise work on CPU runs in row blocks of about this many elements, so that the float32 sum of a
+# plain merge is one small block, not a second full-size float32 tensor.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(t: torch.Tensor) -> list[slice]:
+    if t.dim() != 2 or t.device.type != "cpu":
+        return [slice(None)]
+    step = max(1, BLOCK_ELEMENTS // max(1, t.shape[1]))
+    return [slice(r, r + step) for r in range(0, t.shape[0], step)]
+
+
 def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=torch.float32,
                  ws: Workspace | None = None) -> tuple[torch.Tensor, list]:
     """Apply steps in order in float32: W += ΔW (LoRA), W = m/||W₀+ΔW|| · (W + ΔW) (DoRA); round once
@@ -150,6 +162,17 @@ def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=
     plain LoRA)."""
     ws = ws or Workspace()
     w0 = base.to(device)
+    if len(steps) == 1 and not steps[0].dora:
+        # The common case: one whole-matrix delta (PEFT's bits), then W + ΔW and the cast block by block.
+        d = lora_delta(steps[0].module, steps[0].weight, device, ws)
+        out = torch.empty(w0.shape, dtype=out_dtype, device=w0.device)
+        for rows in _row_blocks(w0):
+            blk = w0[rows]
+            acc = ws.get("acc", blk.shape, device)
+            acc.copy_(blk)
+            acc += d[rows]
+            out[rows] = acc
+        return out, [None]
     acc = ws.get("acc", w0.shape, device)
     acc.copy_(w0)
     norms = []

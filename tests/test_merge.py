@@ -479,3 +479,18 @@ def test_untouched_tensors_copied_file_to_file_same_bytes(tmp_path, monkeypatch)
     for name, t in Checkpoint(a).iter_tensors():
         if "self_attn" not in name:
             assert torch.equal(t, base[name]), name
+
+
+def test_row_blocks_change_no_bit(tmp_path, monkeypatch):
+    """The elementwise part of a plain merge runs in row blocks on CPU; forced to tiny blocks it still
+    gives PEFT's bits for [out, in], Conv1D [in, out] and embedding layouts."""
+    import loratools.merge as merge_mod
+
+    monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 300)
+    for name in ("llama-patterns", "gpt2-lora", "llama-embed"):
+        base = base_of(name)
+        out = merge(tmp_path, base, name, name=name)
+        dtype = torch.float32 if name == "llama-embed" else dtype_of(base)
+        ref = {k: v.to(dtype_of(base)) for k, v in peft_merged(base, [FIXTURES / name], dtype).items()}
+        same, total, _ = compare(out, ref)
+        assert same == total, name
