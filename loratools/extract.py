@@ -415,6 +415,10 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
     check_output_path(output, [base, tuned], force)
     layout = model_layout(base_ck)
     plan = plan_targets(layout, target_modules=target_modules, include_embeddings=include_embeddings)
+    largest = max((min(base_ck.info(k).shape) for k in plan.targets if len(base_ck.info(k).shape) == 2), default=0)
+    if rank is not None and largest and rank > largest:
+        # smaller modules are capped at their own min(dims); a rank no targeted matrix can hold is a typo
+        raise UsageError(f"--rank {rank} is larger than every targeted matrix (the largest allows rank {largest})")
     options = {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "max_rank": max_rank,
                "target_modules": list(target_modules) if target_modules else None,
                "include_embeddings": include_embeddings, "modules_to_save": modules_to_save, "alpha": alpha,

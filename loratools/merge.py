@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -417,6 +419,56 @@ def _finite_or_fail(out: torch.Tensor, inputs: torch.Tensor, key: str, path):
                             f"range{hint}; nothing was written", path=path, tensor=key)
 
 
+def one_ahead(items):
+    """Yield from `items`, producing the next item in a thread while the caller uses the current one.
+
+    Note: overlap.
+        Writing a tensor (pwrite into the page cache, an fsync at each shard boundary) and computing
+        the next one (read, matmul, cast) both release the GIL, so they overlap: on the 0.75b benchmark
+        the arithmetic hides behind the writes. The producer is never more than one item ahead, so this
+        costs one output tensor of memory. An exception in the producer is raised here; if the caller
+        stops early, the producer stops before its next item.
+    """
+    slot: queue.Queue = queue.Queue()
+    ahead = threading.Semaphore(1)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            it = iter(items)
+            while True:
+                ahead.acquire()
+                if stop.is_set():
+                    return
+                try:
+                    item = next(it)
+                except StopIteration:
+                    slot.put((end, None))
+                    return
+                slot.put((item, None))
+                del item
+        except BaseException as e:  # raised again in the consumer
+            slot.put((end, e))
+
+    worker = threading.Thread(target=produce, name="loratools-merge", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, err = slot.get()
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            ahead.release()  # compute the next one while this one is written
+            yield item
+            del item
+    finally:
+        stop.set()
+        ahead.release()
+        worker.join()
+
+
 # -- merge ---------------------------------------------------------------------------------------------
 
 def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto", device: str = "auto",
@@ -452,6 +504,9 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
         if p is None:
             return t.to(out_dtype[key])
         w = p.replace.to(t.dtype) if p.replace is not None else t  # as PEFT loads it into the base model
+        if (p.is_bias or p.steps) and w.is_floating_point() and not _all_finite(w):
+            # a corrupt base tensor: adding a delta would hide where the NaN/Inf came from
+            raise InputError("base tensor holds NaN/Inf values; refusing to merge into it", path=base, tensor=key)
         if p.is_bias:
             acc = w.to(dev).to(torch.float32, copy=True)
             acc += bias_delta(p.steps, dev)
@@ -493,7 +548,7 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
 
     options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
     summary = write_checkpoint(
-        output, inputs=[base, *adapter_paths], force=force, specs=specs, tensors=tensors(),
+        output, inputs=[base, *adapter_paths], force=force, specs=specs, tensors=one_ahead(tensors()),
         side_files=ck.non_weight_files(), config=_output_config(ck, dtype, dense, plan.untie_head is not None),
         metadata=provenance("merge", options, {"base": base, "adapters": [str(p) for p in adapter_paths]}),
         max_shard_size=max_shard_size, on_tensor=on_tensor, extra_files=record)
@@ -619,7 +674,7 @@ def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "
             config["dtype"] = dtype
     options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
     summary = write_checkpoint(
-        output, inputs=[merged, *adapter_paths], force=force, specs=specs, tensors=tensors(),
+        output, inputs=[merged, *adapter_paths], force=force, specs=specs, tensors=one_ahead(tensors()),
         side_files=ck.non_weight_files(), config=config,
         metadata=provenance("unmerge", options, {"merged": merged, "adapters": [str(p) for p in adapter_paths]}),
         max_shard_size=max_shard_size, on_tensor=on_tensor)
