@@ -165,15 +165,39 @@ def _pack(q: torch.Tensor) -> torch.Tensor:
     return (q[::2] << 4) | q[1::2]  # element 2k in the high nibble, 2k+1 in the low one
 
 
-def blockwise_absmax(w: torch.Tensor, blocksize: int) -> torch.Tensor:
+def _map_chunks(fn, starts: list[int], workers: int) -> list:
+    """fn over chunk starts, in order; on a thread pool when workers > 1 (torch ops release the GIL).
+
+    Note: workers.
+        Each chunk is a dozen short torch ops; splitting every op over threads (torch's intra-op
+        parallelism) pays a fork/join per op, which measured slower than one thread. Whole chunks on
+        separate threads, each running its ops single-threaded, keep the cores busy instead. Results
+        come back in chunk order, so sums over chunks are deterministic.
+    """
+    if workers <= 1 or len(starts) <= 1:
+        return [fn(s) for s in starts]
+    return list(_pool(workers).map(fn, starts))
+
+
+@lru_cache(maxsize=4)
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(workers, thread_name_prefix="loratools-4bit")
+
+
+def blockwise_absmax(w: torch.Tensor, blocksize: int, workers: int = 1) -> torch.Tensor:
     """float32 max |w| per block of the flattened tensor (a last, partial block clamped to >= 1e-38)."""
     flat = w.reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
-    for start in range(0, full, CHUNK):
+
+    def chunk(start):
         stop = min(start + CHUNK, full)
         absmax[start // blocksize: stop // blocksize] = flat[start:stop].float().view(-1, blocksize).abs().amax(dim=1)
+
+    _map_chunks(chunk, list(range(0, full, CHUNK)), workers)
     if full < n:
         # bitsandbytes stores the tail's absmax after its guard against division by zero
         absmax[-1] = flat[full:].float().abs().max().clamp(min=1e-38)
@@ -181,7 +205,7 @@ def blockwise_absmax(w: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 def _encode(w: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
-            measure: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
+            measure: torch.Tensor | None = None, workers: int = 1) -> tuple[torch.Tensor, float, float]:
     """Packed 4-bit codes of w given its block absmax; with `measure` (the absmax bitsandbytes will
     dequantize with), also (sum of squared errors, sum of squares) of the dequantized weight.
 
@@ -198,25 +222,22 @@ def _encode(w: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: s
     if measure is not None:  # dequantization table in sorted order: a position indexes it directly
         _, sorted_order = _bounds_cpu(quant_type)
         table = _dequant_code(quant_type, tuple(w.shape), blocksize, w.device)[sorted_order.to(w.device)]
-    err = torch.zeros((), dtype=torch.float64, device=w.device)
-    ref = torch.zeros((), dtype=torch.float64, device=w.device)
+    inv = 1.0 / absmax.clamp(min=1e-38)
 
     def emit(x, pos, start, scale):
-        nonlocal err, ref
         codes = pos
         if codes.numel() % 2:  # an odd count is padded with a 0.0 value: the code of zero, low nibble
             codes = torch.cat([codes, _positions(torch.zeros(1, device=w.device), quant_type)])
         if quant_type != "nf4":  # FP4's table is not sorted: position -> code
             codes = torch.index_select(order, 0, codes.int())
         packed[start // 2: start // 2 + codes.numel() // 2] = _pack(codes)
-        if table is not None:
-            values = torch.index_select(table, 0, pos.int())
-            d = x - scale(values).to(w.dtype).float()
-            err += torch.dot(d, d).double()
-            ref += torch.dot(x, x).double()
+        if table is None:
+            return None
+        values = torch.index_select(table, 0, pos.int())
+        d = x - scale(values).to(w.dtype).float()
+        return torch.dot(d, d).double(), torch.dot(x, x).double()
 
-    inv = 1.0 / absmax.clamp(min=1e-38)
-    for start in range(0, full, CHUNK):
+    def chunk(start):
         stop = min(start + CHUNK, full)
         b0, b1 = start // blocksize, stop // blocksize
         x = flat[start:stop].float()
@@ -227,13 +248,20 @@ def _encode(w: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: s
         #     then clamps to [-1, 1]; that cannot change a bucket (every midpoint is inside), so
         #     the clamp is left out.
         scaled = (x.view(-1, blocksize) * inv[b0:b1].unsqueeze(1)).view(-1)
-        emit(x, _positions(scaled, quant_type), start,
-             lambda v: (v.view(-1, blocksize) * measure[b0:b1].unsqueeze(1)).view(-1))
+        return emit(x, _positions(scaled, quant_type), start,
+                    lambda v: (v.view(-1, blocksize) * measure[b0:b1].unsqueeze(1)).view(-1))
+
+    sums = _map_chunks(chunk, list(range(0, full, CHUNK)), workers)
     if full < n:
         x = flat[full:].float()
         # The last, partial block is divided, not multiplied by the reciprocal (bitsandbytes does so).
-        emit(x, _positions(x / absmax[-1], quant_type), full, lambda v: v * measure[-1])
-    return packed.unsqueeze(1), float(err), float(ref)
+        sums.append(emit(x, _positions(x / absmax[-1], quant_type), full, lambda v: v * measure[-1]))
+    err = ref = 0.0
+    if table is not None:
+        for e, r in sums:  # in chunk order: the same total whatever the number of workers
+            err += float(e)
+            ref += float(r)
+    return packed.unsqueeze(1), err, ref
 
 
 def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
@@ -310,7 +338,12 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     Note: the offset.
         The absmax values are all positive; subtracting their mean centres them so that the signed
         8-bit table is used on both sides. The mean is a float32 reduction whose last bit depends on
-        the summation order, so it is taken on CPU with torch, as bitsandbytes does on CPU.
+        the summation order: on the device (so CPU and CUDA differ), and on CPU on the number of
+        intra-op threads torch splits it over (for more than 32768 blocks, i.e. weights above 2M
+        values). It is taken on CPU with torch, with the thread count torch had when loratools was
+        imported (REFERENCE_THREADS: the default a transformers run in the same environment uses),
+        whatever the caller set meanwhile; that one bit moves the JSON offset, the nested absmax and
+        some absmax codes.
     Note: 8-bit rounding (bitsandbytes 0.50's CPU kernel, reproduced step for step).
         It does not search the table per value. Each value is scaled by the float32 reciprocal of
         its block's absmax, clamped to [-1, 1], mapped to one of 65536 bins by
@@ -319,7 +352,7 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
         between two entries can thus land on the farther entry; matching the bytes means making the
         same choice. An all-zero block (every absmax equal to the offset) stores code 0.
     """
-    offset = absmax.float().cpu().mean()
+    offset = _reference_mean(absmax.float().cpu())
     x = absmax.float() - offset.to(absmax.device)
     n = x.numel()
     nblocks = -(-n // NESTED_BLOCKSIZE)
@@ -332,6 +365,20 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     q = _lut_8bit(absmax.device)[torch.where(zero, 0, t.nan_to_num(0.0).to(torch.int64))]
     q = torch.where(zero, 0, q)
     return q.reshape(-1)[:n].contiguous(), nested, offset.item()
+
+
+REFERENCE_THREADS = torch.get_num_threads()
+
+
+def _reference_mean(x: torch.Tensor) -> torch.Tensor:
+    threads = torch.get_num_threads()
+    if threads == REFERENCE_THREADS:
+        return x.mean()
+    torch.set_num_threads(REFERENCE_THREADS)
+    try:
+        return x.mean()
+    finally:
+        torch.set_num_threads(threads)
 
 
 LUT_BINS = 65536
@@ -448,21 +495,21 @@ def quantize_weight(w: torch.Tensor, *, quant_type: str, blocksize: int, double_
     return tensors, qs
 
 
-def quantize_weight_measured(w: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool
-                             ) -> tuple[dict[str, torch.Tensor], QuantState, tuple[float, float]]:
+def quantize_weight_measured(w: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool,
+                             workers: int = 1) -> tuple[dict[str, torch.Tensor], QuantState, tuple[float, float]]:
     """quantize_weight, plus (sum of squared errors, sum of squares of w) of what bitsandbytes will
-    dequantize (table value * dequantized absmax, rounded to w's dtype) against w."""
-    return _quantize_weight(w, quant_type, blocksize, double_quant, measure=True)
+    dequantize (table value * dequantized absmax, rounded to w's dtype) against w. `workers` > 1
+    spreads the chunks over threads (see _map_chunks); the result does not depend on it."""
+    return _quantize_weight(w, quant_type, blocksize, double_quant, measure=True, workers=workers)
 
 
-def _quantize_weight(w, quant_type, blocksize, double_quant, measure):
+def _quantize_weight(w, quant_type, blocksize, double_quant, measure, workers=1):
     dtype = str(w.dtype).removeprefix("torch.")
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"only float16/bfloat16/float32 weights can be quantized, not {dtype}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
-    absmax = blockwise_absmax(w, blocksize)
-    out = {}
+    absmax = blockwise_absmax(w, blocksize, workers)
     if double_quant:
         qabsmax, nested, offset = quantize_absmax(absmax)
         qs = QuantState(quant_type, blocksize, dtype, tuple(w.shape), nested_offset=offset)
@@ -473,7 +520,7 @@ def _quantize_weight(w, quant_type, blocksize, double_quant, measure):
         qs = QuantState(quant_type, blocksize, dtype, tuple(w.shape))
         used = absmax if measure else None
         stored = {".absmax": absmax, ".quant_map": code_4bit(quant_type, w.device)}
-    packed, err, ref = _encode(w, absmax, blocksize, quant_type, used)
+    packed, err, ref = _encode(w, absmax, blocksize, quant_type, used, workers)
     out = {"": packed, **stored, qs.key_suffix: qs.to_tensor().to(w.device)}
     return out, qs, ((err, ref) if measure else None)
 

@@ -23,13 +23,15 @@ Note: dtype.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from .bnb4bit import BLOCKSIZES, FLOAT_DTYPES, QUANT_STATE_PREFIX, QUANT_TYPES, QuantState, quantize_weight_measured
+from .bnb4bit import (BLOCKSIZES, FLOAT_DTYPES, QUANT_STATE_PREFIX, QUANT_TYPES, REFERENCE_THREADS, QuantState,
+                      quantize_weight_measured)
 from .errors import InputError, UnsupportedError, UsageError
 from .hf_layout import CONV1D, layout_for, should_convert
 from .io import Checkpoint, TensorSpec
@@ -50,6 +52,42 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def single_threaded_torch(device: torch.device):
+    """Run the CPU maths with one intra-op thread (restored afterwards).
+
+    Note: threads.
+        The 4-bit maths runs as a dozen short torch ops per 2^18-element chunk (bnb4bit CHUNK). With
+        several intra-op threads each op is a fork/join whose cost dominates, and on a busy machine a
+        descheduled worker stalls every op: quantizing the 0.75B benchmark model took 48 s with torch's
+        default 2 threads and 15 s with 1 on the 2-core box we measure on. The second core is used
+        instead by reading the next tensor ahead (see _prefetch) and by the provenance hashing thread.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def prefetch(ck: Checkpoint, names=None):
+    """ck.iter_tensors(), with the next tensor read by a background thread while this one is used
+    (file reads release the GIL). One reader at a time: the checkpoint's single open file is safe."""
+    names = list(ck.tensors) if names is None else list(names)
+    with ThreadPoolExecutor(1, thread_name_prefix="loratools-read") as pool:
+        pending = pool.submit(ck.read, names[0]) if names else None
+        for i, name in enumerate(names):
+            tensor = pending.result()
+            pending = pool.submit(ck.read, names[i + 1]) if i + 1 < len(names) else None
+            yield name, tensor
+            del tensor
+    ck.close()
 
 
 # -- per-tensor maths -----------------------------------------------------------------------------
@@ -84,8 +122,9 @@ def quantize_tensor(w: torch.Tensor, *, quant_type: str, blocksize: int, double_
     x = w.to(device)
     if conv1d:
         x = x.t().contiguous()  # Conv1D [in, out] is quantized as the Linear it becomes, [out, in]
+    workers = REFERENCE_THREADS if x.device.type == "cpu" and torch.get_num_threads() == 1 else 1
     stored, qs, (err, ref) = quantize_weight_measured(x, quant_type=quant_type, blocksize=blocksize,
-                                                      double_quant=double_quant)
+                                                      double_quant=double_quant, workers=workers)
     return {k: v.cpu() for k, v in stored.items()}, qs, err, ref
 
 
@@ -220,7 +259,7 @@ def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int 
 
     def tensors():
         states = []
-        for name, t in ck.iter_tensors():
+        for name, t in prefetch(ck):
             out_dtype = _out_dtype(t.dtype, plan)
             if name not in plan.targets:
                 yield name, t.to(out_dtype)
@@ -242,10 +281,11 @@ def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int 
                                         after, err, ref))
         yield from states
 
-    summary = write_checkpoint(
-        output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
-        config=config, metadata=provenance("quantize", options, {"checkpoint": src}),
-        max_shard_size=max_shard_size, on_tensor=on_tensor, shrinkable=[s.name for s in shrinkable])
+    with single_threaded_torch(dev):
+        summary = write_checkpoint(
+            output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
+            config=config, metadata=provenance("quantize", options, {"checkpoint": src}),
+            max_shard_size=max_shard_size, on_tensor=on_tensor, shrinkable=[s.name for s in shrinkable])
 
     q_params = sum(r.params for r in reports)
     total_params = sum(i.numel for i in ck.tensors.values())
@@ -323,11 +363,12 @@ def dequantize_checkpoint(src, output, *, dtype: str | None = None, device: str 
             yield name, t
         ck.close()
 
-    summary = write_checkpoint(
-        output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
-        config=config, metadata=provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size},
-                                           {"checkpoint": src}),
-        max_shard_size=max_shard_size, on_tensor=on_tensor)
+    with single_threaded_torch(dev):
+        summary = write_checkpoint(
+            output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
+            config=config, metadata=provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size},
+                                               {"checkpoint": src}),
+            max_shard_size=max_shard_size, on_tensor=on_tensor)
     summary.update({"tensors": len(specs), "dequantized_tensors": len(qstates), "device": dev.type,
                     "dtype": dtype or "as quantized"})
     return summary

@@ -151,6 +151,22 @@ def test_format_bytes_equal_bitsandbytes(quant_type, dtype):
                 assert raw_bytes(expected_dense) == raw_bytes(dequantize_weight(ours, qs))
 
 
+def test_double_quant_offset_follows_default_threads():
+    """The double-quant offset is a float32 mean whose last bit depends on how many threads torch splits
+    it over (> 32768 blocks). quantize runs its maths single-threaded, yet must give the bytes of a
+    transformers run with torch's default threads (here: conftest's setting)."""
+    from loratools.quantize import single_threaded_torch
+
+    g = torch.Generator().manual_seed(11)
+    w = (torch.rand(2048, 1100, generator=g) ** 3 * torch.randn(2048, 1100, generator=g)).half()
+    ref, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    with single_threaded_torch(torch.device("cpu")):
+        ours, qs = quantize_weight(w, quant_type="nf4", blocksize=64, double_quant=True)
+        assert torch.get_num_threads() == 1
+    assert qs.nested_offset == state.offset.item()
+    assert torch.equal(ours[".absmax"], state.absmax) and torch.equal(ours[""], ref)
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_bucket_tables_equal_bucketize_exhaustively(quant_type):
     """The top-16-bit lookup (bnb4bit._positions) == torch.bucketize(right=False) against the
