@@ -50,8 +50,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -419,56 +417,6 @@ def _finite_or_fail(out: torch.Tensor, inputs: torch.Tensor, key: str, path):
                             f"range{hint}; nothing was written", path=path, tensor=key)
 
 
-def one_ahead(items):
-    """Yield from `items`, producing the next item in a thread while the caller uses the current one.
-
-    Note: overlap.
-        Writing a tensor (pwrite into the page cache, an fsync at each shard boundary) and computing
-        the next one (read, matmul, cast) both release the GIL, so they overlap: on the 0.75b benchmark
-        the arithmetic hides behind the writes. The producer is never more than one item ahead, so this
-        costs one output tensor of memory. An exception in the producer is raised here; if the caller
-        stops early, the producer stops before its next item.
-    """
-    slot: queue.Queue = queue.Queue()
-    ahead = threading.Semaphore(1)
-    stop = threading.Event()
-    end = object()
-
-    def produce():
-        try:
-            it = iter(items)
-            while True:
-                ahead.acquire()
-                if stop.is_set():
-                    return
-                try:
-                    item = next(it)
-                except StopIteration:
-                    slot.put((end, None))
-                    return
-                slot.put((item, None))
-                del item
-        except BaseException as e:  # raised again in the consumer
-            slot.put((end, e))
-
-    worker = threading.Thread(target=produce, name="loratools-merge", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, err = slot.get()
-            if item is end:
-                if err is not None:
-                    raise err
-                return
-            ahead.release()  # compute the next one while this one is written
-            yield item
-            del item
-    finally:
-        stop.set()
-        ahead.release()
-        worker.join()
-
-
 # -- merge ---------------------------------------------------------------------------------------------
 
 def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto", device: str = "auto",
@@ -548,7 +496,7 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
 
     options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
     summary = write_checkpoint(
-        output, inputs=[base, *adapter_paths], force=force, specs=specs, tensors=one_ahead(tensors()),
+        output, inputs=[base, *adapter_paths], force=force, specs=specs, tensors=tensors(),
         side_files=ck.non_weight_files(), config=_output_config(ck, dtype, dense, plan.untie_head is not None),
         metadata=provenance("merge", options, {"base": base, "adapters": [str(p) for p in adapter_paths]}),
         max_shard_size=max_shard_size, on_tensor=on_tensor, extra_files=record)
@@ -674,7 +622,7 @@ def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "
             config["dtype"] = dtype
     options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
     summary = write_checkpoint(
-        output, inputs=[merged, *adapter_paths], force=force, specs=specs, tensors=one_ahead(tensors()),
+        output, inputs=[merged, *adapter_paths], force=force, specs=specs, tensors=tensors(),
         side_files=ck.non_weight_files(), config=config,
         metadata=provenance("unmerge", options, {"merged": merged, "adapters": [str(p) for p in adapter_paths]}),
         max_shard_size=max_shard_size, on_tensor=on_tensor)
