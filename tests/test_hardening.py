@@ -125,3 +125,73 @@ def test_file_size_limit_fails_cleanly(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error:"), r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# -- every writing command: deterministic bytes, and SIGKILL-safe -------------------------------------------
+
+from conftest import FIXTURES  # noqa: E402
+
+
+def _writing_commands(tmp: Path) -> dict[str, list]:
+    """argv (without -o) for every command that writes, on the fixtures; outputs of earlier steps feed later ones."""
+    q = tmp / "q4"
+    merged = tmp / "merged"
+    if not q.exists():
+        run_cli("quantize", FIXTURES / "tiny-llama", "-o", q, "--nf4")
+    if not merged.exists():
+        run_cli("merge", FIXTURES / "tiny-llama", FIXTURES / "llama-dora", FIXTURES / "llama-lora", "-o", merged,
+                "--weight", "0.5", "--weight", "2")
+    return {
+        "convert": ["convert", FIXTURES / "tiny-gpt2", "--dtype", "float32", "--max-shard-size", "100KB"],
+        "merge": ["merge", FIXTURES / "tiny-llama", FIXTURES / "llama-dora", FIXTURES / "llama-lora",
+                  "--weight", "0.5", "--weight", "2"],
+        "merge-4bit-base": ["merge", q, FIXTURES / "llama-lora"],
+        "unmerge": ["unmerge", merged, FIXTURES / "llama-dora", FIXTURES / "llama-lora", "--weight", "0.5",
+                    "--weight", "2"],
+        "quantize": ["quantize", FIXTURES / "tiny-gpt2", "--nf4", "--blocksize", "128"],
+        "dequantize": ["dequantize", q, "--dtype", "bfloat16"],
+        "extract": ["extract", FIXTURES / "tiny-llama", FIXTURES / "tiny-llama-tuned", "--energy", "0.9",
+                    "--svd", "randomized"],
+        "resize": ["resize", FIXTURES / "llama-patterns", "--rank", "3"],
+        "combine-dare": ["combine", FIXTURES / "llama-lora", FIXTURES / "llama-rslora", "--method", "dare_ties",
+                         "--density", "0.5", "--seed", "7", "--rank", "8"],
+    }
+
+
+def test_every_writing_command_is_deterministic(tmp_path):
+    for name, argv in _writing_commands(tmp_path).items():
+        a, b = tmp_path / f"{name}-a", tmp_path / f"{name}-b"
+        run_cli(*argv, "-o", a)
+        run_cli(*argv, "-o", b)
+        assert tree_digest(a) == tree_digest(b), f"{name} is not deterministic"
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """A generated 0.1B-parameter Llama (210 MB fp16) and a rank-16 adapter: a second or more per command."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import generate_llama, generate_lora
+
+    d = tmp_path_factory.mktemp("medium")
+    base = generate_llama(d / "base", "0.1b")
+    lora = generate_lora(d / "lora", "0.1b", r=16)
+    return base, lora
+
+
+@pytest.mark.parametrize("command", ["merge", "quantize", "extract"])
+def test_sigkill_every_heavy_command(medium, tmp_path, command):
+    base, lora = medium
+    argv = {"merge": ["merge", base, lora], "quantize": ["quantize", base, "--nf4"],
+            "extract": ["extract", base, base.parent / "merged-for-extract", "--rank", "4",
+                        "--target-modules", "q_proj"]}[command]
+    if command == "extract" and not argv[2].exists():
+        run_cli("merge", base, lora, "-o", argv[2])
+    before = tree_digest(base)
+    out = tmp_path / "out"
+    start_and_kill(loratools_cmd(*argv, "-o", out), tmp_path, 0.3)
+    if out.exists():
+        Checkpoint(out) if command != "extract" else None
+    r = subprocess.run(loratools_cmd(*argv, "-o", out, "--force"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [x.name for x in tmp_path.iterdir()] == ["out"], "a temporary survived the rerun"
+    assert tree_digest(base) == before
