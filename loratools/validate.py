@@ -51,7 +51,8 @@ from .adapter import Adapter, load_adapter
 from .checks import (Problem, adapter_config_notes, adapter_fit_problems, adapter_from_header, adapter_value_problems,
                      candidate_layout_problems, checkpoint_dtype_notes, dense_shapes, resolve_base_key)
 from .errors import FormatError, LoratoolsError, UsageError, ValidationFailed
-from .io import Checkpoint
+from .io import Checkpoint, read_provenance, verify_inputs
+from .io.safetensors_format import read_header
 
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52}
 EPS32 = 2.0 ** -23
@@ -445,10 +446,68 @@ def static_checks(base: Checkpoint, adapter_paths: list[Path], candidates: dict[
         probs, cnotes = candidate_layout_problems(base, ck, role)
         problems += [_problem(role, p) for p in probs]
         notes += [_problem(role, n) for n in cnotes + checkpoint_dtype_notes(ck, role)]
+    p_probs, p_notes = provenance_checks(base, adapter_paths, candidates)
+    problems += p_probs
+    notes += p_notes
     if "quantized" in candidates and not candidates["quantized"].is_quantized:
         problems.append(_row("quantized", "quantized: this checkpoint holds no bitsandbytes 4-bit weights",
                              path=candidates["quantized"].path, expected="4-bit weights", found="dense"))
     return problems, notes, ok
+
+
+def _recorded(path: Path, ck: Checkpoint | None = None) -> dict | None:
+    """The provenance loratools wrote into a checkpoint's or an adapter's safetensors metadata."""
+    if ck is not None:
+        return read_provenance(next(iter(ck.metadata.values()), {}))
+    f = Path(path) / "adapter_model.safetensors"
+    return read_provenance(read_header(str(f))[1]) if f.is_file() else None
+
+
+def provenance_checks(base: Checkpoint, adapter_paths: list[Path], candidates: dict[str, Checkpoint]
+                      ) -> tuple[list[dict], list[dict]]:
+    """Outputs written by loratools record the SHA-256 of their inputs: check them against the files given.
+
+    A merged checkpoint must come from BASE and the ADAPTERs (in order), a quantized one from BASE, an
+    extracted adapter from BASE (and --tuned when given). Outputs without a record are not judged.
+    """
+    expect: list[tuple[str, Path, dict, dict]] = []
+    for role, ck in candidates.items():
+        rec = _recorded(ck.path, ck)
+        if rec and role == "merged" and rec.get("command") == "merge":
+            given = {"base": base.path, **{f"adapters[{i}]": p for i, p in enumerate(adapter_paths)}}
+            expect.append((role, ck.path, rec, given))
+        elif rec and role == "quantized" and rec.get("command") == "quantize":
+            expect.append((role, ck.path, rec, {"checkpoint": base.path}))
+    for path in adapter_paths:
+        rec = _recorded(path)
+        if rec and rec.get("command") == "extract":
+            given = {"base": base.path}
+            if "tuned" in candidates:
+                given["tuned"] = candidates["tuned"].path
+            expect.append(("adapter", path, rec, given))
+    problems, notes = [], []
+    for role, path, rec, given in expect:
+        recorded_roles = set(rec.get("inputs", {}))
+        extra = sorted(recorded_roles - set(given)) if role == "merged" else []
+        if extra:
+            problems.append(_row("provenance", f"provenance: {path} was merged from {len(recorded_roles) - 1} "
+                                 f"adapters, {len(adapter_paths)} given", path=path,
+                                 expected=f"{len(recorded_roles) - 1} adapters", found=f"{len(adapter_paths)}"))
+        rows = verify_inputs(rec, given)
+        bad = [r for r in rows if not r["ok"]]
+        for r in bad:
+            if r["file"] is None:
+                msg = f"provenance: {path} records no input '{r['role']}'"
+            else:
+                msg = (f"provenance: {path} was written from a different {r['role']}: {r['file']} recorded "
+                       f"sha256 {r['recorded'][:12]}…, the file given has "
+                       f"{(r['actual'] or 'no such file')[:12]}")
+            problems.append(_row("provenance", msg, path=given.get(r["role"]), tensor=None,
+                                 expected=(r["recorded"] or "")[:12] or None, found=(r["actual"] or "-")[:12]))
+        if not bad and not extra:
+            notes.append(_row("provenance", f"provenance: the {len(rows)} input files recorded in {path} match "
+                              f"the files given", path=path))
+    return problems, notes
 
 
 # -- forward passes --------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class Provenance(dict):
         for role, value in inputs.items():
             paths = value if isinstance(value, (list, tuple)) else [value]
             for i, path in enumerate(paths):
-                key = role if len(paths) == 1 else f"{role}[{i}]"
+                key = f"{role}[{i}]" if isinstance(value, (list, tuple)) else role
                 files = weight_files(path)
                 self._record["inputs"][key] = {"name": Path(path).name, "files": {f.name: PLACEHOLDER for f in files}}
                 self._files += [(key, f) for f in files]
