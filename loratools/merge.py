@@ -408,10 +408,11 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
-def _finite_or_fail(out: torch.Tensor, inputs: torch.Tensor, key: str, path):
-    """Refuse a merge that overflows the output dtype (e.g. a bf16-trained model written as float16)."""
+def _finite_or_fail(out: torch.Tensor, inputs: torch.Tensor | None, key: str, path):
+    """Refuse a merge that overflows the output dtype (e.g. a bf16-trained model written as float16).
+    `inputs=None`: the inputs are known to be finite."""
     dtype = out.dtype
-    if out.is_floating_point() and not _all_finite(out) and _all_finite(inputs):
+    if out.is_floating_point() and not _all_finite(out) and (inputs is None or _all_finite(inputs)):
         hint = " (use --dtype bfloat16 or float32)" if dtype == torch.float16 else ""
         raise MismatchError(f"the merged tensor has values outside the {str(dtype).removeprefix('torch.')} "
                             f"range{hint}; nothing was written", path=path, tensor=key)
@@ -452,7 +453,8 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
         if p is None:
             return t.to(out_dtype[key])
         w = p.replace.to(t.dtype) if p.replace is not None else t  # as PEFT loads it into the base model
-        if (p.is_bias or p.steps) and w.is_floating_point() and not _all_finite(w):
+        checked = bool(p.is_bias or p.steps) and w.is_floating_point()
+        if checked and not _all_finite(w):
             # a corrupt base tensor: adding a delta would hide where the NaN/Inf came from
             raise InputError("base tensor holds NaN/Inf values; refusing to merge into it", path=base, tensor=key)
         if p.is_bias:
@@ -466,7 +468,7 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
                     norms[f"adapter{s.adapter}.{s.module.name}.weight_norm"] = n.cpu()
         else:
             out = w.to(out_dtype[key])
-        _finite_or_fail(out, w, key, base)
+        _finite_or_fail(out, None if checked else w, key, base)
         return out.cpu()
 
     def untouched(name: str) -> bool:
