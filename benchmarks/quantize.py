@@ -18,11 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import resource
 import shutil
 import sys
 from pathlib import Path
 
 from common import SIZES, dir_bytes, generate_llama, llama_shapes, measure, python_rss_baseline, report
+
+
+def measure_cpu(name: str, cmd: list[str]):
+    """common.measure, plus the child's CPU seconds (user + system): on a shared machine wall time
+    depends on the neighbours' load, CPU time much less."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = measure(name, cmd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return run, cpu
 
 HF_CODE = """
 import sys, torch
@@ -72,11 +84,11 @@ def main():
     largest = max(2 * math.prod(s) for s in llama_shapes(**SIZES[args.size]).values()) / 2**20
     baseline = python_rss_baseline()
 
-    ours = measure("loratools quantize", [
+    ours, ours_cpu = measure_cpu("loratools quantize", [
         sys.executable, "-m", "loratools", "quantize", str(base), "-o", str(out_ours), f"--{quant_type}",
         "--blocksize", str(args.blocksize), "--double-quant" if double_quant else "--no-double-quant",
         "--device", args.device, "--json"])
-    theirs = measure("transformers load+quantize+save", [
+    theirs, theirs_cpu = measure_cpu("transformers load+quantize+save", [
         sys.executable, "-c", HF_CODE, str(base), str(out_hf), quant_type, "1" if double_quant else "0",
         str(args.blocksize), args.device])
     summary = json.loads(ours.output[ours.output.index("{"):])
@@ -84,9 +96,13 @@ def main():
     doc = report(f"quantize {quant_type} blocksize {args.blocksize} double-quant {double_quant}, "
                  f"{args.size} fp16, device {args.device}", ours, theirs, size_bytes=dir_bytes(base),
                  extra={"baseline_rss_mb": baseline, "largest_tensor_mb": largest, "parity": parity,
+                        "cpu_seconds_ours": ours_cpu, "cpu_seconds_theirs": theirs_cpu,
+                        "cpu_speedup": theirs_cpu / ours_cpu, "load_average": os.getloadavg(),
                         "rel_rms_error": summary["total"]["rel_rms_error"],
                         "bits_per_quantized_parameter": summary["total"]["bits_per_quantized_parameter"],
                         "bytes_after": summary["total"]["bytes_after"]})
+    print(f"CPU seconds (user+sys): ours {ours_cpu:.1f}, theirs {theirs_cpu:.1f} ({theirs_cpu / ours_cpu:.2f}x); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"loratools RSS above import baseline: {ours.peak_rss_mb - baseline:.0f} MB "
           f"(largest tensor {largest:.0f} MB, checkpoint {dir_bytes(base) / 2**20:.0f} MB)")
     print(f"byte parity: {parity['tensors']} tensors, {len(parity['differing'])} differ, "

@@ -224,6 +224,12 @@ def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int 
         raise InputError("no config.json beside the weights: transformers needs it (and its "
                          "quantization_config) to load a 4-bit checkpoint", path=src)
     dev = resolve_device(device)
+    options = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
+               "compute_dtype": compute_dtype, "skip_modules": skip_modules or None,
+               "max_shard_size": max_shard_size}
+    # Started first: the input digests are computed by a background thread (hashlib releases the
+    # GIL) while transformers builds the meta model below, instead of competing with the maths.
+    metadata = provenance("quantize", options, {"checkpoint": src})
     plan = plan_quantization(ck, skip_modules)
     for name in plan.targets:
         info = ck.tensors[name]
@@ -252,9 +258,6 @@ def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int 
     config = dict(ck.config)
     config["quantization_config"] = quantization_config(quant_type=quant_type, double_quant=double_quant,
                                                         compute_dtype=compute_dtype, skip_list=plan.skip_list)
-    options = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
-               "compute_dtype": compute_dtype, "skip_modules": skip_modules or None,
-               "max_shard_size": max_shard_size}
     reports: list[TensorReport] = []
 
     def tensors():
@@ -284,7 +287,7 @@ def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int 
     with single_threaded_torch(dev):
         summary = write_checkpoint(
             output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
-            config=config, metadata=provenance("quantize", options, {"checkpoint": src}),
+            config=config, metadata=metadata,
             max_shard_size=max_shard_size, on_tensor=on_tensor, shrinkable=[s.name for s in shrinkable])
 
     q_params = sum(r.params for r in reports)
