@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -418,6 +419,27 @@ def _finite_or_fail(out: torch.Tensor, inputs: torch.Tensor | None, key: str, pa
                             f"range{hint}; nothing was written", path=path, tensor=key)
 
 
+@contextmanager
+def cpu_threads(device: torch.device, n: int = 1):
+    """Run the CPU arithmetic on `n` intra-op threads, restoring the setting afterwards.
+
+    Note: one thread.
+        The work is memory-bound (a rank-16 matmul, an add and a cast per element), so one thread is
+        about as fast as two on an idle machine; on a busy one every multi-threaded op waits at a barrier
+        for a descheduled worker. Measured on the 0.75b benchmark with the 2 cores shared (load ~3):
+        22-25 s with torch's default 2 threads, 9-11 s with one.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- merge ---------------------------------------------------------------------------------------------
 
 def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto", device: str = "auto",
@@ -497,11 +519,12 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
         return [f"{RECORD_DIR}/{f}" for f in files]
 
     options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
-    summary = write_checkpoint(
-        output, inputs=[base, *adapter_paths], force=force, specs=specs, tensors=tensors(),
-        side_files=ck.non_weight_files(), config=_output_config(ck, dtype, dense, plan.untie_head is not None),
-        metadata=provenance("merge", options, {"base": base, "adapters": [str(p) for p in adapter_paths]}),
-        max_shard_size=max_shard_size, on_tensor=on_tensor, extra_files=record)
+    with cpu_threads(dev):
+        summary = write_checkpoint(
+            output, inputs=[base, *adapter_paths], force=force, specs=specs, tensors=tensors(),
+            side_files=ck.non_weight_files(), config=_output_config(ck, dtype, dense, plan.untie_head is not None),
+            metadata=provenance("merge", options, {"base": base, "adapters": [str(p) for p in adapter_paths]}),
+            max_shard_size=max_shard_size, on_tensor=on_tensor, extra_files=record)
     summary.update(_summary(plan, ads, adapter_paths, weights, dev, specs, dense))
     summary["dora_record"] = f"{RECORD_DIR}/{RECORD_FILE}" if norms else None
     return summary
@@ -623,11 +646,12 @@ def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "
         if "dtype" in config:
             config["dtype"] = dtype
     options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
-    summary = write_checkpoint(
-        output, inputs=[merged, *adapter_paths], force=force, specs=specs, tensors=tensors(),
-        side_files=ck.non_weight_files(), config=config,
-        metadata=provenance("unmerge", options, {"merged": merged, "adapters": [str(p) for p in adapter_paths]}),
-        max_shard_size=max_shard_size, on_tensor=on_tensor)
+    with cpu_threads(dev):
+        summary = write_checkpoint(
+            output, inputs=[merged, *adapter_paths], force=force, specs=specs, tensors=tensors(),
+            side_files=ck.non_weight_files(), config=config,
+            metadata=provenance("unmerge", options, {"merged": merged, "adapters": [str(p) for p in adapter_paths]}),
+            max_shard_size=max_shard_size, on_tensor=on_tensor)
     summary.update(_summary(plan, ads, adapter_paths, weights, dev, specs, dense))
     summary["dora_record_used"] = bool(norms)
     return summary
