@@ -24,6 +24,7 @@ Note: dtype.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -76,15 +77,51 @@ def single_threaded_torch(device: torch.device):
         torch.set_num_threads(before)
 
 
+BIG_TENSOR = 8 * 2**20
+
+
+def release_free_memory() -> None:
+    """Give memory that the allocator keeps after frees back to the OS (glibc's malloc_trim).
+
+    Note: allocator.
+        Tensors of 10-30 MB are read, quantized and freed one after another, by two threads (reader,
+        main) with their own malloc arenas; glibc keeps much of that freed memory mapped, so RSS
+        drifts ~200 MB above what is live (measured on the 0.75B model: 676 MB peak, of which 341 MB
+        is Python + torch + transformers). Trimming before each read of a tensor of 8 MiB or more
+        brings the peak down to the imports plus the live tensors (549 MB; 557 MB with 16 MiB,
+        617 MB with 64 MiB), for ~1 s of system time re-faulting trimmed pages. No-op where glibc is
+        not the allocator.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def prefetch(ck: Checkpoint, names=None):
     """ck.iter_tensors(), with the next tensor read by a background thread while this one is used
     (file reads release the GIL). One reader at a time: the checkpoint's single open file is safe."""
     names = list(ck.tensors) if names is None else list(names)
+
+    def read(name):
+        if ck.tensors[name].nbytes >= BIG_TENSOR:
+            release_free_memory()
+        return ck.read(name)
+
     with ThreadPoolExecutor(1, thread_name_prefix="loratools-read") as pool:
-        pending = pool.submit(ck.read, names[0]) if names else None
+        pending = pool.submit(read, names[0]) if names else None
         for i, name in enumerate(names):
             tensor = pending.result()
-            pending = pool.submit(ck.read, names[i + 1]) if i + 1 < len(names) else None
+            pending = pool.submit(read, names[i + 1]) if i + 1 < len(names) else None
             yield name, tensor
             del tensor
     ck.close()
