@@ -21,7 +21,7 @@ bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
 transformers = pytest.importorskip("transformers")
 
-from loratools.bnb4bit import QuantState, dequantize_weight, quantize_weight  # noqa: E402
+from loratools.bnb4bit import QuantState, dequantize_weight, quantize_4bit, quantize_weight  # noqa: E402
 from loratools.io import Checkpoint  # noqa: E402
 from loratools.quantized import dense_specs, quant_states, read_dense  # noqa: E402
 
@@ -149,6 +149,9 @@ def test_format_bytes_equal_bitsandbytes(quant_type, dtype):
                 with eager_bitsandbytes():
                     expected_dense = F.dequantize_4bit(ref, state)
                 assert raw_bytes(expected_dense) == raw_bytes(dequantize_weight(ours, qs))
+                if not double_quant:
+                    packed, absmax = quantize_4bit(w, blocksize, quant_type)
+                    assert raw_bytes(packed) == raw_bytes(ref) and raw_bytes(absmax) == raw_bytes(state.absmax)
 
 
 def test_double_quant_offset_follows_default_threads():
