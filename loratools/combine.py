@@ -42,7 +42,7 @@ import logging
 import math
 import os
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -52,6 +52,7 @@ import torch
 from .adapter import Adapter, LoraModule, adapter_config, adapter_tensors, load_adapter, write_adapter
 from .combine_methods import (EXACT_METHODS, METHODS, RANDOM_METHODS, SIGN_METHODS, TASK_METHODS, Term, cat,
                               linear, task_arithmetic_truncated)
+from .device import resolve_device, torch_threads
 from .errors import InputError, MismatchError, OutputError, UnsupportedError, UsageError
 from .io import AtomicOutput, check_output_path, provenance, write_json
 
@@ -115,16 +116,6 @@ def check_options(n_adapters: int, method: str, *, weights=None, rank=None, ener
         seed = 0
     return CombineOptions(method, weights, None if rank is None else int(rank), energy, density, majority_sign,
                           None if seed is None else int(seed))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
-    return torch.device(device)
 
 
 # -- checking the adapters against each other -------------------------------------------------------------
@@ -256,17 +247,6 @@ def target_modules_of(adapters: list[Adapter], plans: dict[str, ModulePlan]) -> 
 
 # -- the work --------------------------------------------------------------------------------------------
 
-@contextmanager
-def _threads(n: int | None):
-    before = torch.get_num_threads()
-    if n is not None and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
 
 def combine_module(plan: ModulePlan, opts: CombineOptions, device: torch.device, default_rank: int):
     """One module: (lora_B, lora_A at scale 1, bias or None, Truncation)."""
@@ -312,7 +292,7 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
     rows = []
     for name, plan in plans.items():
         small = opts.method in EXACT_METHODS or math.prod(plan.base_shape) < SMALL_DENSE
-        with _threads(1 if device.type == "cpu" and small else None):
+        with (torch_threads(1, device) if small else nullcontext()):
             B, A, bias, tr = combine_module(plan, opts, device, default_rank)
         if lora_bias and bias is None:
             bias = torch.zeros(B.shape[0])  # every module gets a lora_B.bias under lora_bias=True

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
-from .io import Checkpoint, TensorSpec, provenance
+from .io import Checkpoint, TensorSpec, config_with_dtype, provenance
 from .io.output import write_checkpoint
 
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -28,12 +28,7 @@ def convert_checkpoint(src, output, *, dtype: str = "auto", max_shard_size: int,
                          path=src)
     specs = [TensorSpec(n, target_dtype(i.dtype, dtype), i.shape) for n, i in ck.tensors.items()]
     plan = {s.name: s for s in specs}
-    config = None
-    if ck.config is not None and dtype != "auto":
-        config = dict(ck.config)
-        config["torch_dtype"] = dtype
-        if "dtype" in config:
-            config["dtype"] = dtype
+    config = config_with_dtype(ck.config, dtype) if ck.config is not None and dtype != "auto" else None
 
     def tensors():
         for name, t in ck.iter_tensors():

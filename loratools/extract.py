@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 from .adapter import LoraModule, adapter_config, adapter_tensors, write_adapter
+from .device import resolve_device
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
 from .io import AtomicOutput, Checkpoint, check_output_path, provenance
 from .lowrank import truncate
@@ -339,14 +340,6 @@ def check_pair(base: Checkpoint, tuned: Checkpoint):
 
 def _few(names, n=4) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(device)
 
 
 @dataclass

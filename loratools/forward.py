@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from .device import resolve_device
 from .errors import InputError, UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -177,15 +178,6 @@ def make_batch(model_dir: Path | None, vocab_size: int, batch: int, seq_len: int
 
 
 # -- devices and dtypes --------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    return torch.device(name)
 
 
 def config_dtype(config: dict | None) -> torch.dtype | None:

@@ -48,9 +48,7 @@ Note: tied output embeddings.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,9 +57,11 @@ import torch
 from .adapter import Adapter, LoraModule, load_adapter
 from .checks import HEAD_KEY, adapter_fit_problems, dense_shapes, first_problem_error, locate, \
     resolve_base_key, tied_embedding_key
+from .device import resolve_device, torch_threads
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
-from .io import Checkpoint, TensorSpec, provenance
+from .io import Checkpoint, TensorSpec, config_with_dtype, provenance
 from .io.output import write_checkpoint
+from .io.provenance import sha256_file
 from .io.safetensors_format import read_header, read_tensor
 from .io.writer import save_tensors
 
@@ -347,14 +347,6 @@ class DenseBase:
         self.ck.close()
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    return torch.device(device)
-
-
 def output_dtype(src: torch.dtype, dtype: str, quantized: bool) -> torch.dtype:
     if not src.is_floating_point:
         return src
@@ -374,11 +366,7 @@ def _check_weights(adapters: list, weights) -> list[float]:
 
 
 def _digest(adapter: Adapter) -> str:
-    h = hashlib.sha256()
-    with open(adapter.path / "adapter_model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(adapter.path / "adapter_model.safetensors")
 
 
 def _output_config(base: Checkpoint, dtype: str, dense: DenseBase, untie: bool) -> dict | None:
@@ -390,10 +378,7 @@ def _output_config(base: Checkpoint, dtype: str, dense: DenseBase, untie: bool) 
         cfg.pop("quantization_config", None)
         changed = True
     if dtype != "auto" or dense.quantized:
-        name = "float16" if dtype == "auto" else dtype
-        cfg["torch_dtype"] = name
-        if "dtype" in cfg:
-            cfg["dtype"] = name
+        cfg = config_with_dtype(cfg, "float16" if dtype == "auto" else dtype)
         changed = True
     if untie:
         cfg["tie_word_embeddings"] = False
@@ -417,27 +402,6 @@ def _finite_or_fail(out: torch.Tensor, inputs: torch.Tensor | None, key: str, pa
         hint = " (use --dtype bfloat16 or float32)" if dtype == torch.float16 else ""
         raise MismatchError(f"the merged tensor has values outside the {str(dtype).removeprefix('torch.')} "
                             f"range{hint}; nothing was written", path=path, tensor=key)
-
-
-@contextmanager
-def cpu_threads(device: torch.device, n: int = 1):
-    """Run the CPU arithmetic on `n` intra-op threads, restoring the setting afterwards.
-
-    Note: one thread.
-        The work is memory-bound (a rank-16 matmul, an add and a cast per element), so one thread is
-        about as fast as two on an idle machine; on a busy one every multi-threaded op waits at a barrier
-        for a descheduled worker. Measured on the 0.75b benchmark with the 2 cores shared (load ~3):
-        22-25 s with torch's default 2 threads, 9-11 s with one.
-    """
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- merge ---------------------------------------------------------------------------------------------
@@ -519,7 +483,7 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
         return [f"{RECORD_DIR}/{f}" for f in files]
 
     options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
-    with cpu_threads(dev):
+    with torch_threads(1, dev):
         summary = write_checkpoint(
             output, inputs=[base, *adapter_paths], force=force, specs=specs, tensors=tensors(),
             side_files=ck.non_weight_files(), config=_output_config(ck, dtype, dense, plan.untie_head is not None),
@@ -639,14 +603,9 @@ def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "
             yield name, compute(name, t) if isinstance(t, torch.Tensor) else t
             del t
 
-    config = None
-    if ck.config is not None and dtype != "auto":
-        config = dict(ck.config)
-        config["torch_dtype"] = dtype
-        if "dtype" in config:
-            config["dtype"] = dtype
+    config = config_with_dtype(ck.config, dtype) if ck.config is not None and dtype != "auto" else None
     options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
-    with cpu_threads(dev):
+    with torch_threads(1, dev):
         summary = write_checkpoint(
             output, inputs=[merged, *adapter_paths], force=force, specs=specs, tensors=tensors(),
             side_files=ck.non_weight_files(), config=config,

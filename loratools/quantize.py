@@ -23,7 +23,6 @@ Note: dtype.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +32,10 @@ import torch
 
 from .bnb4bit import (BLOCKSIZES, FLOAT_DTYPES, QUANT_STATE_PREFIX, QUANT_TYPES, REFERENCE_THREADS, QuantState,
                       quantize_weight_measured)
+from .device import resolve_device, torch_threads
 from .errors import InputError, UnsupportedError, UsageError
 from .hf_layout import CONV1D, layout_for, should_convert
-from .io import Checkpoint, TensorSpec
+from .io import Checkpoint, TensorSpec, config_with_dtype
 from .io.output import write_checkpoint
 from .io.provenance import provenance
 from .io.safetensors_format import element_size
@@ -47,15 +47,6 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 _LONGEST_FLOAT = -1.2345678901234567e-300
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return torch.device(device)
-
-
-@contextlib.contextmanager
 def single_threaded_torch(device: torch.device):
     """Run the CPU maths with one intra-op thread (restored afterwards).
 
@@ -66,15 +57,7 @@ def single_threaded_torch(device: torch.device):
         default 2 threads and 15 s with 1 on the 2-core box we measure on. The second core is used
         instead by reading the next tensor ahead (see _prefetch) and by the provenance hashing thread.
     """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1, device)
 
 
 BIG_TENSOR = 8 * 2**20
@@ -389,9 +372,7 @@ def dequantize_checkpoint(src, output, *, dtype: str | None = None, device: str 
     if config is not None:
         config.pop("quantization_config", None)
         if dtype:
-            config["dtype"] = dtype
-            if "torch_dtype" in config:
-                config["torch_dtype"] = dtype
+            config = config_with_dtype(config, dtype)
 
     def tensors():
         for name in plan:

@@ -23,3 +23,8 @@ def copy_side_files(files: list[Path], dst: Path, *, config: dict | None = None,
         write_json(dst / "config.json", config)
         written.append("config.json")
     return sorted(written)
+
+
+def config_with_dtype(config: dict, dtype: str) -> dict:
+    """A copy of config.json's dict declaring `dtype` (transformers 5 reads `dtype`, older ones `torch_dtype`)."""
+    return {**config, "dtype": dtype, "torch_dtype": dtype}
