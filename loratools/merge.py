@@ -404,18 +404,22 @@ def _finite_or_fail(out: torch.Tensor, inputs: torch.Tensor | None, key: str, pa
                             f"range{hint}; nothing was written", path=path, tensor=key)
 
 
-# -- merge ---------------------------------------------------------------------------------------------
-
-def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto", device: str = "auto",
-                     max_shard_size: int, force: bool = False, on_tensor=None) -> dict:
-    """Fold `adapters` (paths) into checkpoint `base` and write a dense checkpoint at `output`."""
+def _check_options(adapters, weights, dtype: str, device: str):
+    """The checks merge and unmerge share, before any file is opened: (adapter paths, weights, device)."""
     adapter_paths = [Path(a) for a in adapters]
     if not adapter_paths:
         raise UsageError("give at least one adapter")
     if dtype not in ("auto", *FLOAT_DTYPES):
         raise UsageError(f"--dtype must be auto, float16, bfloat16 or float32, not {dtype!r}")
-    weights = _check_weights(adapter_paths, weights)
-    dev = resolve_device(device)
+    return adapter_paths, _check_weights(adapter_paths, weights), resolve_device(device)
+
+
+# -- merge ---------------------------------------------------------------------------------------------
+
+def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto", device: str = "auto",
+                     max_shard_size: int, force: bool = False, on_tensor=None) -> dict:
+    """Fold `adapters` (paths) into checkpoint `base` and write a dense checkpoint at `output`."""
+    adapter_paths, weights, dev = _check_options(adapters, weights, dtype, device)
     ck = Checkpoint(base)
     ads = [load_adapter(p) for p in adapter_paths]
     plan = build_plan(ck, ads, weights)
@@ -555,13 +559,7 @@ def _check_dora_unmerge(ck: Checkpoint, plan: Plan, ads: list[Adapter], paths, w
 def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "auto", device: str = "auto",
                        max_shard_size: int, force: bool = False, on_tensor=None) -> dict:
     """Subtract `adapters` from a merged checkpoint (undoing DoRA with the record merge wrote)."""
-    adapter_paths = [Path(a) for a in adapters]
-    if not adapter_paths:
-        raise UsageError("give at least one adapter")
-    if dtype not in ("auto", *FLOAT_DTYPES):
-        raise UsageError(f"--dtype must be auto, float16, bfloat16 or float32, not {dtype!r}")
-    weights = _check_weights(adapter_paths, weights)
-    dev = resolve_device(device)
+    adapter_paths, weights, dev = _check_options(adapters, weights, dtype, device)
     ck = Checkpoint(merged)
     if ck.is_quantized:
         raise InputError("this is a 4-bit checkpoint; unmerge works on the dense checkpoint `merge` wrote", path=merged)
