@@ -180,19 +180,35 @@ def medium(tmp_path_factory):
     return base, lora
 
 
-@pytest.mark.parametrize("command", ["merge", "quantize", "extract"])
-def test_sigkill_every_heavy_command(medium, tmp_path, command):
+def _medium_inputs(base: Path, lora: Path) -> dict[str, Path]:
+    """Outputs of earlier commands on the medium model that later commands take as input (made once)."""
+    merged, q4 = base.parent / "merged", base.parent / "q4"
+    if not merged.exists():
+        run_cli("merge", base, lora, "-o", merged)
+    if not q4.exists():
+        run_cli("quantize", base, "-o", q4, "--nf4")
+    return {"merged": merged, "q4": q4}
+
+
+HEAVY = ["merge", "unmerge", "quantize", "dequantize", "extract", "resize", "combine", "convert"]
+
+
+@pytest.mark.parametrize("command", HEAVY)
+def test_sigkill_every_writing_command(medium, tmp_path, command):
+    """Every command that writes, killed while writing: no output or a complete one, and a clean rerun."""
     base, lora = medium
-    argv = {"merge": ["merge", base, lora], "quantize": ["quantize", base, "--nf4"],
-            "extract": ["extract", base, base.parent / "merged-for-extract", "--rank", "4",
-                        "--target-modules", "q_proj"]}[command]
-    if command == "extract" and not argv[2].exists():
-        run_cli("merge", base, lora, "-o", argv[2])
+    made = _medium_inputs(base, lora)
+    argv = {"merge": ["merge", base, lora], "unmerge": ["unmerge", made["merged"], lora],
+            "quantize": ["quantize", base, "--nf4"], "dequantize": ["dequantize", made["q4"]],
+            "extract": ["extract", base, made["merged"], "--rank", "4", "--target-modules", "q_proj"],
+            "resize": ["resize", lora, "--rank", "4"],
+            "combine": ["combine", lora, lora, "--method", "linear", "--rank", "8"],
+            "convert": ["convert", base, "--dtype", "float32"]}[command]
     before = tree_digest(base)
     out = tmp_path / "out"
-    start_and_kill(loratools_cmd(*argv, "-o", out), tmp_path, 0.3)
-    if out.exists():
-        Checkpoint(out) if command != "extract" else None
+    start_and_kill(loratools_cmd(*argv, "-o", out), tmp_path, 0.2)
+    if out.exists() and command not in ("extract", "resize", "combine"):
+        Checkpoint(out)  # complete: every header checks out against its file
     r = subprocess.run(loratools_cmd(*argv, "-o", out, "--force"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert [x.name for x in tmp_path.iterdir()] == ["out"], "a temporary survived the rerun"
