@@ -142,6 +142,6 @@ def _fsync_dir(path: Path):
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        pass  # some filesystems cannot sync a directory; the rename itself is still atomic
     finally:
         os.close(fd)
