@@ -43,7 +43,6 @@ Note: streaming and checks first.
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ import torch
 from .adapter import LoraModule, adapter_config, adapter_tensors, write_adapter
 from .device import resolve_device
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
+from .hf_layout import meta_model
 from .io import AtomicOutput, Checkpoint, check_output_path, provenance
 from .lowrank import truncate
 
@@ -166,47 +166,6 @@ class ModelLayout:
     head: str | None = None  # output head module name (tied or not)
 
 
-def _meta_model(config: dict):
-    """The model class of config.json built on the meta device (no weights), or None. Cached per config."""
-    key = json.dumps(config, sort_keys=True, default=str)
-    if key not in _META_CACHE:
-        if len(_META_CACHE) >= 4:
-            _META_CACHE.pop(next(iter(_META_CACHE)))
-        _META_CACHE[key] = _build_meta_model(config)
-    return _META_CACHE[key]
-
-
-_META_CACHE: dict[str, object] = {}
-
-
-def _build_meta_model(config: dict):
-    try:
-        import transformers
-        from transformers import AutoModel, AutoModelForCausalLM
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        model_type = config.get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            return None
-        cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
-        archs = config.get("architectures") or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        try:
-            with torch.device("meta"):
-                if cls is not None:
-                    return cls._from_config(cfg)
-                try:
-                    return AutoModelForCausalLM.from_config(cfg)
-                except ValueError:
-                    return AutoModel.from_config(cfg)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-    except Exception:  # unknown or custom architecture: fall back to names
-        return None
-
-
 def _module_kind(module) -> str:
     if type(module).__name__ == "Conv1D":
         return "conv1d"
@@ -257,7 +216,7 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Mode
     model_type = config.get("model_type")
     if use_model_class is None:
         use_model_class = not _names_suffice(ck)
-    model = _meta_model(config) if config and use_model_class else None
+    model = meta_model(config) if config and use_model_class else None
     roles: dict[str, TensorRole] = {}
     mods: dict[str, object] = {}
     head = emb = None

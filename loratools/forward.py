@@ -32,6 +32,7 @@ Note: default tolerances.
 from __future__ import annotations
 
 import gc
+import json
 import time
 import warnings
 from contextlib import contextmanager
@@ -298,20 +299,15 @@ def _unify_dense_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def conv1d_weights(path: str | Path) -> set[str]:
-    """Names of the weights a model keeps in transformers' Conv1D layout ([in, out], GPT-2 style), found by
-    building the model from its config.json on the meta device (no memory, no weights read). Empty when
-    the model cannot be built."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
+    """Names of the weights a model keeps in transformers' Conv1D layout ([in, out], GPT-2 style), from the
+    model class built on the meta device (hf_layout). Empty when the model cannot be built."""
+    from .hf_layout import CONV1D, layout_for
 
     try:
-        with quiet_transformers():
-            config = AutoConfig.from_pretrained(model_dir(path), trust_remote_code=False, local_files_only=True)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except Exception:  # an unknown architecture: callers fall back to shapes
+        config = json.loads((model_dir(path) / "config.json").read_text())
+    except (OSError, ValueError, InputError):
         return set()
-    return {f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, Conv1D)}
+    return {f"{m}.weight" for m, kind in layout_for(config).kinds.items() if kind == CONV1D}
 
 
 def attach_adapters(model: torch.nn.Module, adapters: list[Path], weights: list[float]) -> torch.nn.Module:

@@ -59,9 +59,8 @@ def _layout_cached(config_json: str) -> ModelLayout:
     config = json.loads(config_json)
     dtype = config.get("dtype") or config.get("torch_dtype")
     dtype = dtype if dtype in ("float16", "bfloat16", "float32") else None
-    try:
-        model = _meta_model(config)
-    except Exception:  # unknown architecture, custom code, a config transformers rejects
+    model = meta_model(config)
+    if model is None:  # unknown architecture, custom code, a config transformers rejects
         return ModelLayout("fallback", dtype=dtype)
     import torch.nn as nn
     from transformers.pytorch_utils import Conv1D
@@ -79,17 +78,37 @@ def _layout_cached(config_json: str) -> ModelLayout:
     return ModelLayout("transformers", kinds, tuple(sorted(get_keys_to_not_convert(model))), keep, dtype)
 
 
-def _meta_model(config: dict):
-    import torch
-    import transformers
-    from transformers import AutoConfig
+def meta_model(config: dict | None):
+    """The model class config.json names, built on the meta device (no memory, no weights), or None when
+    transformers cannot build it. Shared by quantize, extract and validate; cached per config."""
+    if not config:
+        return None
+    return _meta_model_cached(json.dumps(config, sort_keys=True, default=str))
 
-    cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
-    model_type = cfg_dict.pop("model_type")
-    hf_config = AutoConfig.for_model(model_type, **cfg_dict)
-    archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    with torch.device("meta"):
-        if cls is not None:
-            return cls(hf_config)
-        return transformers.AutoModelForCausalLM.from_config(hf_config)
+
+@lru_cache(maxsize=4)
+def _meta_model_cached(config_json: str):
+    config = json.loads(config_json)
+    try:
+        import torch
+        import transformers
+        from transformers import AutoConfig
+
+        cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
+        hf_config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+        archs = config.get("architectures") or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            with torch.device("meta"):
+                if cls is not None:
+                    return cls(hf_config)
+                try:
+                    return transformers.AutoModelForCausalLM.from_config(hf_config)
+                except ValueError:  # not a causal LM: the bare model still names every module
+                    return transformers.AutoModel.from_config(hf_config)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    except Exception:  # unknown architecture, custom code, a config transformers rejects
+        return None
