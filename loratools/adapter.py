@@ -38,6 +38,21 @@ _FACTOR_SUFFIXES = {
 }
 
 
+def classify_key(key: str) -> tuple[str, str | None, str | None]:
+    """What a saved adapter key holds: ("factor", module, role), ("saved", base tensor name, None) for a
+    tensor stored whole, ("unknown_lora", module, None) for a LoRA kind we do not handle, or
+    ("not_peft", None, None)."""
+    if not key.startswith(PREFIX):
+        return "not_peft", None, None
+    rest = key[len(PREFIX):]
+    for suffix, role in _FACTOR_SUFFIXES.items():
+        if rest.endswith(suffix):
+            return "factor", rest[: -len(suffix)], role
+    if ".lora_" in rest or "trainable_tokens" in rest:
+        return "unknown_lora", rest.split(".lora_")[0], None
+    return "saved", rest.replace(".base_layer.", "."), None
+
+
 def pattern_value(patterns: dict, module: str, default):
     """PEFT's per-module override lookup (peft.utils.other.get_pattern_key): the first pattern key that
     matches the end of the module name on a dot boundary wins; otherwise an exact-name entry; else default."""
@@ -181,17 +196,15 @@ def load_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
                 if bad:
                     raise FormatError(f"adapter tensor holds NaN/Inf values ({bad} of {t.numel()} elements)",
                                       path=wpath, tensor=key)
-            if not key.startswith(PREFIX):
+            kind, name, role = classify_key(key)
+            if kind == "not_peft":
                 raise FormatError(f"unexpected key (PEFT keys start with {PREFIX!r})", path=wpath, tensor=key)
-            rest = key[len(PREFIX):]
-            for suffix, role in _FACTOR_SUFFIXES.items():
-                if rest.endswith(suffix):
-                    parts.setdefault(rest[: -len(suffix)], {})[role] = t
-                    break
+            if kind == "unknown_lora":
+                raise UnsupportedError("unsupported LoRA tensor kind", path=wpath, tensor=key)
+            if kind == "factor":
+                parts.setdefault(name, {})[role] = t
             else:
-                if ".lora_" in rest or "trainable_tokens" in rest:
-                    raise UnsupportedError("unsupported LoRA tensor kind", path=wpath, tensor=key)
-                saved[rest.replace(".base_layer.", ".")] = t
+                saved[name] = t
     modules = {}
     for name, p in parts.items():
         modules[name] = _build_module(name, p, cfg, wpath)

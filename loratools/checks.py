@@ -27,7 +27,7 @@ from typing import Collection, Iterable
 
 import torch
 
-from .adapter import PREFIX, WEIGHTS_NAME, _FACTOR_SUFFIXES, Adapter, LoraModule, lora_scale, pattern_value, \
+from .adapter import PREFIX, WEIGHTS_NAME, Adapter, LoraModule, classify_key, lora_scale, pattern_value, \
     read_adapter_config
 from .errors import InputError, MismatchError
 from .io.checkpoint import QUANT_STATE_MARK, Checkpoint
@@ -257,21 +257,17 @@ def adapter_from_header(path) -> tuple[Adapter, list[Problem]]:
     parts: dict[str, dict] = {}
     saved = {}
     for key, info in infos.items():
-        if not key.startswith(PREFIX):
+        kind, name, role = classify_key(key)
+        if kind == "not_peft":
             problems.append(Problem(None, key, apath, expected=f"{PREFIX}<module>...", found=key,
                                     message=f"adapter tensor {key} does not start with {PREFIX!r} (not a PEFT key)"))
-            continue
-        rest = key[len(PREFIX):]
-        for suffix, role in _FACTOR_SUFFIXES.items():
-            if rest.endswith(suffix):
-                parts.setdefault(rest[: -len(suffix)], {})[role] = info
-                break
+        elif kind == "unknown_lora":
+            problems.append(Problem(name, key, apath, expected="a LoRA factor", found=key,
+                                    message=f"adapter tensor {key} is of a LoRA kind loratools does not know"))
+        elif kind == "factor":
+            parts.setdefault(name, {})[role] = info
         else:
-            if ".lora_" in rest or "trainable_tokens" in rest:
-                problems.append(Problem(rest.split(".lora_")[0], key, apath, expected="a LoRA factor", found=key,
-                                        message=f"adapter tensor {key} is of a LoRA kind loratools does not know"))
-            else:
-                saved[re.sub(r"\.base_layer\.", ".", rest)] = _meta(info.shape)
+            saved[name] = _meta(info.shape)
     modules: dict[str, LoraModule] = {}
     names = {"A": "lora_A.weight", "B": "lora_B.weight", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
     for name, p in sorted(parts.items()):
