@@ -71,3 +71,27 @@ def test_read_only_location_is_refused(tmp_path):
         assert "permission" in r.stderr
     finally:
         ro.chmod(0o700)
+
+
+_REAL_FSYNC = os.fsync
+
+
+def _fsyncs(monkeypatch, tmp_path, *flags):
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), _REAL_FSYNC(fd))[1])
+    out = tmp_path / ("out" + "".join(flags))
+    run_cli("convert", LLAMA, "-o", out, "--max-shard-size", "100KB", *flags)
+    return calls, out
+
+
+def test_outputs_are_synced_unless_no_sync(monkeypatch, tmp_path):
+    """Every shard, side file and the directories are fsync'ed by default; --no-sync writes the same
+    bytes with no fsync at all (and the option resets for the next command in the same process)."""
+    synced, a = _fsyncs(monkeypatch, tmp_path)
+    shards = [p for p in a.iterdir() if p.suffix == ".safetensors"]
+    assert len(shards) > 1 and len(synced) >= len(list(a.iterdir())) + 2  # + the two directories
+    unsynced, b = _fsyncs(monkeypatch, tmp_path, "--no-sync")
+    assert unsynced == []
+    assert tree_digest(a) == tree_digest(b)
+    again, _ = _fsyncs(monkeypatch, tmp_path, "--sync")
+    assert len(again) == len(synced)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..io.writer import DEFAULT_MAX_SHARD_SIZE, parse_size
+from ..io.writer import DEFAULT_MAX_SHARD_SIZE, parse_size, set_sync
 
 
 class SizeType(click.ParamType):
@@ -18,7 +18,16 @@ class SizeType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+def _set_sync(ctx, param, value):
+    set_sync(value)
+    return value
+
+
 def output_option(f):
+    """-o/--output, and --sync/--no-sync with it: every command that writes takes both."""
+    f = click.option("--sync/--no-sync", default=True, expose_value=False, callback=_set_sync,
+                     help="fsync the output before renaming it into place, so that it survives a power cut "
+                          "(default). --no-sync skips that, as save_pretrained does; the output stays atomic.")(f)
     return click.option("-o", "--output", required=True, type=click.Path(path_type=str),
                         help="Output directory (written atomically; must not exist unless --force).")(f)
 

@@ -135,6 +135,10 @@ class AtomicOutput:
 
 
 def _fsync_dir(path: Path):
+    from .writer import sync_enabled
+
+    if not sync_enabled():
+        return
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

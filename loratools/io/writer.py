@@ -15,6 +15,7 @@ Note: metadata finalized at close.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -63,6 +64,61 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ValueError(f"size must be positive: {text!r}")
     return int(value * mult)
+
+
+SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+
+# Note: durability.
+#     By default every output file and directory is fsync'ed before the output is renamed into place,
+#     so an output that exists survives a power cut too. `--no-sync` (set_sync(False)) skips that, as
+#     `save_pretrained`, cp and rsync do: the rename is still atomic, so a killed or failed run still
+#     leaves no partial output; only a power loss or OS crash shortly after the run could lose data.
+_SYNC = True
+
+
+def set_sync(enabled: bool) -> None:
+    """Turn fsync of outputs on (the default) or off for this process (`--sync/--no-sync`)."""
+    global _SYNC
+    _SYNC = bool(enabled)
+
+
+def sync_enabled() -> bool:
+    return _SYNC
+
+
+def fsync(fd: int) -> None:
+    """os.fsync unless `--no-sync` was given."""
+    if _SYNC:
+        os.fsync(fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _sync_file_range():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux / not glibc
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing these bytes to disk now, without waiting for it.
+
+    Note: durable output, pipelined.
+        Every output is fsync'ed before it is renamed into place. Left alone, the kernel starts
+        writing dirty pages back only after ~30 s or gigabytes of them, so the whole output would be
+        written to disk during that final fsync, after all the computing (2.1 s of a 9 s merge of
+        1.5 GB here). Starting the write-back of each tensor as soon as it is written lets the disk
+        work while the next tensor is computed; the final fsync then waits only for the last few.
+        A hint: where the call is missing it is skipped, and the fsync at close still guarantees
+        durability."""
+    fn = _sync_file_range()
+    if fn is not None and nbytes > 0 and _SYNC:
+        fn(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)  # ctypes releases the GIL meanwhile
 
 
 def _disk_error(e: OSError, path) -> OutputError:
@@ -193,6 +249,7 @@ class ShardWriter:
                 written += os.pwrite(fd, data[written:], offset + written)
         except OSError as e:
             raise _disk_error(e, self.dir / self.filenames[shard]) from None
+        start_writeback(fd, offset, len(data))
         self._pending.discard(name)
 
     def copy_from(self, name: str, info) -> None:
@@ -217,6 +274,7 @@ class ShardWriter:
             _copy_range(src, info.offset, fd, offset, info.nbytes, info, self.dir / self.filenames[shard])
         finally:
             os.close(src)
+        start_writeback(fd, offset, info.nbytes)
         self._pending.discard(name)
 
     def _open(self, shard: int) -> int:
@@ -231,8 +289,8 @@ class ShardWriter:
         return fd
 
     def _close_fd(self):
+        # no fsync here: the shard's write-back is under way (start_writeback); close() waits for all
         if self._fd:
-            os.fsync(self._fd[1])
             os.close(self._fd[1])
             self._fd = None
 
@@ -249,19 +307,20 @@ class ShardWriter:
                 self._groups[-1] = [self._specs[s.name] for s in self._groups[-1]]
                 end = self._prefix_len[-1] + sum(s.nbytes for s in self._groups[-1])
                 os.truncate(self.dir / self.filenames[-1], end)
-            if final_metadata is not None or self._reserve or self._shrinkable:
-                meta = {**self.metadata, **(final_metadata or {})}
-                for i, group in enumerate(self._groups):
-                    prefix, _ = build_header([(s.name, s.dtype, s.shape) for s in group], meta,
-                                             min_size=self._prefix_len[i] - 8)
-                    if len(prefix) != self._prefix_len[i]:
-                        raise LoratoolsError("internal: final metadata larger than reserved")
-                    fd = os.open(self.dir / self.filenames[i], os.O_WRONLY)
-                    try:
+            rewrite = final_metadata is not None or self._reserve or self._shrinkable
+            meta = {**self.metadata, **(final_metadata or {})}
+            for i, group in enumerate(self._groups):
+                fd = os.open(self.dir / self.filenames[i], os.O_WRONLY)
+                try:
+                    if rewrite:
+                        prefix, _ = build_header([(s.name, s.dtype, s.shape) for s in group], meta,
+                                                 min_size=self._prefix_len[i] - 8)
+                        if len(prefix) != self._prefix_len[i]:
+                            raise LoratoolsError("internal: final metadata larger than reserved")
                         os.pwrite(fd, prefix, 0)
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    fsync(fd)  # every shard durable before the output is renamed into place
+                finally:
+                    os.close(fd)
             if self.index_name:
                 total = sum(s.nbytes for s in self._specs.values())
                 weight_map = {s.name: self.filenames[i] for i, g in enumerate(self._groups) for s in g}
@@ -316,7 +375,7 @@ def write_json(path: Path, data) -> None:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
             f.flush()
-            os.fsync(f.fileno())
+            fsync(f.fileno())
     except OSError as e:
         raise _disk_error(e, path) from None
 
