@@ -12,6 +12,16 @@ Note: why not a list of names.
     transposed). The meta model is the same source transformers itself uses, so the selection cannot
     drift from it. When transformers cannot build the class (no config, custom code), the fallback
     rule below is used and reported as such.
+
+Note: known architectures.
+    Importing a model class costs ~3 s of transformers imports (more than the rest of quantizing a
+    small model). For a few common architectures (FAMILIES) the same facts follow from config.json
+    alone: their module tree is fixed by the layer count, and transformers' skips are the output
+    embedding, the tied pair and the last parameter. tests/test_hf_layout.py builds every family's
+    meta model (tied and untied, with and without the keys that have defaults) and asserts that the
+    two layouts are equal, so a transformers release that changes one of these classes fails the
+    tests instead of changing our selection. Configs with options that add modules (GPT-2 cross
+    attention) or any other architecture use the meta model.
 """
 from __future__ import annotations
 
@@ -47,10 +57,68 @@ def should_convert(module: str, patterns) -> bool:
     return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in patterns)
 
 
+@dataclass(frozen=True)
+class Family:
+    """The module tree of a model class, as far as quantization cares (see Note: known architectures)."""
+
+    layer: str  # prefix of decoder layer i, with {i}
+    layers_key: str  # config key holding the layer count
+    linear: tuple[str, ...] = ()  # nn.Linear leaves under each layer
+    conv1d: tuple[str, ...] = ()  # transformers Conv1D leaves under each layer
+    embed: str = ""  # input embedding module (tied to the head when tie_word_embeddings)
+    last_tied: str = ""  # key of the last parameter when the head is tied (suffix ".weight" removed)
+    tie_default: bool = False  # tie_word_embeddings when config.json does not say
+    adds_modules: tuple[str, ...] = ()  # config flags that add modules: use the meta model when set
+
+
+_LLAMA_LIKE = Family("model.layers.{i}", "num_hidden_layers",
+                     linear=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+                     embed="model.embed_tokens", last_tied="model.norm")
+FAMILIES = {
+    "LlamaForCausalLM": _LLAMA_LIKE,
+    "MistralForCausalLM": _LLAMA_LIKE,
+    "Qwen2ForCausalLM": _LLAMA_LIKE,
+    "Qwen3ForCausalLM": _LLAMA_LIKE,
+    "GPT2LMHeadModel": Family("transformer.h.{i}", "n_layer", conv1d=("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                       "mlp.c_proj"),
+                              embed="transformer.wte", last_tied="transformer.ln_f.bias", tie_default=True,
+                              adds_modules=("add_cross_attention",)),
+}
+
+
+def _family_layout(config: dict) -> ModelLayout | None:
+    """The layout of a FAMILIES architecture from config.json alone; None for anything else."""
+    archs = config.get("architectures") or []
+    fam = FAMILIES.get(archs[0]) if len(archs) == 1 else None
+    layers = config.get(fam.layers_key) if fam else None
+    if fam is None or not isinstance(layers, int) or any(config.get(k) for k in fam.adds_modules):
+        return None
+    kinds = {}
+    for i in range(layers):
+        prefix = fam.layer.format(i=i)
+        kinds.update({f"{prefix}.{leaf}": LINEAR for leaf in fam.linear})
+        kinds.update({f"{prefix}.{leaf}": CONV1D for leaf in fam.conv1d})
+    kinds["lm_head"] = LINEAR
+    # transformers' get_keys_to_not_convert: the output embedding, both ends of a tied pair, and the
+    # module of the last parameter (the head, or when tied the final norm, since the head is not a
+    # parameter of its own then)
+    tied = config.get("tie_word_embeddings", fam.tie_default)
+    skips = {"lm_head", fam.embed, fam.last_tied} if tied else {"lm_head"}
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    dtype = dtype if dtype in ("float16", "bfloat16", "float32") else None
+    return ModelLayout("transformers", kinds, tuple(sorted(skips)), (), dtype)
+
+
 def layout_for(config: dict | None) -> ModelLayout:
     """The layout of the model a config describes (cached per config)."""
     if not config:
         return ModelLayout("fallback")
+    return _family_layout(config) or model_class_layout(config)
+
+
+def model_class_layout(config: dict) -> ModelLayout:
+    """The layout read off the meta model, never from FAMILIES (what the family layouts are tested against)."""
     return _layout_cached(json.dumps(config, sort_keys=True))
 
 
