@@ -335,15 +335,21 @@ class DenseBase:
     def iter_tensors(self, copy_as_is=lambda name: False):
         """(name, tensor) in file order; (name, TensorInfo) for names `copy_as_is` selects, which the
         writer copies without reading them into memory."""
+        as_is = {name for name in self.specs if copy_as_is(name)}
+        if not self.quantized:  # the next tensor is read while this one is merged
+            reads = self.ck.prefetched(n for n in self.specs if n not in as_is)
         for name in self.specs:
-            if copy_as_is(name):
+            if name in as_is:
                 yield name, self.ck.tensors[name]
             elif self.quantized:
                 # Dequantized in the quant_state dtype, bit-identical to bitsandbytes' dequantize_4bit:
                 # the weights the QLoRA adapter was trained against, what `model.dequantize()` gives.
                 yield name, self._q.read_dense(self.ck, name, device=self.device)
             else:
-                yield name, self.ck.read(name)
+                got, tensor = next(reads)
+                assert got == name
+                yield name, tensor
+                del tensor
         self.ck.close()
 
 

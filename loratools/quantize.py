@@ -23,9 +23,7 @@ Note: dtype.
 """
 from __future__ import annotations
 
-import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +36,7 @@ from .hf_layout import CONV1D, layout_for, should_convert
 from .io import Checkpoint, TensorSpec, config_with_dtype
 from .io.output import write_checkpoint
 from .io.provenance import provenance
+from .io.memory import release_free_memory
 from .io.safetensors_format import element_size
 from .quantized import dense_specs, quant_states, read_dense
 
@@ -55,7 +54,7 @@ def single_threaded_torch(device: torch.device):
         several intra-op threads each op is a fork/join whose cost dominates, and on a busy machine a
         descheduled worker stalls every op: quantizing the 0.75B benchmark model took 48 s with torch's
         default 2 threads and 15 s with 1 on the 2-core box we measure on. The second core is used
-        instead by reading the next tensor ahead (see _prefetch) and by the provenance hashing thread.
+        instead by reading the next tensor ahead (Checkpoint.prefetched) and by the provenance hashing thread.
     """
     return torch_threads(1, device)
 
@@ -63,51 +62,10 @@ def single_threaded_torch(device: torch.device):
 BIG_TENSOR = 8 * 2**20
 
 
-def release_free_memory() -> None:
-    """Give memory that the allocator keeps after frees back to the OS (glibc's malloc_trim).
-
-    Note: allocator.
-        Tensors of 10-30 MB are read, quantized and freed one after another, by two threads (reader,
-        main) with their own malloc arenas; glibc keeps much of that freed memory mapped, so RSS
-        drifts ~200 MB above what is live (measured on the 0.75B model: 676 MB peak, of which 341 MB
-        is Python + torch + transformers). Trimming before each read of a tensor of 8 MiB or more
-        brings the peak down to the imports plus the live tensors (549 MB; 557 MB with 16 MiB,
-        617 MB with 64 MiB), for ~1 s of system time re-faulting trimmed pages. No-op where glibc is
-        not the allocator.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def prefetch(ck: Checkpoint, names=None):
-    """ck.iter_tensors(), with the next tensor read by a background thread while this one is used
-    (file reads release the GIL). One reader at a time: the checkpoint's single open file is safe."""
-    names = list(ck.tensors) if names is None else list(names)
-
-    def read(name):
-        if ck.tensors[name].nbytes >= BIG_TENSOR:
-            release_free_memory()
-        return ck.read(name)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="loratools-read") as pool:
-        pending = pool.submit(read, names[0]) if names else None
-        for i, name in enumerate(names):
-            tensor = pending.result()
-            pending = pool.submit(read, names[i + 1]) if i + 1 < len(names) else None
-            yield name, tensor
-            del tensor
-    ck.close()
+def _trim_before_big_reads(info) -> None:
+    # measured on the 0.75B model: 676 MB peak without, 549 MB with (see io/memory.py)
+    if info.nbytes >= BIG_TENSOR:
+        release_free_memory()
 
 
 # -- per-tensor maths -----------------------------------------------------------------------------
@@ -282,7 +240,7 @@ def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int 
 
     def tensors():
         states = []
-        for name, t in prefetch(ck):
+        for name, t in ck.prefetched(ck.tensors, before_read=_trim_before_big_reads):
             out_dtype = _out_dtype(t.dtype, plan)
             if name not in plan.targets:
                 yield name, t.to(out_dtype)

@@ -219,6 +219,33 @@ class Checkpoint:
             yield name, self.read(name)
         self.close()
 
+    def prefetched(self, names: Iterable[str], before_read=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for `names` in the order given, each next tensor read by a background thread
+        while the caller works on this one (file reads release the GIL): one tensor more in memory,
+        and the reads off the caller's critical path. One reader at a time, so the checkpoint's single
+        open file is safe. `before_read(info)` runs on the reader thread before each read."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = list(names)
+
+        def read(name):
+            if before_read is not None:
+                before_read(self.info(name))
+            return self.read(name)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="loratools-read") as pool:
+            pending = pool.submit(read, names[0]) if names else None
+            try:
+                for i, name in enumerate(names):
+                    tensor = pending.result()
+                    pending = pool.submit(read, names[i + 1]) if i + 1 < len(names) else None
+                    yield name, tensor
+                    del tensor
+            finally:
+                if pending is not None:  # the caller stopped early: let the read in flight finish
+                    pending.cancel() or pending.exception()
+        self.close()
+
     def close(self):
         if self._fh is not None:
             self._fh.close()

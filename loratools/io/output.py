@@ -1,12 +1,14 @@
 """One path for every command that writes a checkpoint: atomic directory + planned shards + side files."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
 from .atomic import AtomicOutput
+from .memory import big_frees_to_os
 from .safetensors_format import TensorInfo
 from .sidefiles import copy_side_files
 from .writer import DEFAULT_MAX_SHARD_SIZE, ShardWriter, TensorSpec
@@ -28,21 +30,42 @@ def write_checkpoint(output, *, inputs: Iterable, force: bool, specs: list[Tenso
     temporary directory; it returns their paths relative to it. `shrinkable` names 1-D uint8 tensors
     planned last at an upper-bound length (see ShardWriter).
     """
+    big_frees_to_os()  # RSS follows the live tensors (see io/memory.py)
     atomic = AtomicOutput(output, inputs, force)
     with atomic as tmp:
         writer = ShardWriter(tmp, specs, filename=filename, max_shard_size=max_shard_size, metadata=metadata,
                              shrinkable=shrinkable)
-        try:
-            for name, t in tensors:
-                if isinstance(t, TensorInfo):
-                    writer.copy_from(name, t)
-                else:
-                    writer.write(name, t)
-                if on_tensor:
-                    on_tensor(name)
-            files = writer.close()
-        finally:
-            writer.abort()
+
+        def put(name, t):
+            if isinstance(t, TensorInfo):
+                writer.copy_from(name, t)
+            else:
+                writer.write(name, t)
+
+        # Note: write-behind.
+        #     Each tensor is written by a second thread while the generator computes the next one
+        #     (pwrite, copy_file_range and torch ops release the GIL), so the writes leave the
+        #     critical path at the cost of one more tensor in memory. At most one write is in flight
+        #     and they run in order; a write's error surfaces at the next tensor or at the end, and a
+        #     failure anywhere waits for the write in flight before the temporary output is removed.
+        pending = None
+        with ThreadPoolExecutor(1, thread_name_prefix="loratools-write") as pool:
+            try:
+                for name, t in tensors:
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(put, name, t)
+                    del t
+                    if on_tensor:
+                        on_tensor(name)
+                if pending is not None:
+                    pending, last = None, pending
+                    last.result()
+                files = writer.close()
+            finally:
+                if pending is not None:
+                    pending.cancel() or pending.exception()
+                writer.abort()
         files += copy_side_files(list(side_files), tmp, config=config)
         if extra_files is not None:
             files += extra_files(tmp)
