@@ -106,9 +106,9 @@ class Workspace:
 def lora_delta(m: LoraModule, weight: float = 1.0, device="cpu", ws: Workspace | None = None) -> torch.Tensor:
     """weight · scale · B @ A in float32, in the base tensor's layout (PEFT's get_delta_weight).
 
-    Always the whole product in one matmul, as PEFT computes it: a matmul split into row blocks can take
-    other kernel paths for the edge tiles and differ from PEFT in the last bit of a few elements. With a
-    workspace the product lands in its "delta" buffer (valid until the next call)."""
+    The whole product in one matmul, as PEFT computes it (merge_weight's plain path computes the same
+    bits in row blocks, see Note: row blocks of B @ A). With a workspace the product lands in its
+    "delta" buffer (valid until the next call)."""
     A = m.A.to(device=device, dtype=torch.float32)
     B = m.B.to(device=device, dtype=torch.float32)
     if ws is None:
@@ -149,11 +149,20 @@ class Step:
 BLOCK_ELEMENTS = 1 << 20
 
 
+# Row blocks are a multiple of this many rows, and a shorter remainder joins the block before it: a
+# matmul of fewer than 4 rows takes another kernel and can differ in the last bit (Note: row blocks).
+BLOCK_ROWS = 64
+
+
 def _row_blocks(t: torch.Tensor) -> list[slice]:
     if t.dim() != 2 or t.device.type != "cpu":
         return [slice(None)]
-    step = max(1, BLOCK_ELEMENTS // max(1, t.shape[1]))
-    return [slice(r, r + step) for r in range(0, t.shape[0], step)]
+    rows = t.shape[0]
+    step = max(BLOCK_ROWS, BLOCK_ELEMENTS // max(1, t.shape[1]) // BLOCK_ROWS * BLOCK_ROWS)
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and rows - starts[-1] < BLOCK_ROWS:
+        starts.pop()
+    return [slice(r, starts[i + 1] if i + 1 < len(starts) else rows) for i, r in enumerate(starts)]
 
 
 def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=torch.float32,
@@ -164,14 +173,33 @@ def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=
     ws = ws or Workspace()
     w0 = base.to(device)
     if len(steps) == 1 and not steps[0].dora:
-        # The common case: one whole-matrix delta (PEFT's bits), then W + ΔW and the cast block by block.
-        d = lora_delta(steps[0].module, steps[0].weight, device, ws)
+        # The common case: W + ΔW and the cast, block by block
+        m, weight = steps[0].module, steps[0].weight
+        blocks = _row_blocks(w0)
+        by_rows = len(blocks) > 1 and not transposed(m)
+        if by_rows:
+            A = m.A.to(device=device, dtype=torch.float32)
+            B = m.B.to(device=device, dtype=torch.float32)
+        else:
+            d = lora_delta(m, weight, device, ws)  # one whole-matrix product
         out = torch.empty(w0.shape, dtype=out_dtype, device=w0.device)
-        for rows in _row_blocks(w0):
+        for rows in blocks:
             blk = w0[rows]
+            if by_rows:
+                # Note: row blocks of B @ A.
+                #     Each element of B @ A is one rank-long dot product. The CPU kernels compute it
+                #     the same way whatever the number of rows in the call, except for calls of
+                #     fewer than 4 rows (measured), which _row_blocks never makes; so a block's
+                #     product has the bits of the whole product's rows (tests/test_merge.py checks it
+                #     on awkward shapes; benchmarks/merge.py on all 84 weights against PEFT). The
+                #     float32 delta then never exists at full size: 46 MB less memory and one pass
+                #     less over it for a 5632 x 2048 weight.
+                d_blk = torch.mm(B[rows], A, out=ws.get("delta", blk.shape, device)).mul_(m.scale * weight)
+            else:
+                d_blk = d[rows]
             acc = ws.get("acc", blk.shape, device)
             acc.copy_(blk)
-            acc += d[rows]
+            acc += d_blk
             out[rows] = acc
         return out, [None]
     acc = ws.get("acc", w0.shape, device)

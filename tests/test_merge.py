@@ -494,3 +494,23 @@ def test_row_blocks_change_no_bit(tmp_path, monkeypatch):
         ref = {k: v.to(dtype_of(base)) for k, v in peft_merged(base, [FIXTURES / name], dtype).items()}
         same, total, _ = compare(out, ref)
         assert same == total, name
+
+
+@pytest.mark.parametrize("shape,rank", [((1003, 517), 16), ((2048, 300), 8), ((131, 4096), 64), ((200, 33), 4)])
+def test_row_blocked_product_has_the_whole_products_bits(monkeypatch, shape, rank):
+    """merge_weight computes B @ A in row blocks (never fewer than 4 rows per call); the result must
+    equal W + (B @ A) · scale computed from one whole-matrix product, as PEFT does, bit for bit."""
+    import loratools.merge as merge_mod
+    from loratools.adapter import LoraModule
+
+    g = torch.Generator().manual_seed(sum(shape) + rank)
+    out_f, in_f = shape
+    mod = LoraModule(name="m", kind="linear", A=torch.randn(rank, in_f, generator=g),
+                     B=torch.randn(out_f, rank, generator=g), r=rank, alpha=0.37 * rank, scale=0.37)
+    w = torch.randn(shape, generator=g).half()
+    monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 7 * in_f)  # many blocks, a short remainder
+    blocks = merge_mod._row_blocks(w)
+    assert len(blocks) > 1 and all(b.stop - b.start >= merge_mod.BLOCK_ROWS for b in blocks)
+    got, _ = merge_mod.merge_weight(w, [merge_mod.Step(mod, 1.0, 0)], out_dtype=torch.float16)
+    want = (w.float() + (mod.B @ mod.A) * 0.37).half()
+    assert torch.equal(got, want)
