@@ -6,11 +6,9 @@ Note: allocator.
     thread's arena, and by default raises its mmap threshold to the size of the last large block
     freed (up to 32 MiB), after which blocks of that size come from the arenas and stay mapped when
     freed. Memory then drifts 100-200 MB above what is live (merge of the 0.75B benchmark model: 513
-    MB peak with the write-behind thread; 406 MB with a fixed threshold). Two remedies, both no-ops
-    where glibc is not the allocator:
-    - `big_frees_to_os()`: a fixed 1 MiB mmap threshold, so every tensor-sized block is its own
-      mapping and is unmapped when freed (a few hundred ms of page faults on a 1.5 GB model);
-    - `release_free_memory()`: malloc_trim, returning what the arenas hold free right now.
+    MB peak with the write-behind thread, 406 MB with the fixed thresholds below; quantize used to
+    call malloc_trim before every big read instead, at ~1 s of system time). No-op where glibc is
+    not the allocator.
 """
 from __future__ import annotations
 
@@ -29,24 +27,15 @@ def _libc():
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # both or neither
-        return libc
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
         return None
 
 
 @functools.lru_cache(maxsize=1)
 def big_frees_to_os() -> None:
-    """Serve allocations of 1 MiB and more by mmap from now on (process-wide, once)."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-
-
-def release_free_memory() -> None:
-    """Give memory that the allocator keeps after frees back to the OS (glibc's malloc_trim)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    """Serve allocations of MMAP_THRESHOLD and more by mmap from now on (process-wide, once)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
