@@ -26,18 +26,24 @@ def main():
     work = Path(args.work)
     base = generate_llama(work / f"base-{args.size}", args.size)
     largest = max(2 * math.prod(s) for s in llama_shapes(**SIZES[args.size]).values()) / 2**20
-    for d in ("out-ours", "out-hf"):
+    for d in ("out-ours", "out-ours-nosync", "out-hf"):
         shutil.rmtree(work / d, ignore_errors=True)
     baseline = python_rss_baseline()
     ours = measure("loratools convert", [sys.executable, "-m", "loratools", "convert", str(base), "-o",
                                          str(work / "out-ours"), "--max-shard-size", "500MB"])
+    # we fsync by default, save_pretrained does not: --no-sync is the like-for-like run
+    nosync = measure("loratools convert --no-sync", [sys.executable, "-m", "loratools", "convert", str(base), "-o",
+                                                     str(work / "out-ours-nosync"), "--max-shard-size", "500MB",
+                                                     "--no-sync"])
     hf_code = ("import sys, torch; from transformers import AutoModelForCausalLM as M; "
                "m = M.from_pretrained(sys.argv[1], dtype=torch.float16); "
                "m.save_pretrained(sys.argv[2], max_shard_size='500MB')")
     theirs = measure("transformers load+save", [sys.executable, "-c", hf_code, str(base), str(work / "out-hf")])
     size = dir_bytes(base)
     doc = report(f"read-and-rewrite, {args.size} fp16", ours, theirs, size_bytes=size,
-                 extra={"baseline_rss_mb": baseline, "largest_tensor_mb": largest})
+                 extra={"baseline_rss_mb": baseline, "largest_tensor_mb": largest,
+                        "no_sync": nosync.__dict__ | {"output": None, "speedup": theirs.seconds / nosync.seconds}})
+    print(f"loratools convert --no-sync: {nosync.seconds:.2f} s, speed-up {theirs.seconds / nosync.seconds:.2f}x")
     over = ours.peak_rss_mb - baseline
     print(f"loratools RSS above import baseline: {over:.0f} MB (largest tensor {largest:.0f} MB, "
           f"checkpoint {size / 2**20:.0f} MB)")
