@@ -145,6 +145,31 @@ def quantized_tolerance(*, atol: float | None = None, rtol: float | None = None)
     return Tolerance(rtol=rtol if rtol is not None else 0.25, atol=atol, atol_rel=0.5, basis="4-bit quantization")
 
 
+def fake_quantize_(model: torch.nn.Module, base, quant) -> int:
+    """Replace, in place, each weight of `model` (BASE loaded dense) that the checkpoint `quant` stores in
+    4 bits by bitsandbytes' quantization of BASE's own tensor, dequantized: the same quant type,
+    blocksize, double quantization and dtype as `quant` records (bnb4bit reproduces bitsandbytes' bytes).
+    The model then computes what a correct 4-bit copy of BASE computes. Returns the count replaced."""
+    from .bnb4bit import dequantize_weight, quantize_weight
+    from .quantized import _conv1d, quant_states
+
+    params = dict(model.named_parameters())
+    done = 0
+    for name, qs in quant_states(quant).items():
+        param = params.get(name)
+        if param is None or name not in base.tensors:
+            continue
+        w = base.read(name).to(device=param.device, dtype=qs.torch_dtype)
+        conv1d = w.dim() == 2 and _conv1d(quant, name)
+        stored, ref_qs = quantize_weight(w.t().contiguous() if conv1d else w, quant_type=qs.quant_type,
+                                         blocksize=qs.blocksize, double_quant=qs.nested)
+        dense = dequantize_weight(stored, ref_qs)
+        with torch.no_grad():
+            param.copy_((dense.t() if conv1d else dense).to(param.dtype))
+        done += 1
+    return done
+
+
 def judge(metrics: dict, tol: Tolerance) -> dict:
     """metrics + the tolerances that applied + passed."""
     atol = tol.resolve_atol(metrics["ref_max_abs"])
@@ -372,7 +397,8 @@ def peak_memory(device: torch.device) -> int | None:
 
 
 __all__ = ["BATCH_TEXT", "DTYPES", "Loaded", "Tolerance", "attach_adapters", "carried_fraction", "coarsest",
-           "config_dtype", "conv1d_weights", "device_description", "dtype_eps", "exact_tolerance", "judge",
+           "config_dtype", "conv1d_weights", "device_description", "dtype_eps", "exact_tolerance", "fake_quantize_",
+           "judge",
            "load_model",
            "logit_metrics", "make_batch", "max_positions", "model_dir", "peak_memory", "quantized_tolerance",
            "free_memory", "resolve_compute_dtype", "resolve_device", "run_logits"]
