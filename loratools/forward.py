@@ -149,25 +149,35 @@ def fake_quantize_(model: torch.nn.Module, base, quant) -> int:
     """Replace, in place, each weight of `model` (BASE loaded dense) that the checkpoint `quant` stores in
     4 bits by bitsandbytes' quantization of BASE's own tensor, dequantized: the same quant type,
     blocksize, double quantization and dtype as `quant` records (bnb4bit reproduces bitsandbytes' bytes).
-    The model then computes what a correct 4-bit copy of BASE computes. Returns the count replaced."""
+    The model then computes what a correct 4-bit copy of BASE computes. Returns the names of the 4-bit
+    weights that have no counterpart in BASE or in the model (the reference is incomplete if any).
+
+    Names are matched as transformers loads them: with or without the model's `base_model_prefix`
+    (a GPT-2 saved as `h.0...` is loaded as `transformer.h.0...`)."""
     from .bnb4bit import dequantize_weight, quantize_weight
     from .quantized import _conv1d, quant_states
 
     params = dict(model.named_parameters())
-    done = 0
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def spellings(n: str) -> list[str]:
+        return [n, f"{prefix}.{n}", n.removeprefix(prefix + ".")] if prefix else [n]
+
+    missing = []
     for name, qs in quant_states(quant).items():
-        param = params.get(name)
-        if param is None or name not in base.tensors:
+        param = next((params[n] for n in spellings(name) if n in params), None)
+        src = next((n for n in spellings(name) if n in base.tensors), None)
+        if param is None or src is None or base.is_quantized:
+            missing.append(name)
             continue
-        w = base.read(name).to(device=param.device, dtype=qs.torch_dtype)
+        w = base.read(src).to(device=param.device, dtype=qs.torch_dtype)
         conv1d = w.dim() == 2 and _conv1d(quant, name)
         stored, ref_qs = quantize_weight(w.t().contiguous() if conv1d else w, quant_type=qs.quant_type,
                                          blocksize=qs.blocksize, double_quant=qs.nested)
         dense = dequantize_weight(stored, ref_qs)
         with torch.no_grad():
             param.copy_((dense.t() if conv1d else dense).to(param.dtype))
-        done += 1
-    return done
+    return missing
 
 
 def judge(metrics: dict, tol: Tolerance) -> dict:

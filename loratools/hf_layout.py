@@ -61,6 +61,7 @@ def should_convert(module: str, patterns) -> bool:
 class Family:
     """The module tree of a model class, as far as quantization cares (see Note: known architectures)."""
 
+    model_type: str  # config.json's model_type for this class
     layer: str  # prefix of decoder layer i, with {i}
     layers_key: str  # config key holding the layer count
     linear: tuple[str, ...] = ()  # nn.Linear leaves under each layer
@@ -71,17 +72,20 @@ class Family:
     adds_modules: tuple[str, ...] = ()  # config flags that add modules: use the meta model when set
 
 
-_LLAMA_LIKE = Family("model.layers.{i}", "num_hidden_layers",
-                     linear=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-                     embed="model.embed_tokens", last_tied="model.norm")
+def _llama_like(model_type: str) -> Family:
+    return Family(model_type, "model.layers.{i}", "num_hidden_layers",
+                  linear=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+                  embed="model.embed_tokens", last_tied="model.norm")
+
+
 FAMILIES = {
-    "LlamaForCausalLM": _LLAMA_LIKE,
-    "MistralForCausalLM": _LLAMA_LIKE,
-    "Qwen2ForCausalLM": _LLAMA_LIKE,
-    "Qwen3ForCausalLM": _LLAMA_LIKE,
-    "GPT2LMHeadModel": Family("transformer.h.{i}", "n_layer", conv1d=("attn.c_attn", "attn.c_proj", "mlp.c_fc",
-                                                                       "mlp.c_proj"),
+    "LlamaForCausalLM": _llama_like("llama"),
+    "MistralForCausalLM": _llama_like("mistral"),
+    "Qwen2ForCausalLM": _llama_like("qwen2"),
+    "Qwen3ForCausalLM": _llama_like("qwen3"),
+    "GPT2LMHeadModel": Family("gpt2", "transformer.h.{i}", "n_layer", conv1d=("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                               "mlp.c_proj"),
                               embed="transformer.wte", last_tied="transformer.ln_f.bias", tie_default=True,
                               adds_modules=("add_cross_attention",)),
 }
@@ -91,8 +95,16 @@ def _family_layout(config: dict) -> ModelLayout | None:
     """The layout of a FAMILIES architecture from config.json alone; None for anything else."""
     archs = config.get("architectures") or []
     fam = FAMILIES.get(archs[0]) if len(archs) == 1 else None
-    layers = config.get(fam.layers_key) if fam else None
-    if fam is None or not isinstance(layers, int) or any(config.get(k) for k in fam.adds_modules):
+    if fam is None or config.get("model_type") != fam.model_type:
+        return None
+    layers = config.get(fam.layers_key)
+    # anything unusual goes to the meta model, which validates the config as transformers does: a layer
+    # count under another spelling (num_hidden_layers is GPT-2's alias of n_layer), a tie flag that is not
+    # a bool, options that add modules
+    aliases = {config.get(k) for k in ("num_hidden_layers", fam.layers_key) if k in config}
+    tie = config.get("tie_word_embeddings", fam.tie_default)
+    if type(layers) is not int or len(aliases) != 1 or not isinstance(tie, bool) or \
+            any(config.get(k) for k in fam.adds_modules):
         return None
     kinds = {}
     for i in range(layers):
@@ -103,8 +115,7 @@ def _family_layout(config: dict) -> ModelLayout | None:
     # transformers' get_keys_to_not_convert: the output embedding, both ends of a tied pair, and the
     # module of the last parameter (the head, or when tied the final norm, since the head is not a
     # parameter of its own then)
-    tied = config.get("tie_word_embeddings", fam.tie_default)
-    skips = {"lm_head", fam.embed, fam.last_tied} if tied else {"lm_head"}
+    skips = {"lm_head", fam.embed, fam.last_tied} if tie else {"lm_head"}
     dtype = config.get("dtype") or config.get("torch_dtype")
     dtype = dtype if dtype in ("float16", "bfloat16", "float32") else None
     return ModelLayout("transformers", kinds, tuple(sorted(skips)), (), dtype)

@@ -475,7 +475,7 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
     def compute(key: str, t: torch.Tensor) -> torch.Tensor:
         p = plan.tensors.get(key)
         if p is None:
-            return t.to(out_dtype[key])
+            return t.to(out_dtype[key]).cpu()
         w = p.replace.to(t.dtype) if p.replace is not None else t  # as PEFT loads it into the base model
         checked = bool(p.is_bias or p.steps) and w.is_floating_point()
         if checked and not _all_finite(w):
@@ -614,7 +614,7 @@ def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "
     def compute(key: str, t: torch.Tensor) -> torch.Tensor:
         p = plan.tensors.get(key)
         if p is None or not p.steps:
-            return t.to(out_dtype[key])
+            return t.to(out_dtype[key]).cpu()
         if p.is_bias:
             acc = t.to(dev).to(torch.float32, copy=True)
             acc -= bias_delta(p.steps, dev)

@@ -554,9 +554,11 @@ def forward_checks(base: Checkpoint, adapter_paths: list[Path], weights: list[fl
                                        note="the adapters' effect on the logits (informational)"))
     del model, loaded
     fw.free_memory()
-    l_qref = None
+    l_qref, qref_error = None, None
     quant = candidates.get("quantized")
-    if quant is not None and quant.is_quantized:
+    if quant is not None and quant.is_quantized and base.is_quantized:
+        l_qref = l_base  # a 4-bit BASE is its own quantized reference
+    elif quant is not None and quant.is_quantized:
         # Note: the quantized reference.
         #     How far a 4-bit model's logits move from its base depends on the model (a correct NF4 copy
         #     of the generated random 0.1B Llama moves 42%, the fixtures 3-8%), so no threshold against
@@ -566,8 +568,12 @@ def forward_checks(base: Checkpoint, adapter_paths: list[Path], weights: list[fl
         say("forward: the base quantized as the candidate records (bitsandbytes' rule, dequantized)")
         loaded = fw.load_model(base.path, device=device, dtype=dtype, seed=seed)
         t0 = time.perf_counter()
-        fw.fake_quantize_(loaded.model, base, quant)
-        l_qref = fw.run_logits(loaded.model, ids)
+        missing = fw.fake_quantize_(loaded.model, base, quant)
+        if missing:
+            qref_error = (f"cannot rebuild the quantized reference: {len(missing)} 4-bit weight(s) have no "
+                          f"counterpart in the base model (first: {missing[0]})")
+        else:
+            l_qref = fw.run_logits(loaded.model, ids)
         timings["forward_quantized_reference"] = time.perf_counter() - t0
         del loaded
         fw.free_memory()
@@ -603,10 +609,15 @@ def forward_checks(base: Checkpoint, adapter_paths: list[Path], weights: list[fl
             comparisons.append(_comparison("quantization", "base", str(ck.path), fw.logit_metrics(l_base, l_cand),
                                            None, gated=False, note="the 4-bit quantization's effect on the logits "
                                                                    "(informational)"))
-            tol = fw.exact_tolerance(dtype, _compute_dtype_4bit(ck), atol=atol, rtol=rtol)
-            comparisons.append(_comparison("quantized", "base quantized by bitsandbytes' rule (dequantized)",
-                                           str(ck.path), fw.logit_metrics(l_qref, l_cand), tol,
-                                           loading=load_notes or None))
+            reference = "base quantized by bitsandbytes' rule (dequantized)"
+            if qref_error is not None:
+                comparisons.append(_comparison("quantized", reference, str(ck.path), None, None, passed=False,
+                                               error=qref_error))
+            elif l_qref is not None:  # (a dense candidate is a static problem already)
+                tol = fw.exact_tolerance(dtype, _compute_dtype_4bit(ck), atol=atol, rtol=rtol)
+                comparisons.append(_comparison("quantized", "base (4-bit)" if base.is_quantized else reference,
+                                               str(ck.path), fw.logit_metrics(l_qref, l_cand), tol,
+                                               loading=load_notes or None))
     return {"comparisons": comparisons, "batch_source": source, "seq_len": used_len, "timings": timings,
             "peak_gpu_bytes": fw.peak_memory(device)}
 

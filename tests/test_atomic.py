@@ -95,3 +95,17 @@ def test_outputs_are_synced_unless_no_sync(monkeypatch, tmp_path):
     assert tree_digest(a) == tree_digest(b)
     again, _ = _fsyncs(monkeypatch, tmp_path, "--sync")
     assert len(again) == len(synced)
+
+
+def test_no_sync_ends_with_its_command(monkeypatch, tmp_path):
+    """After `--no-sync`, the next command without the flag and a library call both sync again."""
+    from loratools.convert import convert_checkpoint
+
+    _fsyncs(monkeypatch, tmp_path, "--no-sync")
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), _REAL_FSYNC(fd))[1])
+    convert_checkpoint(LLAMA, tmp_path / "lib", max_shard_size=10**9)
+    assert calls
+    _fsyncs(monkeypatch, tmp_path, "--no-sync", "--force")
+    synced, _ = _fsyncs(monkeypatch, tmp_path)
+    assert synced

@@ -56,4 +56,20 @@ def test_configs_that_add_modules_use_the_meta_model():
     meta = layout_for(cfg)
     assert any("crossattention" in m for m in meta.kinds)  # modules the family table does not know
     assert _family_layout({"architectures": ["PhiForCausalLM"], "num_hidden_layers": 2}) is None
-    assert _family_layout({"architectures": ["LlamaForCausalLM"]}) is None  # no layer count: meta model
+    assert _family_layout({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}) is None  # no layer count
+
+
+@pytest.mark.parametrize("change", [
+    {"model_type": "DROP"}, {"model_type": "mistral"}, {"tie_word_embeddings": None},
+    {"tie_word_embeddings": "false"}, {"num_hidden_layers": 3.0}, {"architectures": ["LlamaForCausalLM", "X"]},
+], ids=str)
+def test_unusual_llama_configs_use_the_meta_model(change):
+    cfg = {k: v for k, v in {"architectures": ["LlamaForCausalLM"], **DECODER, **TINY["LlamaForCausalLM"],
+                             **change}.items() if v != "DROP"}
+    assert _family_layout(cfg) is None
+
+
+def test_gpt2_layer_count_spelled_twice_uses_the_meta_model():
+    cfg = {"architectures": ["GPT2LMHeadModel"], **GPT2, "num_hidden_layers": 5}
+    assert _family_layout(cfg) is None
+    assert _family_layout({**cfg, "num_hidden_layers": GPT2["n_layer"]}) is not None

@@ -421,6 +421,30 @@ def test_quantized_random_model_passes_where_a_base_threshold_would_not(tmp_path
     assert by_name["quantization"]["rel_err"] > 0.25 and by_name["quantized"]["rel_err"] < by_name["quantized"]["rtol"]
 
 
+def test_quantized_reference_matches_names_without_the_model_prefix(quantized, tmp_path):
+    """A base saved without `transformer.` (transformers loads it through base_model_prefix) still gets
+    every 4-bit weight of the reference rebuilt; none may be skipped silently."""
+    from loratools import forward as fw
+    from loratools.io import Checkpoint
+
+    def strip(t):
+        for k in list(t):
+            t[k.removeprefix("transformer.")] = t.pop(k)
+
+    base = rewrite(GPT2, tmp_path / "no-prefix", strip)
+    loaded = fw.load_model(base, device=torch.device("cpu"), dtype=torch.float32)
+    assert fw.fake_quantize_(loaded.model, Checkpoint(base), Checkpoint(quantized["tiny-gpt2"])) == []
+    report = validate(base, quantized=quantized["tiny-gpt2"], batch=2, seq_len=32)
+    assert {c["name"]: c for c in report["comparisons"]}["quantized"]["passed"], messages(report)
+
+
+def test_dense_checkpoint_given_as_quantized_is_a_clean_failure(tmp_path):
+    r = run_cli("validate", LLAMA, "--quantized", FIXTURES / "tiny-llama-tuned", "--batch", "1", "--seq-len", "8",
+                expect=1)
+    assert "holds no bitsandbytes 4-bit weights" in r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+
+
 def test_qlora_merge_into_dequantized_base_passes(quantized, merged, tmp_path):
     """QLoRA: the reference is PEFT on the 4-bit base (bitsandbytes Linear4bit); the candidate is a dense merge
     into the dequantized base. Tensor checks dequantize the base on the fly."""

@@ -20,6 +20,7 @@ class SizeType(click.ParamType):
 
 def _set_sync(ctx, param, value):
     set_sync(value)
+    ctx.call_on_close(lambda: set_sync(True))  # --no-sync ends with its command (library calls sync again)
     return value
 
 

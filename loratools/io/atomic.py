@@ -113,6 +113,8 @@ class AtomicOutput:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         try:
+            for sub in sorted(p for p in self.tmp.rglob("*") if p.is_dir()):
+                _fsync_dir(sub)
             _fsync_dir(self.tmp)
             if self.out.exists() or self.out.is_symlink():
                 if not self.force:  # appeared while we were working

@@ -219,21 +219,17 @@ class Checkpoint:
             yield name, self.read(name)
         self.close()
 
-    def prefetched(self, names: Iterable[str], before_read=None) -> Iterator[tuple[str, torch.Tensor]]:
+    def prefetched(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for `names` in the order given, each next tensor read by a background thread
         while the caller works on this one (file reads release the GIL): one tensor more in memory,
         and the reads off the caller's critical path. One reader at a time, so the checkpoint's single
-        open file is safe. `before_read(info)` runs on the reader thread before each read."""
+        open file is safe."""
         from concurrent.futures import ThreadPoolExecutor
 
         names = list(names)
 
-        def read(name):
-            if before_read is not None:
-                before_read(self.info(name))
-            return self.read(name)
-
         with ThreadPoolExecutor(1, thread_name_prefix="loratools-read") as pool:
+            read = self.read
             pending = pool.submit(read, names[0]) if names else None
             try:
                 for i, name in enumerate(names):

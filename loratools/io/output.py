@@ -65,6 +65,9 @@ def write_checkpoint(output, *, inputs: Iterable, force: bool, specs: list[Tenso
             finally:
                 if pending is not None:
                     pending.cancel() or pending.exception()
+                close = getattr(tensors, "close", None)
+                if close is not None:  # a generator stopped early: its own clean-up (read-ahead) runs now
+                    close()
                 writer.abort()
         files += copy_side_files(list(side_files), tmp, config=config)
         if extra_files is not None:
