@@ -155,7 +155,7 @@ def fake_quantize_(model: torch.nn.Module, base, quant) -> int:
     Names are matched as transformers loads them: with or without the model's `base_model_prefix`
     (a GPT-2 saved as `h.0...` is loaded as `transformer.h.0...`)."""
     from .bnb4bit import dequantize_weight, quantize_weight
-    from .quantized import _conv1d, quant_states
+    from .quantized import is_conv1d_weight, quant_states
 
     params = dict(model.named_parameters())
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -171,7 +171,7 @@ def fake_quantize_(model: torch.nn.Module, base, quant) -> int:
             missing.append(name)
             continue
         w = base.read(src).to(device=param.device, dtype=qs.torch_dtype)
-        conv1d = w.dim() == 2 and _conv1d(quant, name)
+        conv1d = w.dim() == 2 and is_conv1d_weight(quant, name)
         stored, ref_qs = quantize_weight(w.t().contiguous() if conv1d else w, quant_type=qs.quant_type,
                                          blocksize=qs.blocksize, double_quant=qs.nested)
         dense = dequantize_weight(stored, ref_qs)

@@ -103,14 +103,18 @@ class Workspace:
         return buf[:n].view(tuple(shape))
 
 
-def lora_delta(m: LoraModule, weight: float = 1.0, device="cpu", ws: Workspace | None = None) -> torch.Tensor:
+def lora_delta(m: LoraModule, weight: float = 1.0, device="cpu", ws: Workspace | None = None,
+               rows: slice | None = None) -> torch.Tensor:
     """weight · scale · B @ A in float32, in the base tensor's layout (PEFT's get_delta_weight).
 
-    The whole product in one matmul, as PEFT computes it (merge_weight's plain path computes the same
-    bits in row blocks, see Note: row blocks of B @ A). With a workspace the product lands in its
-    "delta" buffer (valid until the next call)."""
+    The whole product in one matmul, as PEFT computes it; `rows` (a [out, in] layout only) gives those
+    rows of it from B's rows alone, with the same bits (see Note: row blocks of B @ A). With a
+    workspace the product lands in its "delta" buffer (valid until the next call)."""
     A = m.A.to(device=device, dtype=torch.float32)
     B = m.B.to(device=device, dtype=torch.float32)
+    if rows is not None:
+        assert not transposed(m), "row blocks of a transposed delta"
+        B = B[rows]
     if ws is None:
         d = B @ A
     else:
@@ -177,10 +181,7 @@ def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=
         m, weight = steps[0].module, steps[0].weight
         blocks = _row_blocks(w0)
         by_rows = len(blocks) > 1 and not transposed(m)
-        if by_rows:
-            A = m.A.to(device=device, dtype=torch.float32)
-            B = m.B.to(device=device, dtype=torch.float32)
-        else:
+        if not by_rows:
             d = lora_delta(m, weight, device, ws)  # one whole-matrix product
         out = torch.empty(w0.shape, dtype=out_dtype, device=w0.device)
         for rows in blocks:
@@ -194,7 +195,7 @@ def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=
                 #     on awkward shapes; benchmarks/merge.py on all 84 weights against PEFT). The
                 #     float32 delta then never exists at full size: 46 MB less memory and one pass
                 #     less over it for a 5632 x 2048 weight.
-                d_blk = torch.mm(B[rows], A, out=ws.get("delta", blk.shape, device)).mul_(m.scale * weight)
+                d_blk = lora_delta(m, weight, device, ws, rows)
             else:
                 d_blk = d[rows]
             acc = ws.get("acc", blk.shape, device)

@@ -63,7 +63,8 @@ def _check_stored(ck: Checkpoint, weight: str, qs: QuantState) -> None:
                               f"{list(info.shape)}", path=ck.path, tensor=name)
 
 
-def _conv1d(ck: Checkpoint, weight: str) -> bool:
+def is_conv1d_weight(ck: Checkpoint, weight: str) -> bool:
+    """True when a 4-bit checkpoint's weight belongs to a Conv1D module (quantized transposed)."""
     return layout_for(ck.config if ck.is_quantized else None).is_conv1d(weight.removesuffix(".weight"))
 
 
@@ -74,7 +75,7 @@ def dense_specs(ck: Checkpoint) -> dict[str, tuple[torch.dtype, tuple[int, ...]]
     for name, info in ck.tensors.items():
         qs = qstates.get(name)
         if qs is not None:
-            shape = qs.shape[::-1] if len(qs.shape) == 2 and _conv1d(ck, name) else qs.shape
+            shape = qs.shape[::-1] if len(qs.shape) == 2 and is_conv1d_weight(ck, name) else qs.shape
             out[name] = (qs.torch_dtype, tuple(shape))
         elif qstates and is_aux(name) and _owner(name) in qstates:
             continue
@@ -109,6 +110,6 @@ def read_dense(ck: Checkpoint, name: str, device: str = "cpu", dtype: torch.dtyp
             raise FormatError("auxiliary 4-bit tensor, not part of the dense view", path=ck.path, tensor=name)
         return ck.read(name).to(device)
     w = dequantize_weight(read_quantized(ck, name, device), qs, dtype)
-    if w.dim() == 2 and _conv1d(ck, name):
+    if w.dim() == 2 and is_conv1d_weight(ck, name):
         w = w.t().contiguous()
     return w
