@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import warnings
 
+import bitsandbytes  # noqa: F401  (a dependency: the 4-bit bases need it)
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-pytest.importorskip("bitsandbytes")
-from peft import PeftModel  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
-
-from conftest import FIXTURES, GPT2, LLAMA, run_cli  # noqa: E402
-from loratools.io import Checkpoint  # noqa: E402
-from test_merge import compare, logits  # noqa: E402
+from conftest import FIXTURES, GPT2, LLAMA, run_cli
+from loratools.io import Checkpoint
+from test_merge import compare, logits
 
 warnings.filterwarnings("ignore")
 

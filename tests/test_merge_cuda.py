@@ -41,7 +41,6 @@ def test_cuda_multi_and_dora_round_trip(tmp_path):
 
 
 def test_cuda_4bit_base(tmp_path):
-    pytest.importorskip("bitsandbytes")
     from test_merge_4bit import quantize
 
     q = quantize(LLAMA, tmp_path / "nf4", torch.float16, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)

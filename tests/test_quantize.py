@@ -17,9 +17,10 @@ import torch
 
 from conftest import FIXTURES, GPT2, LLAMA, run_cli, tree_digest
 
-bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes as bnb  # noqa: E402  (dependencies: a missing one fails, it does not skip)
+import transformers  # noqa: E402
+
 F = bnb.functional
-transformers = pytest.importorskip("transformers")
 
 from loratools.bnb4bit import QuantState, dequantize_weight, quantize_4bit, quantize_weight  # noqa: E402
 from loratools.io import Checkpoint  # noqa: E402
