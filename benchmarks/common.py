@@ -157,6 +157,15 @@ def report(title: str, ours: Run, theirs: Run, *, size_bytes: int | None = None,
     return doc
 
 
+def no_sync_report(nosync: Run, theirs: Run) -> dict:
+    """Print and return the `--no-sync` run of ours against theirs. We fsync outputs by default and the
+    other tools do not, so this is the like-for-like figure; every benchmark reports both."""
+    speed = theirs.seconds / nosync.seconds
+    print(f"{nosync.name} (no fsync, like save_pretrained): {nosync.seconds:.2f} s, "
+          f"{nosync.peak_rss_mb:.0f} MB peak RSS, speed-up {speed:.2f}x", flush=True)
+    return nosync.__dict__ | {"output": None, "speedup": speed}
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 

@@ -24,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import SIZES, dir_bytes, generate_llama, llama_shapes, measure, python_rss_baseline, report
+from common import SIZES, dir_bytes, generate_llama, llama_shapes, measure, python_rss_baseline, no_sync_report, report
 
 
 def measure_cpu(name: str, cmd: list[str]):
@@ -90,7 +90,6 @@ def main():
                 "--device", args.device, "--json", "--force", *extra]
 
     ours, ours_cpu = measure_cpu("loratools quantize", ours_cmd(out_ours))
-    # we fsync the output by default, save_pretrained does not: --no-sync is the like-for-like run
     nosync, _ = measure_cpu("loratools quantize --no-sync", ours_cmd(work / "quantize-ours-nosync", "--no-sync"))
     theirs, theirs_cpu = measure_cpu("transformers load+quantize+save", [
         sys.executable, "-c", HF_CODE, str(base), str(out_hf), quant_type, "1" if double_quant else "0",
@@ -104,10 +103,8 @@ def main():
                         "cpu_speedup": theirs_cpu / ours_cpu, "load_average": os.getloadavg(),
                         "rel_rms_error": summary["total"]["rel_rms_error"],
                         "bits_per_quantized_parameter": summary["total"]["bits_per_quantized_parameter"],
-                        "bytes_after": summary["total"]["bytes_after"],
-                        "no_sync": nosync.__dict__ | {"output": None, "speedup": theirs.seconds / nosync.seconds}})
-    print(f"loratools quantize --no-sync (no fsync, like save_pretrained): {nosync.seconds:.2f} s, "
-          f"speed-up {theirs.seconds / nosync.seconds:.2f}x")
+                        "bytes_after": summary["total"]["bytes_after"]})
+    doc["no_sync"] = no_sync_report(nosync, theirs)
     print(f"CPU seconds (user+sys): ours {ours_cpu:.1f}, theirs {theirs_cpu:.1f} ({theirs_cpu / ours_cpu:.2f}x); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"loratools RSS above import baseline: {ours.peak_rss_mb - baseline:.0f} MB "
