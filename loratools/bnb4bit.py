@@ -143,17 +143,23 @@ def _bucket_tables_cpu(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _positions(x: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """uint8 position of each float32 value in the SORTED code table (see _bucket_tables_cpu)."""
+    """uint8 position of each float32 value in the SORTED code table (see _bucket_tables_cpu).
+
+    Note: fast lookups.
+        The top 16 bits are read through a uint16 view (the high half of each little-endian float32)
+        and every table is gathered as 1- or 4-byte integers: torch's CPU gather is ~5x slower on
+        float32 data than on int32 data of the same size, and index_select slower still.
+    """
     base, corr = _bucket_tables(quant_type, x.device)
-    top = (x.view(torch.int32) >> 16) & 0xFFFF
-    return torch.index_select(base, 0, top) + (x > torch.index_select(corr, 0, top))
+    top = x.view(torch.uint16)[1::2].long()
+    return torch.gather(base, 0, top).add_(x > torch.gather(corr, 0, top).view(torch.float32))
 
 
 @lru_cache(maxsize=None)
 def _device_tables(quant_type: str, device: str):
     base, corr = _bucket_tables_cpu(quant_type)
     _, order = _bounds_cpu(quant_type)
-    return base.to(device), corr.to(device), order.to(torch.uint8).to(device)
+    return base.to(device), corr.view(torch.int32).to(device), order.to(torch.uint8).to(device)
 
 
 def _bucket_tables(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +168,13 @@ def _bucket_tables(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _pack(q: torch.Tensor) -> torch.Tensor:
-    return (q[::2] << 4) | q[1::2]  # element 2k in the high nibble, 2k+1 in the low one
+    """Element 2k in the high nibble, 2k+1 in the low one (q: contiguous uint8 codes, even count).
+
+    Each pair is read as one little-endian int16 v = q[2k] + 256 q[2k+1]: the byte is the low 8 bits
+    of (v << 4) | (v >> 8), in four contiguous ops instead of two strided ones.
+    """
+    v = q.view(torch.int16)
+    return ((v << 4) | (v >> 8)).to(torch.uint8)
 
 
 def _map_chunks(fn, starts: list[int], workers: int) -> list:
@@ -222,6 +234,7 @@ def _encode(w: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: s
     if measure is not None:  # dequantization table in sorted order: a position indexes it directly
         _, sorted_order = _bounds_cpu(quant_type)
         table = _dequant_code(quant_type, tuple(w.shape), blocksize, w.device)[sorted_order.to(w.device)]
+        table = table.view(torch.int32)  # gathered as int32 (see _positions)
     inv = 1.0 / absmax.clamp(min=1e-38)
 
     def emit(x, pos, start, scale):
@@ -229,11 +242,11 @@ def _encode(w: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: s
         if codes.numel() % 2:  # an odd count is padded with a 0.0 value: the code of zero, low nibble
             codes = torch.cat([codes, _positions(torch.zeros(1, device=w.device), quant_type)])
         if quant_type != "nf4":  # FP4's table is not sorted: position -> code
-            codes = torch.index_select(order, 0, codes.int())
+            codes = torch.gather(order, 0, codes.long())
         packed[start // 2: start // 2 + codes.numel() // 2] = _pack(codes)
         if table is None:
             return None
-        values = torch.index_select(table, 0, pos.int())
+        values = torch.gather(table, 0, pos.long()).view(torch.float32)
         d = x - scale(values).to(w.dtype).float()
         return torch.dot(d, d).double(), torch.dot(x, x).double()
 

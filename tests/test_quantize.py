@@ -385,3 +385,10 @@ def test_refusals_leave_nothing(tmp_path):
     r = run_cli("quantize", LLAMA, "-o", tmp_path / "y", "--skip-modules", "model", expect=1)
     assert "no weight to quantize" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_pack_puts_even_elements_in_the_high_nibble():
+    from loratools.bnb4bit import _pack
+
+    q = torch.randint(0, 16, (4096,), dtype=torch.uint8)
+    assert torch.equal(_pack(q), (q[::2] << 4) | q[1::2])
