@@ -125,3 +125,39 @@ def test_provenance_records_input_digests_and_verifies(tmp_path):
     assert not all(r["ok"] for r in verify_inputs(record, {"checkpoint": GPT2}))
     doc = json.loads(run_cli("inspect", out, "--json").stdout)
     assert doc["provenance"]["inputs"]["checkpoint"]["files"] == files
+
+
+def test_early_digests_are_used_only_for_unchanged_files(tmp_path):
+    """start_digests (what the CLI calls before importing torch) hands its digest to the provenance
+    record when the file is untouched, and the file is hashed again when it changed meanwhile."""
+    import hashlib
+    import importlib
+    import os
+
+    mod = importlib.import_module("loratools.io.provenance")  # the module (loratools.io.provenance is the function)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"x" * 1000)
+    b.write_bytes(b"y" * 1000)
+    mod.start_digests(a, b)
+    assert {str(a.resolve()), str(b.resolve())} <= set(mod._EARLY)
+    mod._EARLY[str(a.resolve())][1].result()
+    mod._EARLY[str(b.resolve())][1].result()
+    b.write_bytes(b"z" * 1001)  # changed after its early digest was taken
+    os.utime(b, ns=(1, 1))
+    meta = mod.provenance("test", {}, {"one": a, "two": b}).finalize()
+    files = json.loads(meta["loratools"])["inputs"]
+    assert files["one"]["files"]["a.safetensors"] == hashlib.sha256(b"x" * 1000).hexdigest()
+    assert files["two"]["files"]["b.safetensors"] == hashlib.sha256(b"z" * 1001).hexdigest()
+    assert str(a.resolve()) not in mod._EARLY and str(b.resolve()) not in mod._EARLY  # consumed once
+
+
+def test_command_line_starts_without_torch():
+    """`loratools --help` and the start of every command (argument parsing, early digests) do not
+    import torch, which takes ~2 s; the commands import it after start_digests."""
+    import subprocess
+    import sys
+
+    code = ("import sys, loratools.cli, loratools.io, loratools.io.provenance, loratools.io.settings; "
+            "print(sorted(m for m in ('torch', 'numpy', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

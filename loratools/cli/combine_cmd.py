@@ -1,5 +1,6 @@
 import click
 
+from ..io.provenance import start_digests
 from ..progress import bar, info, kv_table, print_json, table
 from .options import device_option, force_option, json_option, output_option
 
@@ -40,6 +41,7 @@ def command(adapters, output, method, weights, rank, energy, density, majority_s
       loratools combine A B C -o /tmp/mix --method cat --weight 1 --weight 0.5 --weight -0.25
       loratools combine A B -o /tmp/mix --method dare_ties --density 0.5 --rank 16 --seed 1 --json
     """
+    start_digests(*adapters)
     from ..combine import combine_adapters
 
     with bar("combine", None) as advance:

@@ -1,6 +1,6 @@
 import click
 
-from ..convert import convert_checkpoint
+from ..io.provenance import start_digests
 from ..progress import bar, info, print_json
 from .options import force_option, json_option, max_shard_size_option, output_option
 
@@ -20,6 +20,8 @@ def command(checkpoint, output, dtype, max_shard_size, force, as_json):
     Example:
       loratools convert fixtures/tiny-llama -o /tmp/tiny-bf16 --dtype bfloat16 --max-shard-size 200KB
     """
+    start_digests(checkpoint)
+    from ..convert import convert_checkpoint
     from ..io import Checkpoint
 
     total = len(Checkpoint(checkpoint).tensors)

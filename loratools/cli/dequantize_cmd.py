@@ -1,5 +1,6 @@
 import click
 
+from ..io.provenance import start_digests
 from ..progress import bar, info, print_json
 from .options import device_option, force_option, json_option, max_shard_size_option, output_option
 
@@ -25,6 +26,7 @@ def command(quantized, output, dtype, device, max_shard_size, force, as_json):
       loratools quantize fixtures/tiny-llama -o /tmp/tiny-nf4
       loratools dequantize /tmp/tiny-nf4 -o /tmp/tiny-dense --dtype float16
     """
+    start_digests(quantized)
     from ..io import Checkpoint
     from ..quantize import dequantize_checkpoint
 

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import click
 
+from ..io.provenance import start_digests
 from ..progress import bar, human_bytes, info, kv_table, print_json, table
 from .options import device_option, force_option, json_option, output_option
 
@@ -50,6 +51,7 @@ def command(base, tuned, output, rank, energy, sv_ratio, max_rank, target_module
       loratools extract fixtures/tiny-llama fixtures/tiny-llama-tuned -o /tmp/extracted --rank 8
       loratools extract BASE TUNED -o OUT --energy 0.9 --max-rank 64 --report report.json
     """
+    start_digests(base, tuned)
     from ..extract import extract_checkpoint
     from ..io import Checkpoint
 

@@ -1,6 +1,5 @@
 import click
 
-from ..inspect import group_modules, inspect_path
 from ..progress import fmt, human_bytes, kv_table, print_json, table
 from .options import json_option
 
@@ -17,6 +16,8 @@ def command(path, as_json, all_modules):
       loratools inspect fixtures/tiny-llama
       loratools inspect fixtures/tiny-llama-lora --json
     """
+    from ..inspect import group_modules, inspect_path
+
     doc = inspect_path(path)
     if as_json:
         print_json(doc)

@@ -1,6 +1,6 @@
 import click
 
-from ..merge import merge_checkpoint
+from ..io.provenance import start_digests
 from ..progress import bar, info, print_json
 from .options import device_option, force_option, json_option, max_shard_size_option, output_option
 
@@ -47,7 +47,9 @@ def command(base, adapters, output, weights, dtype, device, max_shard_size, forc
       loratools merge fixtures/tiny-llama fixtures/llama-lora fixtures/llama-rslora \\
           --weight 0.7 --weight 0.3 -o /tmp/mix --dtype bfloat16
     """
+    start_digests(base, *adapters)  # before torch is imported: see io/provenance.py
     from ..io import Checkpoint
+    from ..merge import merge_checkpoint
 
     total = len(Checkpoint(base).tensors)
     with bar("merge", total) as advance:

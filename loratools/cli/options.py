@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..io.writer import DEFAULT_MAX_SHARD_SIZE, parse_size, set_sync
+from ..io.settings import DEFAULT_MAX_SHARD_SIZE, parse_size, set_sync
 
 
 class SizeType(click.ParamType):

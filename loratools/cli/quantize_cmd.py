@@ -1,5 +1,6 @@
 import click
 
+from ..io.provenance import start_digests
 from ..progress import bar, human_bytes, info, kv_table, print_json, table
 from .options import device_option, force_option, json_option, max_shard_size_option, output_option
 
@@ -35,6 +36,7 @@ def command(base, output, quant_type, blocksize, double_quant, compute_dtype, sk
       loratools quantize fixtures/tiny-llama -o /tmp/tiny-nf4
       loratools quantize fixtures/tiny-gpt2 -o /tmp/gpt2-fp4 --fp4 --no-double-quant --json
     """
+    start_digests(base)
     from ..io import Checkpoint
     from ..quantize import quantize_checkpoint
 

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import click
 
+from ..io.provenance import start_digests
 from ..progress import human_bytes, kv_table, print_json, table
 from .options import force_option, json_option, output_option
 
@@ -32,6 +33,7 @@ def command(adapter, output, rank, energy, sv_ratio, max_rank, report_file, forc
       loratools resize fixtures/llama-lora -o /tmp/llama-lora-r4 --rank 4
       loratools resize ADAPTER -o OUT --energy 0.95 --report resize.json
     """
+    start_digests(adapter)
     from ..resize import resize_adapter
 
     report = resize_adapter(adapter, output, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank,

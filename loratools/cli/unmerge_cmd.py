@@ -1,6 +1,6 @@
 import click
 
-from ..merge import unmerge_checkpoint
+from ..io.provenance import start_digests
 from ..progress import bar
 from .merge_cmd import DTYPE_CHOICE, report
 from .options import device_option, force_option, json_option, max_shard_size_option, output_option
@@ -30,7 +30,9 @@ def command(merged, adapters, output, weights, dtype, device, max_shard_size, fo
       loratools merge fixtures/tiny-llama fixtures/llama-dora -o /tmp/merged
       loratools unmerge /tmp/merged fixtures/llama-dora -o /tmp/base-again
     """
+    start_digests(merged, *adapters)
     from ..io import Checkpoint
+    from ..merge import unmerge_checkpoint
 
     total = len(Checkpoint(merged).tensors)
     with bar("unmerge", total) as advance:

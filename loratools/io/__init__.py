@@ -1,14 +1,37 @@
-"""Checkpoint I/O: header-only indexes, tensor-at-a-time reads, planned shard writes, atomic outputs."""
-from .atomic import AtomicOutput, check_output_path
-from .checkpoint import Checkpoint, load_json
-from .safetensors_format import TensorInfo, read_header
-from .provenance import Provenance, provenance, read_provenance, verify_inputs
-from .sidefiles import config_with_dtype, copy_side_files
-from .writer import DEFAULT_MAX_SHARD_SIZE, ShardWriter, TensorSpec, parse_size, save_tensors, write_json
+"""Checkpoint I/O: header-only indexes, tensor-at-a-time reads, planned shard writes, atomic outputs.
 
+The names that need torch are imported on first use (PEP 562), so that the torch-free modules of this
+package (settings, provenance) can be imported by the command line before torch is.
+"""
+from __future__ import annotations
+
+import importlib
+
+# torch-free, imported now; this also binds `provenance` to the function rather than the submodule
+from .provenance import Provenance, provenance, read_provenance, verify_inputs
+from .settings import DEFAULT_MAX_SHARD_SIZE, parse_size
+
+_WHERE = {
+    "AtomicOutput": "atomic", "check_output_path": "atomic",
+    "Checkpoint": "checkpoint", "load_json": "checkpoint",
+    "TensorInfo": "safetensors_format", "read_header": "safetensors_format",
+    "config_with_dtype": "sidefiles", "copy_side_files": "sidefiles",
+    "ShardWriter": "writer", "TensorSpec": "writer", "save_tensors": "writer", "write_json": "writer",
+}
 __all__ = [
-    "AtomicOutput", "Checkpoint", "DEFAULT_MAX_SHARD_SIZE", "ShardWriter", "TensorInfo", "TensorSpec",
-    "Provenance", "check_output_path", "config_with_dtype", "copy_side_files", "load_json", "parse_size", "provenance", "read_header",
-    "read_provenance", "verify_inputs",
-    "save_tensors", "write_json",
+    "AtomicOutput", "Checkpoint", "DEFAULT_MAX_SHARD_SIZE", "Provenance", "ShardWriter", "TensorInfo", "TensorSpec",
+    "check_output_path", "config_with_dtype", "copy_side_files", "load_json", "parse_size", "provenance",
+    "read_header", "read_provenance", "save_tensors", "verify_inputs", "write_json",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return __all__

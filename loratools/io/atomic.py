@@ -137,7 +137,7 @@ class AtomicOutput:
 
 
 def _fsync_dir(path: Path):
-    from .writer import sync_enabled
+    from .settings import sync_enabled
 
     if not sync_enabled():
         return

@@ -11,7 +11,8 @@ from .atomic import AtomicOutput
 from .memory import big_frees_to_os
 from .safetensors_format import TensorInfo
 from .sidefiles import copy_side_files
-from .writer import DEFAULT_MAX_SHARD_SIZE, ShardWriter, TensorSpec
+from .settings import DEFAULT_MAX_SHARD_SIZE
+from .writer import ShardWriter, TensorSpec
 
 
 def write_checkpoint(output, *, inputs: Iterable, force: bool, specs: list[TensorSpec],

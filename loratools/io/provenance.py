@@ -10,6 +10,12 @@ Note: digests without a second pass on the critical path.
     placeholder digest has the final length (64 hex characters), so the header reserved at open time
     fits the final record exactly and no data offset moves.
 
+Note: digests started before torch is imported.
+    The command line calls `start_digests(inputs)` first thing, before it imports torch (~2 s of one
+    core), so the other core hashes the inputs meanwhile. Provenance takes a file's digest from there
+    when the file is unchanged since (same device, inode, size and mtime), else hashes it itself.
+    Nothing else in this module imports torch, and neither may it.
+
 Output paths are left out on purpose: the same inputs and flags give the same bytes wherever the
 output goes.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 from .. import __version__
@@ -51,6 +58,60 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_EARLY: dict[str, tuple[tuple, Future]] = {}  # resolved path -> (stat stamp, digest)
+_EARLY_LOCK = threading.Lock()
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def start_digests(*paths) -> None:
+    """Start hashing the weight files of these inputs on a background thread (see the Note above).
+
+    Only a head start: missing or unreadable inputs are skipped here and reported by the command."""
+    jobs = []
+    for f in (f for p in paths for f in weight_files(p)):
+        try:
+            key, stamp = str(f.resolve()), _stamp(f)
+        except OSError:
+            continue
+        future = Future()
+        with _EARLY_LOCK:
+            _EARLY[key] = (stamp, future)
+        jobs.append((f, future))
+
+    def run():
+        for f, future in jobs:
+            try:
+                future.set_result(sha256_file(f))
+            except BaseException as e:  # the consumer hashes again and reports the error itself
+                future.set_exception(e)
+
+    if jobs:
+        threading.Thread(target=run, name="loratools-early-digests", daemon=True).start()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file: the early digest when one was started and the file is unchanged since."""
+    try:
+        key = str(path.resolve())
+    except OSError:
+        key = None
+    with _EARLY_LOCK:
+        entry = _EARLY.pop(key, None)
+    if entry is not None:
+        stamp, future = entry
+        try:
+            digest = future.result()
+            if _stamp(path) == stamp:
+                return digest
+        except Exception:
+            pass
+    return sha256_file(path)
+
+
 class Provenance(dict):
     """Metadata dict ({"loratools": json}) whose digests are filled in by `finalize()` at close."""
 
@@ -81,7 +142,7 @@ class Provenance(dict):
     def _hash_all(self):
         try:
             for key, f in self._files:
-                self._digests[(key, f.name)] = sha256_file(f)
+                self._digests[(key, f.name)] = file_digest(f)
         except BaseException as e:  # surfaced in finalize()
             self._error = e
 

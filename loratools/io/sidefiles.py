@@ -5,7 +5,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .writer import _disk_error, fsync, write_json
+from .settings import fsync
+from .writer import _disk_error, write_json
 
 
 def copy_side_files(files: list[Path], dst: Path, *, config: dict | None = None,
