@@ -375,7 +375,8 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     v = torch.clamp(padded * inv, -1.0, 1.0)
     t = ((v + 1.0) * 0.5) * float(LUT_BINS - 1) + 0.5
     zero = (nested == 0).unsqueeze(1)  # 0 * (1/0) is NaN: such blocks store code 0
-    q = _lut_8bit(absmax.device)[torch.where(zero, 0, t.nan_to_num(0.0).to(torch.int64))]
+    bins = t.nan_to_num(0.0).to(torch.int64).reshape(-1)  # NaN only in all-zero blocks, stored as 0 below
+    q = torch.gather(_lut_8bit(absmax.device), 0, bins).reshape(t.shape)
     q = torch.where(zero, 0, q)
     return q.reshape(-1)[:n].contiguous(), nested, offset.item()
 
@@ -415,8 +416,8 @@ def dequantize_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset
                       code: torch.Tensor | None = None) -> torch.Tensor:
     """table[q] * nested_absmax[block] + offset, all float32 (bitsandbytes' dequantize_blockwise + add)."""
     code = dynamic_map(qabsmax.device) if code is None else code.to(qabsmax.device).float()
-    block = torch.arange(qabsmax.numel(), device=qabsmax.device) // NESTED_BLOCKSIZE
-    out = code[qabsmax.reshape(-1).long()] * nested_absmax.float()[block]
+    values = torch.gather(code.view(torch.int32), 0, qabsmax.reshape(-1).long()).view(torch.float32)  # see _positions
+    out = _scale_blocks(values, nested_absmax.float(), 0, NESTED_BLOCKSIZE)
     return out + torch.tensor(offset, dtype=torch.float32, device=out.device)
 
 
