@@ -106,7 +106,7 @@ def show(report: dict) -> None:
         m = t["merged"]
         worst = max((r["max_err_over_allowance"] for r in m["rows"] if r["passed"]), default=0.0)
         info(f"merged tensors: {m['checked']} checked against base + adapter deltas, {m['failed']} failed"
-             + (f" (listed under problems)" if m["failed"] else "")
+             + (" (listed under problems)" if m["failed"] else "")
              + (f"; passing ones use at most {worst:.2g} of the rounding allowance" if m["checked"] else ""))
     if "tuned" in t:
         tt = t["tuned"]
