@@ -150,7 +150,7 @@ def _positions(x: torch.Tensor, quant_type: str) -> torch.Tensor:
         and every table is gathered as 1- or 4-byte integers: torch's CPU gather is ~5x slower on
         float32 data than on int32 data of the same size, and index_select slower still.
     """
-    base, corr = _bucket_tables(quant_type, x.device)
+    base, corr, _ = _device_tables(quant_type, str(x.device))
     top = x.view(torch.uint16)[1::2].long()
     return torch.gather(base, 0, top).add_(x > torch.gather(corr, 0, top).view(torch.float32))
 
@@ -160,11 +160,6 @@ def _device_tables(quant_type: str, device: str):
     base, corr = _bucket_tables_cpu(quant_type)
     _, order = _bounds_cpu(quant_type)
     return base.to(device), corr.view(torch.int32).to(device), order.to(torch.uint8).to(device)
-
-
-def _bucket_tables(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    base, corr, _ = _device_tables(quant_type, str(device))
-    return base, corr
 
 
 def _pack(q: torch.Tensor) -> torch.Tensor:

@@ -408,7 +408,5 @@ def peak_memory(device: torch.device) -> int | None:
 
 __all__ = ["BATCH_TEXT", "DTYPES", "Loaded", "Tolerance", "attach_adapters", "carried_fraction", "coarsest",
            "config_dtype", "conv1d_weights", "device_description", "dtype_eps", "exact_tolerance", "fake_quantize_",
-           "judge",
-           "load_model",
-           "logit_metrics", "make_batch", "max_positions", "model_dir", "peak_memory", "quantized_tolerance",
+           "judge", "load_model", "logit_metrics", "make_batch", "max_positions", "model_dir", "peak_memory", "quantized_tolerance",
            "free_memory", "resolve_compute_dtype", "resolve_device", "run_logits"]

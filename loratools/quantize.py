@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -52,8 +53,9 @@ def single_threaded_torch(device: torch.device):
         The 4-bit maths runs as a dozen short torch ops per 2^18-element chunk (bnb4bit CHUNK). With
         several intra-op threads each op is a fork/join whose cost dominates, and on a busy machine a
         descheduled worker stalls every op: quantizing the 0.75B benchmark model took 48 s with torch's
-        default 2 threads and 15 s with 1 on the 2-core box we measure on. The second core is used
-        instead by reading the next tensor ahead (Checkpoint.prefetched) and by the provenance hashing thread.
+        default 2 threads and 15 s with 1 on the 2-core box we measure on. The cores are used instead by
+        whole chunks on separate threads (bnb4bit._map_chunks), the read-ahead (Checkpoint.prefetched)
+        and the write-behind (io/output.py).
     """
     return torch_threads(1, device)
 
@@ -289,8 +291,6 @@ def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int 
 
 def _weight_bytes(summary: dict) -> int:
     """Bytes of the written weight files (shards + index), as Checkpoint.bytes_on_disk counts them."""
-    from pathlib import Path
-
     out = Path(summary["output"])
     return sum((out / f).stat().st_size for f in summary["files"]
                if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"))

@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-
 from .adapter import LoraModule, adapter_tensors, load_adapter, write_adapter
 from .errors import UnsupportedError, UsageError
 from .io import AtomicOutput, check_output_path, provenance

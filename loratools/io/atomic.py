@@ -7,6 +7,7 @@ removes (and says so). With --force an existing output is replaced only after th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import OutputError
+from .settings import fsync_path
 
 log = logging.getLogger("loratools")
 
@@ -137,17 +139,5 @@ class AtomicOutput:
 
 
 def _fsync_dir(path: Path):
-    from .settings import sync_enabled
-
-    if not sync_enabled():
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot sync a directory; the rename itself is still atomic
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):  # some filesystems cannot sync a directory; the rename is still atomic
+        fsync_path(path)

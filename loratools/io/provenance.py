@@ -103,12 +103,8 @@ def file_digest(path: Path) -> str:
         entry = _EARLY.pop(key, None)
     if entry is not None:
         stamp, future = entry
-        try:
-            digest = future.result()
-            if _stamp(path) == stamp:
-                return digest
-        except Exception:
-            pass
+        if future.exception() is None and _stamp(path) == stamp:  # a failed early hash is simply redone
+            return future.result()
     return sha256_file(path)
 
 

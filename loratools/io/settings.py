@@ -58,6 +58,17 @@ def fsync(fd: int) -> None:
         os.fsync(fd)
 
 
+def fsync_path(path) -> None:
+    """fsync a file or directory by path, unless `--no-sync` was given."""
+    if not _SYNC:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @functools.lru_cache(maxsize=1)
 def _sync_file_range():
     try:

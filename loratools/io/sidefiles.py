@@ -1,11 +1,10 @@
 """Non-weight files that travel with a checkpoint (config, generation config, tokenizer)."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-from .settings import fsync
+from .settings import fsync_path
 from .writer import _disk_error, write_json
 
 
@@ -18,11 +17,7 @@ def copy_side_files(files: list[Path], dst: Path, *, config: dict | None = None,
             continue
         try:
             shutil.copy2(p, dst / p.name)
-            fd = os.open(dst / p.name, os.O_RDONLY)
-            try:
-                fsync(fd)  # synced like the weights (unless --no-sync)
-            finally:
-                os.close(fd)
+            fsync_path(dst / p.name)  # synced like the weights (unless --no-sync)
         except OSError as e:
             raise _disk_error(e, dst / p.name) from None
         written.append(p.name)

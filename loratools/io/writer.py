@@ -23,9 +23,10 @@ from typing import Iterable
 
 import torch
 
-from ..errors import LoratoolsError, OutputError
+from ..errors import FormatError, InputError, LoratoolsError, OutputError
 from .safetensors_format import build_header, element_size, tensor_bytes
 from .settings import DEFAULT_MAX_SHARD_SIZE, fsync, start_writeback
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -187,8 +188,6 @@ class ShardWriter:
         try:
             src = os.open(info.file, os.O_RDONLY)
         except OSError as e:
-            from ..errors import InputError
-
             raise InputError(f"cannot open: {e.strerror}", path=info.file, tensor=info.name) from None
         try:
             _copy_range(src, info.offset, fd, offset, info.nbytes, info, self.dir / self.filenames[shard])
@@ -261,8 +260,6 @@ COPY_CHUNK = 16 * 2**20
 
 def _copy_range(src: int, src_off: int, dst: int, dst_off: int, nbytes: int, info, dst_path) -> None:
     """Copy nbytes between file offsets: os.copy_file_range (in the kernel), else pread/pwrite chunks."""
-    from ..errors import FormatError
-
     done = 0
     use_kernel = hasattr(os, "copy_file_range")
     while done < nbytes:
