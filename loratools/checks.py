@@ -19,22 +19,14 @@ Note: tied output embeddings.
 """
 from __future__ import annotations
 
-import re
-from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Collection, Iterable
 
-import torch
+from .adapter import Adapter, LoraModule
+from .errors import MismatchError
+from .io.checkpoint import Checkpoint
+from .quantized import dense_shapes
 
-from .adapter import PREFIX, WEIGHTS_NAME, Adapter, LoraModule, classify_key, lora_scale, pattern_value, \
-    read_adapter_config
-from .errors import InputError, MismatchError
-from .io.checkpoint import QUANT_STATE_MARK, Checkpoint
-from .io.safetensors_format import read_header, read_tensor
-
-# Companion tensors bitsandbytes stores beside each packed 4-bit weight (not weights of their own).
-QUANT_AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 # Input-embedding tensor names of common causal-LM families, for tied heads.
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                       "tok_embeddings.weight")
@@ -82,16 +74,6 @@ def resolve_base_key(base_keys: Collection[str], name: str) -> str | None:
     return candidates[0] if len(candidates) == 1 else None
 
 
-def dense_shapes(base: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape as a dense model sees it (4-bit packed weights get their dense shape, GPT-2
-    Conv1D ones back in their [in, out] layout; bitsandbytes' companion tensors are left out)."""
-    if base.is_quantized:
-        from .quantized import dense_specs
-
-        return {name: tuple(shape) for name, (_, shape) in dense_specs(base).items()}
-    return {name: tuple(info.shape) for name, info in base.tensors.items()}
-
-
 def is_tied(base: Checkpoint) -> bool:
     """True when the model ties its output head to the input embedding (transformers' default is True)."""
     cfg = base.config or {}
@@ -130,7 +112,8 @@ def locate(shapes: dict[str, tuple], name: str, tied_embedding: str | None) -> B
 
 # -- the fit checks ------------------------------------------------------------------------------------
 
-def _shape(s) -> list[int]:
+def shape_list(s) -> list[int]:
+    """A shape as a JSON-friendly list of ints."""
     return [int(d) for d in s]
 
 
@@ -139,29 +122,29 @@ def module_problems(m: LoraModule, target: BaseTarget | None, shapes: dict[str, 
     """Shape checks of one adapted module against its base tensor(s)."""
     where = f"module {m.name}"
     if target is None:
-        return [Problem(m.name, m.base_key, adapter_path, expected=_shape(m.base_shape), found=None,
+        return [Problem(m.name, m.base_key, adapter_path, expected=shape_list(m.base_shape), found=None,
                         message=f"{where}: the base {base_path} has no tensor {m.base_key} (adapter expects "
-                                f"{_shape(m.base_shape)}); is this adapter for another model?")]
+                                f"{shape_list(m.base_shape)}); is this adapter for another model?")]
     found = tuple(target.shape)
     expected = tuple(m.base_shape)
     out = []
     if found != expected:
         hint = ""
-        if m.kind == "linear" and len(found) == 2 and found == expected[::-1] and found != expected:
+        if m.kind == "linear" and len(found) == 2 and found == expected[::-1]:
             hint = (" (it fits transposed: fan_in_fan_out is "
                     f"{'set' if m.fan_in_fan_out else 'not set'} in the adapter config, the base says otherwise)")
         what = "embedding [num_embeddings, dim]" if m.kind == "embedding" else (
             "Conv1D weight [in, out]" if m.fan_in_fan_out else "weight [out, in]")
-        out.append(Problem(m.name, target.key, adapter_path, expected=_shape(expected), found=_shape(found),
-                           message=f"{where}: base tensor {target.key} has shape {_shape(found)} but the adapter's "
-                                   f"factors (A {_shape(m.A.shape)}, B {_shape(m.B.shape)}) need a {what} of "
-                                   f"shape {_shape(expected)}{hint}"))
+        out.append(Problem(m.name, target.key, adapter_path, expected=shape_list(expected), found=shape_list(found),
+                           message=f"{where}: base tensor {target.key} has shape {shape_list(found)} but the adapter's "
+                                   f"factors (A {shape_list(m.A.shape)}, B {shape_list(m.B.shape)}) need a {what} of "
+                                   f"shape {shape_list(expected)}{hint}"))
         return out
     n_out = m.B.shape[0]
     if m.magnitude is not None and tuple(m.magnitude.shape) != (n_out,):
-        out.append(Problem(m.name, target.key, adapter_path, expected=[n_out], found=_shape(m.magnitude.shape),
-                           message=f"{where}: DoRA magnitude has shape {_shape(m.magnitude.shape)}, expected "
-                                   f"[{n_out}] for base tensor {target.key} {_shape(found)}"))
+        out.append(Problem(m.name, target.key, adapter_path, expected=[n_out], found=shape_list(m.magnitude.shape),
+                           message=f"{where}: DoRA magnitude has shape {shape_list(m.magnitude.shape)}, expected "
+                                   f"[{n_out}] for base tensor {target.key} {shape_list(found)}"))
     if m.bias is not None:
         bias_key = resolve_base_key(shapes, m.bias_key) if target.tied_to is None else None
         if bias_key is None:
@@ -169,10 +152,10 @@ def module_problems(m: LoraModule, target: BaseTarget | None, shapes: dict[str, 
                                message=f"{where}: the adapter has lora_B.bias (lora_bias=True) but the base "
                                        f"{base_path} has no bias tensor {m.bias_key} to add it to"))
         elif tuple(shapes[bias_key]) != (n_out,) or tuple(m.bias.shape) != (n_out,):
-            out.append(Problem(m.name, bias_key, adapter_path, expected=_shape(m.bias.shape),
-                               found=_shape(shapes[bias_key]),
-                               message=f"{where}: base bias {bias_key} has shape {_shape(shapes[bias_key])}, "
-                                       f"the adapter's lora_B.bias has {_shape(m.bias.shape)}"))
+            out.append(Problem(m.name, bias_key, adapter_path, expected=shape_list(m.bias.shape),
+                               found=shape_list(shapes[bias_key]),
+                               message=f"{where}: base bias {bias_key} has shape {shape_list(shapes[bias_key])}, "
+                                       f"the adapter's lora_B.bias has {shape_list(m.bias.shape)}"))
     return out
 
 
@@ -187,14 +170,14 @@ def adapter_fit_problems(base: Checkpoint, adapter: Adapter) -> list[Problem]:
     for name, t in adapter.saved.items():
         target = locate(shapes, name, tied)
         if target is None:
-            problems.append(Problem(name.rsplit(".", 1)[0], name, apath, expected=_shape(t.shape), found=None,
-                                    message=f"saved tensor {name} (modules_to_save) {_shape(t.shape)} has no "
+            problems.append(Problem(name.rsplit(".", 1)[0], name, apath, expected=shape_list(t.shape), found=None,
+                                    message=f"saved tensor {name} (modules_to_save) {shape_list(t.shape)} has no "
                                             f"counterpart in the base {bpath}"))
         elif tuple(target.shape) != tuple(t.shape):
-            problems.append(Problem(name.rsplit(".", 1)[0], target.key, apath, expected=_shape(t.shape),
-                                    found=_shape(target.shape),
-                                    message=f"saved tensor {name} (modules_to_save) has shape {_shape(t.shape)} "
-                                            f"but base tensor {target.key} has {_shape(target.shape)}"))
+            problems.append(Problem(name.rsplit(".", 1)[0], target.key, apath, expected=shape_list(t.shape),
+                                    found=shape_list(target.shape),
+                                    message=f"saved tensor {name} (modules_to_save) has shape {shape_list(t.shape)} "
+                                            f"but base tensor {target.key} has {shape_list(target.shape)}"))
     return problems
 
 
@@ -210,225 +193,5 @@ def first_problem_error(problems: Iterable[Problem]) -> MismatchError | None:
     return err
 
 
-__all__ = ["Problem", "BaseTarget", "adapter_fit_problems", "dense_shapes", "first_problem_error", "is_tied",
-           "locate", "module_problems", "resolve_base_key", "tied_embedding_key"]
-
-
-# -- validate's further static checks: an adapter on its own, and candidate checkpoints vs the base --------
-#
-# Note: lenient, header-level adapters.
-#     `load_adapter` refuses an adapter at its first inconsistency (a rank that disagrees with the config,
-#     a lone lora_A). `validate` must report every problem at once, so `adapter_from_header` builds the
-#     same per-module view from the safetensors header alone (factors as shape-only "meta" tensors),
-#     turning each inconsistency into a Problem and keeping every module it can still describe; the fit
-#     checks above then run on that view. Only the NaN/Inf and all-zero checks read tensor values
-#     (adapters are small), one tensor at a time.
-
-def _meta(shape) -> torch.Tensor:
-    return torch.empty(tuple(shape), device="meta")
-
-
-def _target_matches(targets, module: str) -> bool:
-    """PEFT's check_target_module_exists: a regex string is full-matched, a list matches whole dotted tails."""
-    if targets is None:
-        return True
-    if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, module) is not None
-    return module in targets or any(module.endswith(f".{t}") for t in targets)
-
-
-def adapter_from_header(path) -> tuple[Adapter, list[Problem]]:
-    """A shape-only Adapter read from the header, and every problem found on the way.
-
-    Raises only for what makes the adapter unreadable as a whole (no config, not LoRA, no weights file);
-    the caller turns that into a Problem too.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError("expected a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
-                         path=path)
-    cfg = read_adapter_config(path)
-    wpath = path / WEIGHTS_NAME
-    if not wpath.is_file():
-        raise InputError(f"adapter has no {WEIGHTS_NAME}", path=path)
-    infos, _ = read_header(str(wpath))
-    apath = str(path)
-    problems: list[Problem] = []
-    parts: dict[str, dict] = {}
-    saved = {}
-    for key, info in infos.items():
-        kind, name, role = classify_key(key)
-        if kind == "not_peft":
-            problems.append(Problem(None, key, apath, expected=f"{PREFIX}<module>...", found=key,
-                                    message=f"adapter tensor {key} does not start with {PREFIX!r} (not a PEFT key)"))
-        elif kind == "unknown_lora":
-            problems.append(Problem(name, key, apath, expected="a LoRA factor", found=key,
-                                    message=f"adapter tensor {key} is of a LoRA kind loratools does not know"))
-        elif kind == "factor":
-            parts.setdefault(name, {})[role] = info
-        else:
-            saved[name] = _meta(info.shape)
-    modules: dict[str, LoraModule] = {}
-    names = {"A": "lora_A.weight", "B": "lora_B.weight", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
-    for name, p in sorted(parts.items()):
-        linear = "A" in p or "B" in p
-        a_role, b_role = ("A", "B") if linear else ("emb_A", "emb_B")
-        missing = [names[r] for r in (a_role, b_role) if r not in p]
-        if missing:
-            problems.append(Problem(name, PREFIX + name, apath, expected=names[a_role] + " and " + names[b_role],
-                                    found="only " + ", ".join(names[r] for r in (a_role, b_role) if r in p),
-                                    message=f"module {name}: the adapter has no {missing[0]} tensor"))
-            continue
-        A, B = p[a_role].shape, p[b_role].shape
-        if len(A) != 2 or len(B) != 2:
-            problems.append(Problem(name, PREFIX + name, apath, expected="2-D factors",
-                                    found=f"A {list(A)}, B {list(B)}",
-                                    message=f"module {name}: only 2-D LoRA factors (Linear, Conv1D, Embedding) are "
-                                            f"supported; found A {list(A)}, B {list(B)}"))
-            continue
-        r = A[0]
-        if B[1] != r:
-            problems.append(Problem(name, PREFIX + name, apath, expected=f"lora_B [out, {r}]", found=list(B),
-                                    message=f"module {name}: lora_A has rank {r} but lora_B is {list(B)} "
-                                            f"(expected [out, {r}])"))
-            continue
-        cfg_r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
-        if int(cfg_r) != r:
-            source = "rank_pattern" if cfg["rank_pattern"] and pattern_value(cfg["rank_pattern"], name, None) \
-                is not None else "r"
-            problems.append(Problem(name, PREFIX + name, apath, expected=f"r={cfg_r} ({source})", found=f"rank {r}",
-                                    message=f"module {name}: adapter_config.json says r={cfg_r} ({source}) but its "
-                                            f"factors have rank {r}"))
-        alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
-        fifo = bool(cfg.get("fan_in_fan_out")) and linear
-        mag, bias = p.get("magnitude"), p.get("bias")
-        modules[name] = LoraModule(name=name, kind="linear" if linear else "embedding", A=_meta(A), B=_meta(B),
-                                   r=int(r), alpha=alpha, scale=lora_scale(alpha, r, bool(cfg.get("use_rslora"))),
-                                   fan_in_fan_out=fifo, magnitude=None if mag is None else _meta(mag.shape),
-                                   bias=None if bias is None else _meta(bias.shape))
-        if cfg.get("use_dora") and mag is None and linear:
-            problems.append(Problem(name, PREFIX + name, apath, expected="lora_magnitude_vector", found=None,
-                                    message=f"module {name}: use_dora is set but the adapter has no DoRA magnitude "
-                                            f"for it"))
-    adapter = Adapter(path=path, config=cfg, modules=modules, saved=saved,
-                      dtypes={i.dtype for i in infos.values()})
-    return adapter, problems
-
-
-def adapter_config_notes(adapter: Adapter) -> list[Problem]:
-    """Things in an adapter that PEFT tolerates but that suggest a mistake (not failures)."""
-    cfg, apath = adapter.config, str(adapter.path)
-    notes = []
-    targets = cfg.get("target_modules")
-    stray = [n for n in adapter.modules if not _target_matches(targets, n)]
-    if stray:
-        notes.append(Problem(stray[0], None, apath, expected=f"target_modules {targets}", found=stray[0],
-                             message=f"{len(stray)} adapted module(s) are not matched by target_modules, e.g. "
-                                     f"{stray[0]}; PEFT would not create them from this config"))
-    if cfg.get("lora_bias") and adapter.modules and not any(m.bias is not None for m in adapter.modules.values()):
-        notes.append(Problem(None, None, apath, expected="lora_B.bias tensors", found=None,
-                             message="lora_bias is set but the adapter holds no lora_B.bias"))
-    if cfg.get("modules_to_save") and not adapter.saved:
-        notes.append(Problem(None, None, apath, expected=f"modules_to_save {cfg['modules_to_save']}", found=None,
-                             message="modules_to_save is set but the adapter holds no saved module tensors"))
-    if not adapter.modules and not adapter.saved:
-        notes.append(Problem(None, None, apath, expected="LoRA factors", found=None,
-                             message="the adapter holds no LoRA modules: it changes nothing"))
-    return notes
-
-
-def adapter_value_problems(path) -> tuple[list[Problem], list[Problem]]:
-    """(problems, notes) from the adapter's tensor values: NaN/Inf, non-float factors; all-zero lora_B and
-    mixed factor dtypes are notes. Reads one tensor at a time."""
-    wpath = Path(path) / WEIGHTS_NAME
-    infos, _ = read_header(str(wpath))
-    apath = str(path)
-    problems, notes = [], []
-    zero_b = []
-    dtypes = Counter()
-    with open(wpath, "rb", buffering=0) as fh:
-        for key, info in infos.items():
-            module = key[len(PREFIX):].split(".lora_")[0] if key.startswith(PREFIX) else None
-            if not info.dtype.is_floating_point:
-                problems.append(Problem(module, key, apath, expected="a floating-point dtype", found=info.dtype_name,
-                                        message=f"adapter tensor {key} has dtype {info.dtype_name}; LoRA factors "
-                                                f"and saved weights are floating point"))
-                continue
-            dtypes[info.dtype_name] += 1
-            t = read_tensor(info, fh)
-            bad = ~torch.isfinite(t)
-            n_bad = int(bad.sum())
-            if n_bad:
-                n_nan = int(torch.isnan(t).sum())
-                problems.append(Problem(module, key, apath, expected="finite values",
-                                        found=f"{n_nan} NaN, {n_bad - n_nan} Inf of {t.numel()}",
-                                        message=f"adapter tensor {key} holds {n_nan} NaN and {n_bad - n_nan} Inf "
-                                                f"values (a diverged training run?)"))
-            elif (key.endswith(".lora_B.weight") or key.endswith(".lora_embedding_B")) and not bool(t.any()):
-                zero_b.append(key)
-    if zero_b:
-        notes.append(Problem(zero_b[0][len(PREFIX):].split(".lora_")[0], zero_b[0], apath, expected="a trained lora_B",
-                             found=f"{len(zero_b)} all-zero",
-                             message=f"{len(zero_b)} lora_B tensor(s) are all zeros (PEFT's initial value), e.g. "
-                                     f"{zero_b[0]}: those modules change nothing; was the adapter trained?"))
-    if len(dtypes) > 1:
-        notes.append(Problem(None, None, apath, expected="one dtype", found=dict(sorted(dtypes.items())),
-                             message=f"adapter tensors mix dtypes {dict(sorted(dtypes.items()))}"))
-    return problems, notes
-
-
-def checkpoint_dtype_notes(ck: Checkpoint, role: str) -> list[Problem]:
-    """config.json's dtype against the dtype the floating-point weights are stored in (a note, not a failure:
-    transformers casts on load, but a mismatch usually means the config was copied from elsewhere)."""
-    cfg = ck.config or {}
-    declared = cfg.get("dtype") or cfg.get("torch_dtype")
-    stored = {i.dtype_name for n, i in ck.tensors.items() if i.dtype.is_floating_point and QUANT_STATE_MARK not in n
-              and not (n.endswith(QUANT_AUX_SUFFIXES) and n.rsplit(".", 1)[0] in ck.quant_states)}
-    notes = []
-    if len(stored) > 1:
-        notes.append(Problem(None, None, str(ck.path), expected="one float dtype", found=sorted(stored),
-                             message=f"{role}: floating-point tensors are stored in several dtypes {sorted(stored)}"))
-    if declared and stored and str(declared) not in stored and not ck.is_quantized:
-        notes.append(Problem(None, None, str(ck.path), expected=f"config.json dtype {declared}", found=sorted(stored),
-                             message=f"{role}: config.json says dtype {declared} but the weights are stored as "
-                                     f"{', '.join(sorted(stored))}"))
-    return notes
-
-
-def candidate_layout_problems(base: Checkpoint, cand: Checkpoint, role: str, *,
-                              allow_extra_head: bool = True) -> tuple[list[Problem], list[Problem]]:
-    """(problems, notes) comparing a candidate checkpoint's tensor names and dense shapes with the base's:
-    missing tensors and shape changes are problems; leftover LoRA tensors are problems; other extra
-    tensors (an untied lm_head, a merge record) are notes."""
-    bshapes, cshapes = dense_shapes(base), dense_shapes(cand)
-    cpath = str(cand.path)
-    problems, notes = [], []
-    for name, shape in bshapes.items():
-        key = resolve_base_key(cshapes, name)
-        if key is None:
-            problems.append(Problem(name.rsplit(".", 1)[0], name, cpath, expected=_shape(shape), found="missing",
-                                    message=f"{role}: missing tensor {name} (the base has it, {_shape(shape)})"))
-        elif tuple(cshapes[key]) != tuple(shape) and not (
-                # transformers stores a GPT-2 Conv1D weight [in, out] as a 4-bit Linear [out, in]
-                key in cand.quant_states and len(shape) == 2 and tuple(cshapes[key]) == tuple(shape)[::-1]):
-            problems.append(Problem(name.rsplit(".", 1)[0], key, cpath, expected=_shape(shape),
-                                    found=_shape(cshapes[key]),
-                                    message=f"{role}: tensor {key} has shape {_shape(cshapes[key])}, the base's is "
-                                            f"{_shape(shape)}"))
-    matched = {resolve_base_key(cshapes, n) for n in bshapes}
-    extra = [n for n in cshapes if n not in matched]
-    for name in extra:
-        if ".lora_" in name:
-            problems.append(Problem(name.split(".lora_")[0], name, cpath, expected="no LoRA tensors", found=name,
-                                    message=f"{role}: holds LoRA tensor {name}: an unmerged adapter, not a dense "
-                                            f"merged checkpoint"))
-    others = [n for n in extra if ".lora_" not in n]
-    if others and not (allow_extra_head and others == [HEAD_KEY]):
-        notes.append(Problem(others[0].rsplit(".", 1)[0], others[0], cpath, expected="the base's tensors",
-                             found=f"{len(others)} extra",
-                             message=f"{role}: {len(others)} tensor(s) the base does not have, e.g. {others[0]}"))
-    return problems, notes
-
-
-__all__ += ["adapter_config_notes", "adapter_from_header", "adapter_value_problems", "candidate_layout_problems",
-            "checkpoint_dtype_notes"]
+__all__ = ["BaseTarget", "HEAD_KEY", "Problem", "adapter_fit_problems", "dense_shapes", "first_problem_error",
+           "is_tied", "locate", "module_problems", "resolve_base_key", "shape_list", "tied_embedding_key"]

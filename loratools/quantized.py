@@ -1,25 +1,27 @@
-"""Reading a bitsandbytes 4-bit checkpoint as if it were dense, one tensor at a time.
+"""The dense view of a checkpoint: a bitsandbytes 4-bit checkpoint read as if it were dense.
 
-`dense_specs(ck)` lists what a dense copy of the checkpoint would hold (names, dtypes, shapes), from
-headers and the small quant_state JSON tensors only; `read_dense(ck, name)` returns one such tensor,
-dequantizing a packed 4-bit weight on the fly. A dense checkpoint passes through unchanged, so every
-command that reads a base (merge, validate, inspect, dequantize) can take either.
+`DenseView(ck)` is what merge, validate and the fit checks read a base through; `dense_specs` and
+`read_dense` are its two primitives (dequantize uses them directly). A dense checkpoint passes through
+unchanged. A packed 4-bit weight is dequantized on the fly, bit-identical to bitsandbytes'
+`dequantize_4bit`.
 
 Note: orientation of GPT-2 Conv1D weights.
-    transformers quantizes a `Conv1D` weight (stored `[in, out]`) transposed, as the `[out, in]`
-    weight of an `nn.Linear`, and its quant_state records `[out, in]`. The dense view given here is
-    the layout of the original dense checkpoint, so a Conv1D weight is transposed back to `[in, out]`:
-    adapters trained on the dense model (`fan_in_fan_out=True`) and `GPT2LMHeadModel` both expect
-    that. Which modules are Conv1D comes from config.json (hf_layout.py).
+    transformers quantizes a `Conv1D` weight (stored `[in, out]`) as the `[out, in]` weight of an
+    `nn.Linear`, and its quant_state records `[out, in]`. The dense view is the layout of the original
+    dense checkpoint, so such a weight is transposed back to `[in, out]` here, once: adapters trained on
+    the dense model (`fan_in_fan_out=True`) and `GPT2LMHeadModel` both expect that. Which modules are
+    Conv1D comes from config.json (hf_layout.py).
 """
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 
 from .bnb4bit import AUX_SUFFIXES, QUANT_STATE_PREFIX, QuantState, dequantize_weight
 from .errors import FormatError
 from .hf_layout import layout_for
-from .io.checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint, TensorInfo
 
 
 def is_aux(name: str) -> bool:
@@ -113,3 +115,71 @@ def read_dense(ck: Checkpoint, name: str, device: str = "cpu", dtype: torch.dtyp
     if w.dim() == 2 and is_conv1d_weight(ck, name):
         w = w.t().contiguous()
     return w
+
+
+def dense_shapes(ck: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape as a dense model sees it (the shapes of `dense_specs`)."""
+    return {name: tuple(shape) for name, (_, shape) in dense_specs(ck).items()}
+
+
+class DenseView:
+    """A checkpoint's tensors as a dense model sees them, one tensor at a time.
+
+    Args:
+        ck: a dense or bitsandbytes 4-bit checkpoint.
+        device: where dequantized weights are computed and returned (other tensors are read to the CPU).
+
+    Example:
+        >>> view = DenseView(Checkpoint("fixtures/tiny-gpt2"))
+        >>> view.read("h.0.attn.c_attn.weight").shape  # Conv1D: [in, out], also when stored in 4 bits
+        torch.Size([64, 192])
+    """
+
+    def __init__(self, ck: Checkpoint, device: torch.device | str = "cpu"):
+        self.ck = ck
+        self.device = device
+        self.quantized = ck.is_quantized
+        self.specs = dense_specs(ck)  # name -> (dtype, shape), in file order
+        self.shapes = {name: shape for name, (_, shape) in self.specs.items()}
+        self._packed = set(quant_states(ck)) if self.quantized else set()
+
+    def quant_state(self, name: str) -> QuantState | None:
+        """The QuantState of a packed 4-bit weight (its dense values are dequantized); None for others."""
+        return quant_states(self.ck).get(name) if name in self._packed else None
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype of the dense tensor: the quant_state's for a 4-bit weight, else the stored one."""
+        return self.specs[name][0]
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One dense tensor (`dtype` applies to a dequantized weight only; see read_dense)."""
+        return read_dense(self.ck, name, device=self.device if name in self._packed else "cpu", dtype=dtype)
+
+    def stored_as_is(self, name: str, dtype: torch.dtype) -> bool:
+        """True when the dense tensor is the stored one, in `dtype`: it can be copied file to file."""
+        info = self.ck.tensors.get(name)
+        return info is not None and info.dtype == dtype and tuple(info.shape) == self.specs[name][1] and \
+            name not in self._packed
+
+    def iter_tensors(self, copy_as_is=lambda name: False) -> Iterator[tuple[str, torch.Tensor | TensorInfo]]:
+        """(name, tensor) in file order; (name, TensorInfo) for the names `copy_as_is` selects, which a
+        writer copies without reading them into memory. Closes the checkpoint at the end."""
+        as_is = {name for name in self.specs if copy_as_is(name)}
+        if not self.quantized:  # the next tensor is read while this one is worked on
+            reads = self.ck.prefetched(n for n in self.specs if n not in as_is)
+        for name in self.specs:
+            if name in as_is:
+                yield name, self.ck.tensors[name]
+            elif self.quantized:
+                # Dequantized in the quant_state dtype, bit-identical to bitsandbytes' dequantize_4bit:
+                # the weights a QLoRA adapter was trained against, what `model.dequantize()` gives.
+                yield name, read_dense(self.ck, name, device=self.device)
+            else:
+                got, tensor = next(reads)
+                assert got == name
+                yield name, tensor
+                del tensor
+        self.ck.close()
+
+    def close(self) -> None:
+        self.ck.close()

@@ -1,0 +1,320 @@
+"""validate's static checks: from headers and the adapters' own (small) tensors, nothing is built.
+
+An adapter on its own (a lenient header-level view, its values, its config), its fit to the base
+(checks.py), candidate checkpoints against the base's layout, and the provenance loratools recorded.
+
+Note: lenient, header-level adapters.
+    `load_adapter` refuses an adapter at its first inconsistency. `validate` must report every problem at
+    once, so `adapter_from_header` builds the per-module view from the safetensors header alone (factors
+    as shape-only "meta" tensors), turning each inconsistency into a Problem and keeping every module it
+    can still describe; the fit checks then run on that view. Only the NaN/Inf and all-zero checks read
+    tensor values, one tensor at a time.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..adapter import PREFIX, WEIGHTS_NAME, Adapter, LoraModule, classify_key, lora_scale, pattern_value, \
+    read_adapter_config
+from ..checks import HEAD_KEY, Problem, adapter_fit_problems, resolve_base_key, shape_list
+from ..dtypes import declared_dtype
+from ..errors import InputError, LoratoolsError
+from ..io import Checkpoint, read_provenance, verify_inputs
+from ..io.checkpoint import QUANT_STATE_MARK
+from ..io.safetensors_format import read_header, read_tensor
+from ..quantized import AUX_SUFFIXES, dense_shapes
+from .report import problem_row, row
+
+
+def _meta(shape) -> torch.Tensor:
+    return torch.empty(tuple(shape), device="meta")
+
+
+def _target_matches(targets, module: str) -> bool:
+    """PEFT's check_target_module_exists: a regex string is full-matched, a list matches whole dotted tails."""
+    if targets is None:
+        return True
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, module) is not None
+    return module in targets or any(module.endswith(f".{t}") for t in targets)
+
+
+def adapter_from_header(path) -> tuple[Adapter, list[Problem]]:
+    """A shape-only Adapter read from the header, and every problem found on the way.
+
+    Raises only for what makes the adapter unreadable as a whole (no config, not LoRA, no weights file);
+    the caller turns that into a Problem too.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError("expected a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
+                         path=path)
+    cfg = read_adapter_config(path)
+    wpath = path / WEIGHTS_NAME
+    if not wpath.is_file():
+        raise InputError(f"adapter has no {WEIGHTS_NAME}", path=path)
+    infos, _ = read_header(str(wpath))
+    apath = str(path)
+    problems: list[Problem] = []
+    parts: dict[str, dict] = {}
+    saved = {}
+    for key, info in infos.items():
+        kind, name, role = classify_key(key)
+        if kind == "not_peft":
+            problems.append(Problem(None, key, apath, expected=f"{PREFIX}<module>...", found=key,
+                                    message=f"adapter tensor {key} does not start with {PREFIX!r} (not a PEFT key)"))
+        elif kind == "unknown_lora":
+            problems.append(Problem(name, key, apath, expected="a LoRA factor", found=key,
+                                    message=f"adapter tensor {key} is of a LoRA kind loratools does not know"))
+        elif kind == "factor":
+            parts.setdefault(name, {})[role] = info
+        else:
+            saved[name] = _meta(info.shape)
+    modules: dict[str, LoraModule] = {}
+    names = {"A": "lora_A.weight", "B": "lora_B.weight", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
+    for name, p in sorted(parts.items()):
+        linear = "A" in p or "B" in p
+        a_role, b_role = ("A", "B") if linear else ("emb_A", "emb_B")
+        missing = [names[r] for r in (a_role, b_role) if r not in p]
+        if missing:
+            problems.append(Problem(name, PREFIX + name, apath, expected=names[a_role] + " and " + names[b_role],
+                                    found="only " + ", ".join(names[r] for r in (a_role, b_role) if r in p),
+                                    message=f"module {name}: the adapter has no {missing[0]} tensor"))
+            continue
+        A, B = p[a_role].shape, p[b_role].shape
+        if len(A) != 2 or len(B) != 2:
+            problems.append(Problem(name, PREFIX + name, apath, expected="2-D factors",
+                                    found=f"A {list(A)}, B {list(B)}",
+                                    message=f"module {name}: only 2-D LoRA factors (Linear, Conv1D, Embedding) are "
+                                            f"supported; found A {list(A)}, B {list(B)}"))
+            continue
+        r = A[0]
+        if B[1] != r:
+            problems.append(Problem(name, PREFIX + name, apath, expected=f"lora_B [out, {r}]", found=list(B),
+                                    message=f"module {name}: lora_A has rank {r} but lora_B is {list(B)} "
+                                            f"(expected [out, {r}])"))
+            continue
+        cfg_r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
+        if int(cfg_r) != r:
+            source = "rank_pattern" if cfg["rank_pattern"] and pattern_value(cfg["rank_pattern"], name, None) \
+                is not None else "r"
+            problems.append(Problem(name, PREFIX + name, apath, expected=f"r={cfg_r} ({source})", found=f"rank {r}",
+                                    message=f"module {name}: adapter_config.json says r={cfg_r} ({source}) but its "
+                                            f"factors have rank {r}"))
+        alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
+        fifo = bool(cfg.get("fan_in_fan_out")) and linear
+        mag, bias = p.get("magnitude"), p.get("bias")
+        modules[name] = LoraModule(name=name, kind="linear" if linear else "embedding", A=_meta(A), B=_meta(B),
+                                   r=int(r), alpha=alpha, scale=lora_scale(alpha, r, bool(cfg.get("use_rslora"))),
+                                   fan_in_fan_out=fifo, magnitude=None if mag is None else _meta(mag.shape),
+                                   bias=None if bias is None else _meta(bias.shape))
+        if cfg.get("use_dora") and mag is None and linear:
+            problems.append(Problem(name, PREFIX + name, apath, expected="lora_magnitude_vector", found=None,
+                                    message=f"module {name}: use_dora is set but the adapter has no DoRA magnitude "
+                                            f"for it"))
+    adapter = Adapter(path=path, config=cfg, modules=modules, saved=saved,
+                      dtypes={i.dtype for i in infos.values()})
+    return adapter, problems
+
+
+def adapter_config_notes(adapter: Adapter) -> list[Problem]:
+    """Things in an adapter that PEFT tolerates but that suggest a mistake (not failures)."""
+    cfg, apath = adapter.config, str(adapter.path)
+    notes = []
+    targets = cfg.get("target_modules")
+    stray = [n for n in adapter.modules if not _target_matches(targets, n)]
+    if stray:
+        notes.append(Problem(stray[0], None, apath, expected=f"target_modules {targets}", found=stray[0],
+                             message=f"{len(stray)} adapted module(s) are not matched by target_modules, e.g. "
+                                     f"{stray[0]}; PEFT would not create them from this config"))
+    if cfg.get("lora_bias") and adapter.modules and not any(m.bias is not None for m in adapter.modules.values()):
+        notes.append(Problem(None, None, apath, expected="lora_B.bias tensors", found=None,
+                             message="lora_bias is set but the adapter holds no lora_B.bias"))
+    if cfg.get("modules_to_save") and not adapter.saved:
+        notes.append(Problem(None, None, apath, expected=f"modules_to_save {cfg['modules_to_save']}", found=None,
+                             message="modules_to_save is set but the adapter holds no saved module tensors"))
+    if not adapter.modules and not adapter.saved:
+        notes.append(Problem(None, None, apath, expected="LoRA factors", found=None,
+                             message="the adapter holds no LoRA modules: it changes nothing"))
+    return notes
+
+
+def adapter_value_problems(path) -> tuple[list[Problem], list[Problem]]:
+    """(problems, notes) from the adapter's tensor values: NaN/Inf, non-float factors; all-zero lora_B and
+    mixed factor dtypes are notes. Reads one tensor at a time."""
+    wpath = Path(path) / WEIGHTS_NAME
+    infos, _ = read_header(str(wpath))
+    apath = str(path)
+    problems, notes = [], []
+    zero_b = []
+    dtypes = Counter()
+    with open(wpath, "rb", buffering=0) as fh:
+        for key, info in infos.items():
+            module = key[len(PREFIX):].split(".lora_")[0] if key.startswith(PREFIX) else None
+            if not info.dtype.is_floating_point:
+                problems.append(Problem(module, key, apath, expected="a floating-point dtype", found=info.dtype_name,
+                                        message=f"adapter tensor {key} has dtype {info.dtype_name}; LoRA factors "
+                                                f"and saved weights are floating point"))
+                continue
+            dtypes[info.dtype_name] += 1
+            t = read_tensor(info, fh)
+            bad = ~torch.isfinite(t)
+            n_bad = int(bad.sum())
+            if n_bad:
+                n_nan = int(torch.isnan(t).sum())
+                problems.append(Problem(module, key, apath, expected="finite values",
+                                        found=f"{n_nan} NaN, {n_bad - n_nan} Inf of {t.numel()}",
+                                        message=f"adapter tensor {key} holds {n_nan} NaN and {n_bad - n_nan} Inf "
+                                                f"values (a diverged training run?)"))
+            elif (key.endswith(".lora_B.weight") or key.endswith(".lora_embedding_B")) and not bool(t.any()):
+                zero_b.append(key)
+    if zero_b:
+        notes.append(Problem(zero_b[0][len(PREFIX):].split(".lora_")[0], zero_b[0], apath, expected="a trained lora_B",
+                             found=f"{len(zero_b)} all-zero",
+                             message=f"{len(zero_b)} lora_B tensor(s) are all zeros (PEFT's initial value), e.g. "
+                                     f"{zero_b[0]}: those modules change nothing; was the adapter trained?"))
+    if len(dtypes) > 1:
+        notes.append(Problem(None, None, apath, expected="one dtype", found=dict(sorted(dtypes.items())),
+                             message=f"adapter tensors mix dtypes {dict(sorted(dtypes.items()))}"))
+    return problems, notes
+
+
+def checkpoint_dtype_notes(ck: Checkpoint, role: str) -> list[Problem]:
+    """config.json's dtype against the dtype the floating-point weights are stored in (a note, not a failure:
+    transformers casts on load, but a mismatch usually means the config was copied from elsewhere)."""
+    cfg = ck.config or {}
+    declared = declared_dtype(cfg)
+    packed = ck.quant_states
+    stored = {i.dtype_name for n, i in ck.tensors.items() if i.dtype.is_floating_point and QUANT_STATE_MARK not in n
+              and not (n.endswith(AUX_SUFFIXES) and n.rsplit(".", 1)[0] in packed)}
+    notes = []
+    if len(stored) > 1:
+        notes.append(Problem(None, None, str(ck.path), expected="one float dtype", found=sorted(stored),
+                             message=f"{role}: floating-point tensors are stored in several dtypes {sorted(stored)}"))
+    if declared and stored and str(declared) not in stored and not ck.is_quantized:
+        notes.append(Problem(None, None, str(ck.path), expected=f"config.json dtype {declared}", found=sorted(stored),
+                             message=f"{role}: config.json says dtype {declared} but the weights are stored as "
+                                     f"{', '.join(sorted(stored))}"))
+    return notes
+
+
+def candidate_layout_problems(base: Checkpoint, cand: Checkpoint, role: str, *,
+                              allow_extra_head: bool = True) -> tuple[list[Problem], list[Problem]]:
+    """(problems, notes) comparing a candidate checkpoint's tensor names and dense shapes with the base's:
+    missing tensors and shape changes are problems; leftover LoRA tensors are problems; other extra
+    tensors (an untied lm_head, a merge record) are notes."""
+    bshapes, cshapes = dense_shapes(base), dense_shapes(cand)
+    cpath = str(cand.path)
+    problems, notes = [], []
+    for name, shape in bshapes.items():
+        key = resolve_base_key(cshapes, name)
+        if key is None:
+            problems.append(Problem(name.rsplit(".", 1)[0], name, cpath, expected=shape_list(shape), found="missing",
+                                    message=f"{role}: missing tensor {name} (the base has it, {shape_list(shape)})"))
+        elif tuple(cshapes[key]) != tuple(shape):  # (a 4-bit Conv1D weight is [in, out] in the dense view too)
+            problems.append(Problem(name.rsplit(".", 1)[0], key, cpath, expected=shape_list(shape),
+                                    found=shape_list(cshapes[key]),
+                                    message=f"{role}: tensor {key} has shape {shape_list(cshapes[key])}, the base's is "
+                                            f"{shape_list(shape)}"))
+    matched = {resolve_base_key(cshapes, n) for n in bshapes}
+    extra = [n for n in cshapes if n not in matched]
+    for name in extra:
+        if ".lora_" in name:
+            problems.append(Problem(name.split(".lora_")[0], name, cpath, expected="no LoRA tensors", found=name,
+                                    message=f"{role}: holds LoRA tensor {name}: an unmerged adapter, not a dense "
+                                            f"merged checkpoint"))
+    others = [n for n in extra if ".lora_" not in n]
+    if others and not (allow_extra_head and others == [HEAD_KEY]):
+        notes.append(Problem(others[0].rsplit(".", 1)[0], others[0], cpath, expected="the base's tensors",
+                             found=f"{len(others)} extra",
+                             message=f"{role}: {len(others)} tensor(s) the base does not have, e.g. {others[0]}"))
+    return problems, notes
+
+
+def static_checks(base: Checkpoint, adapter_paths: list[Path], candidates: dict[str, Checkpoint]
+                  ) -> tuple[list[dict], list[dict], list[bool]]:
+    """(problems, notes, adapter_ok) from headers and the adapters' own tensors; nothing is built."""
+    problems, notes, ok = [], [], []
+    notes += [problem_row("base", n) for n in checkpoint_dtype_notes(base, "base")]
+    for path in adapter_paths:
+        before = len(problems)
+        try:
+            view, own = adapter_from_header(path)
+            problems += [problem_row("adapter", p) for p in own]
+            problems += [problem_row("adapter fit", p) for p in adapter_fit_problems(base, view)]
+            vals, vnotes = adapter_value_problems(path)
+            problems += [problem_row("adapter values", p) for p in vals]
+            notes += [problem_row("adapter", n) for n in vnotes + adapter_config_notes(view)]
+        except LoratoolsError as e:
+            problems.append(row("adapter", e.one_line(), tensor=e.tensor, path=e.path or path))
+        ok.append(len(problems) == before)
+    for role, ck in candidates.items():
+        probs, cnotes = candidate_layout_problems(base, ck, role)
+        problems += [problem_row(role, p) for p in probs]
+        notes += [problem_row(role, n) for n in cnotes + checkpoint_dtype_notes(ck, role)]
+    p_probs, p_notes = provenance_checks(base, adapter_paths, candidates)
+    problems += p_probs
+    notes += p_notes
+    if "quantized" in candidates and not candidates["quantized"].is_quantized:
+        problems.append(row("quantized", "quantized: this checkpoint holds no bitsandbytes 4-bit weights",
+                             path=candidates["quantized"].path, expected="4-bit weights", found="dense"))
+    return problems, notes, ok
+
+
+def _recorded(path: Path, ck: Checkpoint | None = None) -> dict | None:
+    """The provenance loratools wrote into a checkpoint's or an adapter's safetensors metadata."""
+    if ck is not None:
+        return read_provenance(next(iter(ck.metadata.values()), {}))
+    f = Path(path) / "adapter_model.safetensors"
+    return read_provenance(read_header(str(f))[1]) if f.is_file() else None
+
+
+def provenance_checks(base: Checkpoint, adapter_paths: list[Path], candidates: dict[str, Checkpoint]
+                      ) -> tuple[list[dict], list[dict]]:
+    """Outputs written by loratools record the SHA-256 of their inputs: check them against the files given.
+
+    A merged checkpoint must come from BASE and the ADAPTERs (in order), a quantized one from BASE, an
+    extracted adapter from BASE (and --tuned when given). Outputs without a record are not judged.
+    """
+    expect: list[tuple[str, Path, dict, dict]] = []
+    for role, ck in candidates.items():
+        rec = _recorded(ck.path, ck)
+        if rec and role == "merged" and rec.get("command") == "merge":
+            given = {"base": base.path, **{f"adapters[{i}]": p for i, p in enumerate(adapter_paths)}}
+            expect.append((role, ck.path, rec, given))
+        elif rec and role == "quantized" and rec.get("command") == "quantize":
+            expect.append((role, ck.path, rec, {"checkpoint": base.path}))
+    for path in adapter_paths:
+        rec = _recorded(path)
+        if rec and rec.get("command") == "extract":
+            given = {"base": base.path}
+            if "tuned" in candidates:
+                given["tuned"] = candidates["tuned"].path
+            expect.append(("adapter", path, rec, given))
+    problems, notes = [], []
+    for role, path, rec, given in expect:
+        recorded_roles = set(rec.get("inputs", {}))
+        extra = sorted(recorded_roles - set(given)) if role == "merged" else []
+        if extra:
+            problems.append(row("provenance", f"provenance: {path} was merged from {len(recorded_roles) - 1} "
+                                 f"adapters, {len(adapter_paths)} given", path=path,
+                                 expected=f"{len(recorded_roles) - 1} adapters", found=f"{len(adapter_paths)}"))
+        rows = verify_inputs(rec, given)
+        bad = [r for r in rows if not r["ok"]]
+        for r in bad:
+            if r["file"] is None:
+                msg = f"provenance: {path} records no input '{r['role']}'"
+            else:
+                msg = (f"provenance: {path} was written from a different {r['role']}: {r['file']} recorded "
+                       f"sha256 {r['recorded'][:12]}…, the file given has "
+                       f"{(r['actual'] or 'no such file')[:12]}")
+            problems.append(row("provenance", msg, path=given.get(r["role"]), tensor=None,
+                                 expected=(r["recorded"] or "")[:12] or None, found=(r["actual"] or "-")[:12]))
+        if not bad and not extra:
+            notes.append(row("provenance", f"provenance: the {len(rows)} input files recorded in {path} match "
+                              f"the files given", path=path))
+    return problems, notes
