@@ -13,7 +13,6 @@ Saved keys (PEFT strips the adapter name):
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from .errors import FormatError, InputError, UnsupportedError
 from .io.checkpoint import load_json
 from .io.safetensors_format import read_header, read_tensor
+from .lora_math import lora_scale, peft_delta, stored_transposed
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -62,10 +62,6 @@ def pattern_value(patterns: dict, module: str, default):
     return patterns.get(module, default)
 
 
-def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
 @dataclass
 class LoraModule:
     """One adapted module's factors and the numbers PEFT derives for it."""
@@ -90,19 +86,19 @@ class LoraModule:
         return f"{self.name}.bias"
 
     @property
+    def transposed(self) -> bool:
+        """Whether the base weight is stored as (B·A)ᵀ (Conv1D, embeddings): lora_math.stored_transposed."""
+        return stored_transposed(self.kind, self.fan_in_fan_out)
+
+    @property
     def base_shape(self) -> tuple[int, int]:
-        """Shape the base weight must have for these factors."""
-        if self.kind == "embedding":
-            return (self.A.shape[1], self.B.shape[0])  # [num_embeddings, dim]
+        """Shape the base weight must have for these factors ([num_embeddings, dim] for an embedding)."""
         out_f, in_f = self.B.shape[0], self.A.shape[1]
-        return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
+        return (in_f, out_f) if self.transposed else (out_f, in_f)
 
     def delta(self, weight: float = 1.0, dtype=torch.float32) -> torch.Tensor:
         """ΔW in the base weight's layout: B @ A · scale (transposed for Conv1D and embeddings)."""
-        d = (self.B.to(dtype) @ self.A.to(dtype)) * (self.scale * weight)
-        if self.kind == "embedding" or self.fan_in_fan_out:
-            d = d.T
-        return d
+        return peft_delta(self.B.to(dtype), self.A.to(dtype), self.scale * weight, self.transposed)
 
 
 @dataclass
@@ -235,8 +231,8 @@ def _build_module(name: str, p: dict, cfg: dict, wpath: Path) -> LoraModule:
                           path=wpath, tensor=key)
     alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
     scale = lora_scale(alpha, r, bool(cfg.get("use_rslora")))
-    fifo = bool(cfg.get("fan_in_fan_out")) and kind == "linear"
-    m = LoraModule(name=name, kind=kind, A=A, B=B, r=r, alpha=alpha, scale=scale, fan_in_fan_out=fifo,
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out")) and kind == "linear"
+    m = LoraModule(name=name, kind=kind, A=A, B=B, r=r, alpha=alpha, scale=scale, fan_in_fan_out=fan_in_fan_out,
                    magnitude=p.get("magnitude"), bias=p.get("bias"))
     out_features = B.shape[0]
     for role, t in (("lora_magnitude_vector", m.magnitude), ("lora_B.bias", m.bias)):
@@ -305,11 +301,11 @@ def adapter_tensors(modules: dict[str, LoraModule], saved: dict[str, torch.Tenso
 
 def write_adapter(directory: Path, config: dict, tensors: dict[str, torch.Tensor],
                   metadata: dict[str, str] | None = None) -> list[str]:
-    """Write config + weights into an (already atomic, temporary) directory."""
-    from .io.writer import save_tensors, write_json
+    """Write config + weights into an existing directory (tests, benchmarks); returns the file names.
 
-    write_json(Path(directory) / CONFIG_NAME, config)
-    files = save_tensors(directory, tensors, filename=WEIGHTS_NAME, allow_shards=False, metadata=metadata)
-    return [CONFIG_NAME] + files
+    The commands write adapters through io.output.write_adapter_dir (atomic, provenance, report)."""
+    from .io.output import write_adapter_files
+
+    return write_adapter_files(directory, config, tensors, metadata=metadata)
 
 

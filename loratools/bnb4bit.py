@@ -32,10 +32,11 @@ from functools import lru_cache
 
 import torch
 
+from .dtypes import FLOAT_DTYPES
+
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit accepts
 NESTED_BLOCKSIZE = 256  # fixed by bitsandbytes for the absmax of the absmax
-FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 QUANT_STATE_PREFIX = ".quant_state.bitsandbytes__"
 

@@ -51,6 +51,7 @@ from typing import Callable
 
 import torch
 
+from .lora_math import peft_delta
 from .lowrank import Truncation, truncate, truncate_factors
 
 EXACT_METHODS = ("cat", "linear")
@@ -71,8 +72,7 @@ class Term:
 
     def task_tensor(self, transposed: bool) -> torch.Tensor:
         """PEFT's get_delta_weight: B·A·scale in the base weight's layout (unweighted)."""
-        d = self.B.float() @ self.A.float()
-        return (d.T if transposed else d) * self.scale
+        return peft_delta(self.B.float(), self.A.float(), self.scale, transposed)
 
 
 def module_seed(seed: int, module: str) -> int:

@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from .dtypes import declared_float_dtype
+
 LINEAR = "linear"
 CONV1D = "conv1d"
 
@@ -116,9 +118,7 @@ def _family_layout(config: dict) -> ModelLayout | None:
     # module of the last parameter (the head, or when tied the final norm, since the head is not a
     # parameter of its own then)
     skips = {"lm_head", fam.embed, fam.last_tied} if tie else {"lm_head"}
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    dtype = dtype if dtype in ("float16", "bfloat16", "float32") else None
-    return ModelLayout("transformers", kinds, tuple(sorted(skips)), (), dtype)
+    return ModelLayout("transformers", kinds, tuple(sorted(skips)), (), declared_float_dtype(config))
 
 
 def layout_for(config: dict | None) -> ModelLayout:
@@ -136,8 +136,7 @@ def model_class_layout(config: dict) -> ModelLayout:
 @lru_cache(maxsize=8)
 def _layout_cached(config_json: str) -> ModelLayout:
     config = json.loads(config_json)
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    dtype = dtype if dtype in ("float16", "bfloat16", "float32") else None
+    dtype = declared_float_dtype(config)
     model = meta_model(config)
     if model is None:  # unknown architecture, custom code, a config transformers rejects
         return ModelLayout("fallback", dtype=dtype)

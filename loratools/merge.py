@@ -1,34 +1,7 @@
 """`loratools merge` / `loratools unmerge`: fold PEFT LoRA adapters into a base checkpoint, or take them out.
 
-Pure tensor functions first (deltas, DoRA, one base tensor at a time), then the plan (which adapter
-touches which base tensor), then `merge_checkpoint()` / `unmerge_checkpoint()`, which stream the base
-through them: one base tensor in memory at a time, adapters whole (they are small).
-
-Note: matching PEFT bit for bit.
-    PEFT's `merge_and_unload()` (peft 0.21, tuners/lora/layer.py and variants.py) computes, per adapter,
-    ΔW = transpose(B @ A, fan_in_fan_out) · scale in float32 (adapter weights are upcast to float32 on
-    load) and adds it to the base weight in place, `W.data += ΔW`, which PyTorch evaluates in float32
-    and rounds once into W's dtype. We compute the same expression with the same ops in float32 and
-    round once, so for one plain LoRA adapter the result is bit-identical on the same device. PEFT
-    deviates from "one rounding" in two places, both within one ulp of ours: an embedding delta is
-    cast to the weight's dtype before the add (`W += ΔW.to(W.dtype)`), and several adapters are merged
-    one after another, rounding after each.
-
-Note: DoRA.
-    PEFT's DoraLinearVariant.merge computes `norm = ||W₀ + ΔW||` per output feature with
-    `torch.linalg.norm(transpose(W₀) + transpose(ΔW), dim=1)` (W₀ = the base weight in its own dtype,
-    ΔW float32, so the sum is float32), then `W ← (m / norm) · (W + ΔW)`, and rounds once. The norm runs
-    over the input axis of the [out, in] layout: for a Conv1D (fan_in_fan_out) weight [in, out] and for
-    an embedding [num_embeddings, dim] that is axis 0 of the stored tensor, and m / norm scales columns.
-    We replicate the expression literally (same transposes, same mixed-dtype add) to get the same bits.
-
-Note: several adapters, and order.
-    Plain LoRA deltas commute: they are summed in float32 and rounded once. DoRA does not commute:
-    PEFT merges adapters in turn, each DoRA step rescaling everything merged so far, with the norm
-    taken on the *unmerged* base W₀ plus that adapter's own ΔW. Its forward pass with several active
-    adapters computes the same composition (each DoRA layer rescales the running result), so the
-    sequential formula, applied in the order the adapters are given, is the exact merge. We apply it
-    in float32 and round once.
+The arithmetic is lora_math's, the plan (what each output tensor is made of) plan.py's; this module streams
+the base through them: one base tensor in memory at a time, adapters whole (they are small).
 
 Note: the DoRA record.
     A merged DoRA row is m · (W + ΔW) / ||W + ΔW||: the norm, one number per row, is not recoverable
@@ -37,357 +10,45 @@ Note: the DoRA record.
     every adapter merged; `unmerge` reads it back and undoes each step as PEFT's `unmerge` does,
     W ← W / (m / norm) − ΔW, in reverse order. The record lives in a subdirectory so that tools that
     load every top-level `*.safetensors` file of a model directory never see it.
-
-Note: tied output embeddings.
-    A model with `tie_word_embeddings` (GPT-2) stores no `lm_head.weight`; the head is the input
-    embedding. When an adapter changes only one of the two (LoRA or modules_to_save on `lm_head`, or
-    on the embedding), PEFT's merge either writes the shared tensor for both or loses the change on
-    reload, and PEFT warns about it. We keep what the adapted model computes: the output gets an
-    explicit `lm_head.weight` (the head as the adapter sees it) and `tie_word_embeddings: false`.
-    An adapter made with `ensure_weight_tying` changes both the same way, so the model stays tied.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
-from .adapter import Adapter, LoraModule, load_adapter
-from .checks import HEAD_KEY, adapter_fit_problems, dense_shapes, first_problem_error, locate, \
-    resolve_base_key, tied_embedding_key
+from .adapter import Adapter, load_adapter
+from .checks import HEAD_KEY
 from .device import resolve_device, torch_threads
+from .dtypes import FLOAT_DTYPES, cast_floats
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
 from .io import Checkpoint, TensorSpec, config_with_dtype, provenance
 from .io.output import write_checkpoint
 from .io.provenance import sha256_file
 from .io.safetensors_format import read_header, read_tensor
+from .io.durability import Durability
 from .io.writer import save_tensors
+from .lora_math import Step, Workspace
+from .plan import MODULES_TO_SAVE, MergePlan, TensorPlan, build_plan
+from .quantized import DenseView
 
-FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 RECORD_DIR = "loratools-dora"
 RECORD_FILE = "norms.safetensors"
 RECORD_KEY = "loratools_dora"
 
-
-# -- pure tensor functions ---------------------------------------------------------------------------
-
-def transposed(m: LoraModule) -> bool:
-    """True when the base tensor is stored [in, out] relative to B @ A (Conv1D, embeddings)."""
-    return m.kind == "embedding" or m.fan_in_fan_out
+PathLike = str | Path
 
 
-def _t(x: torch.Tensor, flag: bool) -> torch.Tensor:
-    return x.T if flag else x
-
-
-class Workspace:
-    """Reusable float32 buffers, one per role, grown to the largest tensor seen.
-
-    Note: why reuse.
-        A fresh 50 MB float32 tensor costs more in page faults (the kernel zeroes every page) than the
-        rank-16 matmul that fills it; on CPU, reusing two buffers across tensors makes the plain merge
-        about 1.5x faster. The buffers are a few tensors' worth of memory, whatever the model size."""
-
-    def __init__(self):
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def get(self, role: str, shape, device) -> torch.Tensor:
-        n = 1
-        for d in shape:
-            n *= d
-        buf = self._bufs.get(role)
-        if buf is None or buf.numel() < n or buf.device != torch.device(device):
-            buf = self._bufs[role] = torch.empty(n, dtype=torch.float32, device=device)
-        return buf[:n].view(tuple(shape))
-
-
-def lora_delta(m: LoraModule, weight: float = 1.0, device="cpu", ws: Workspace | None = None,
-               rows: slice | None = None) -> torch.Tensor:
-    """weight · scale · B @ A in float32, in the base tensor's layout (PEFT's get_delta_weight).
-
-    The whole product in one matmul, as PEFT computes it; `rows` (a [out, in] layout only) gives those
-    rows of it from B's rows alone, with the same bits (see Note: row blocks of B @ A). With a
-    workspace the product lands in its "delta" buffer (valid until the next call)."""
-    A = m.A.to(device=device, dtype=torch.float32)
-    B = m.B.to(device=device, dtype=torch.float32)
-    if rows is not None:
-        assert not transposed(m), "row blocks of a transposed delta"
-        B = B[rows]
-    if ws is None:
-        d = B @ A
-    else:
-        d = torch.mm(B, A, out=ws.get("delta", (B.shape[0], A.shape[1]), device))
-    return _t(d.mul_(m.scale * weight), transposed(m))
-
-
-def dora_weight_norm(base: torch.Tensor, delta: torch.Tensor, is_transposed: bool) -> torch.Tensor:
-    """||W₀ + ΔW|| per output feature, as PEFT's DoraLinearLayer.get_weight_norm computes it.
-
-    `base` stays in its own dtype: PEFT adds the float32 delta to the base weight as stored."""
-    return torch.linalg.norm(_t(base, is_transposed) + _t(delta, is_transposed), dim=1).to(torch.float32)
-
-
-def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor, is_transposed: bool) -> torch.Tensor:
-    """m / ||W₀ + ΔW||, shaped to scale the rows ([out, in]) or columns ([in, out]) of the base tensor."""
-    f = magnitude.to(device=norm.device, dtype=torch.float32) / norm
-    return f.view(1, -1) if is_transposed else f.view(-1, 1)
-
-
-@dataclass
-class Step:
-    """One adapter's contribution to one base tensor."""
-
-    module: LoraModule
-    weight: float
-    adapter: int  # position on the command line
-
-    @property
-    def dora(self) -> bool:
-        return self.module.magnitude is not None
-
-
-# Elementwise work on CPU runs in row blocks of about this many elements, so that the float32 sum of a
-# plain merge is one small block, not a second full-size float32 tensor.
-BLOCK_ELEMENTS = 1 << 20
-
-
-# Row blocks are a multiple of this many rows, and a shorter remainder joins the block before it: a
-# matmul of fewer than 4 rows takes another kernel and can differ in the last bit (Note: row blocks).
-BLOCK_ROWS = 64
-
-
-def _row_blocks(t: torch.Tensor) -> list[slice]:
-    if t.dim() != 2 or t.device.type != "cpu":
-        return [slice(None)]
-    rows = t.shape[0]
-    step = max(BLOCK_ROWS, BLOCK_ELEMENTS // max(1, t.shape[1]) // BLOCK_ROWS * BLOCK_ROWS)
-    starts = list(range(0, rows, step))
-    if len(starts) > 1 and rows - starts[-1] < BLOCK_ROWS:
-        starts.pop()
-    return [slice(r, starts[i + 1] if i + 1 < len(starts) else rows) for i, r in enumerate(starts)]
-
-
-def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=torch.float32,
-                 ws: Workspace | None = None) -> tuple[torch.Tensor, list]:
-    """Apply steps in order in float32: W += ΔW (LoRA), W = m/||W₀+ΔW|| · (W + ΔW) (DoRA); round once
-    to `out_dtype`. Returns the result (a new tensor on `device`) and, per step, the DoRA norm (None for
-    plain LoRA)."""
-    ws = ws or Workspace()
-    w0 = base.to(device)
-    if len(steps) == 1 and not steps[0].dora:
-        # The common case: W + ΔW and the cast, block by block
-        m, weight = steps[0].module, steps[0].weight
-        blocks = _row_blocks(w0)
-        by_rows = len(blocks) > 1 and not transposed(m)
-        if not by_rows:
-            d = lora_delta(m, weight, device, ws)  # one whole-matrix product
-        out = torch.empty(w0.shape, dtype=out_dtype, device=w0.device)
-        for rows in blocks:
-            blk = w0[rows]
-            if by_rows:
-                # Note: row blocks of B @ A.
-                #     Each element of B @ A is one rank-long dot product. The CPU kernels compute it
-                #     the same way whatever the number of rows in the call, except for calls of
-                #     fewer than 4 rows (measured), which _row_blocks never makes; so a block's
-                #     product has the bits of the whole product's rows (tests/test_merge.py checks it
-                #     on awkward shapes; benchmarks/merge.py on all 84 weights against PEFT). The
-                #     float32 delta then never exists at full size: 46 MB less memory and one pass
-                #     less over it for a 5632 x 2048 weight.
-                d_blk = lora_delta(m, weight, device, ws, rows)
-            else:
-                d_blk = d[rows]
-            acc = ws.get("acc", blk.shape, device)
-            acc.copy_(blk)
-            acc += d_blk
-            out[rows] = acc
-        return out, [None]
-    acc = ws.get("acc", w0.shape, device)
-    acc.copy_(w0)
-    norms = []
-    for s in steps:
-        d = lora_delta(s.module, s.weight, device, ws)
-        if s.dora:
-            tr = transposed(s.module)
-            norm = dora_weight_norm(w0, d, tr)
-            acc += d
-            acc *= dora_factor(s.module.magnitude, norm, tr)
-            norms.append(norm)
-        else:
-            acc += d
-            norms.append(None)
-    return acc.to(out_dtype, copy=True), norms
-
-
-def unmerge_weight(merged: torch.Tensor, steps: list[Step], norms: list, device="cpu", out_dtype=torch.float32,
-                   ws: Workspace | None = None) -> torch.Tensor:
-    """Undo `merge_weight` in reverse order: W -= ΔW (LoRA), W = W / (m/norm) − ΔW (DoRA), in float32,
-    rounded once to `out_dtype`."""
-    ws = ws or Workspace()
-    m = merged.to(device)
-    acc = ws.get("acc", m.shape, device)
-    acc.copy_(m)
-    for s, norm in zip(reversed(steps), reversed(norms)):
-        if s.dora:
-            acc /= dora_factor(s.module.magnitude, norm.to(device), transposed(s.module))
-        acc -= lora_delta(s.module, s.weight, device, ws)
-    return acc.to(out_dtype, copy=True)
-
-
-def bias_delta(steps: list[Step], device="cpu") -> torch.Tensor:
-    """Σ weight · scale · lora_B.bias in float32 (PEFT: `bias += lora_B.bias * scaling`)."""
-    total = None
-    for s in steps:
-        b = s.module.bias.to(device=device, dtype=torch.float32) * (s.module.scale * s.weight)
-        total = b if total is None else total + b
-    return total
-
-
-# -- the plan -----------------------------------------------------------------------------------------
-
-@dataclass
-class TensorPlan:
-    """What happens to one output tensor."""
-
-    key: str  # output tensor name
-    source: str  # base tensor to read (the input embedding, for an untied head)
-    replace: torch.Tensor | None = None  # a saved tensor replacing the base's (modules_to_save / base layer)
-    replace_kind: str | None = None  # "modules_to_save" or "base_layer"
-    replace_adapter: int | None = None
-    steps: list[Step] = field(default_factory=list)
-    is_bias: bool = False
-
-
-@dataclass
-class Plan:
-    tensors: dict[str, TensorPlan]
-    untie_head: str | None  # the embedding a new explicit lm_head.weight is read from
-    dora_steps: int
-
-
-def _saved_kind(adapter: Adapter, name: str) -> str:
-    # A LoRA-wrapped module saved whole is the embedding base layer PEFT saves beside embedding LoRA.
-    return "base_layer" if name.rsplit(".", 1)[0] in adapter.modules else "modules_to_save"
-
-
-def build_plan(base: Checkpoint, adapters: list[Adapter], weights: list[float], *, untie: bool = True) -> Plan:
-    """Map every adapter tensor onto the base; refuse (MismatchError) before anything is written.
-
-    `untie=False` (unmerge) keeps a tied head tied: its steps apply to the shared embedding."""
-    for ad in adapters:
-        err = first_problem_error(adapter_fit_problems(base, ad))
-        if err is not None:
-            raise err
-    shapes = dense_shapes(base)
-    tied = tied_embedding_key(base, shapes)
-    plans: dict[str, TensorPlan] = {}
-
-    def plan_for(key: str, source: str) -> TensorPlan:
-        return plans.setdefault(key, TensorPlan(key, source))
-
-    for i, (ad, w) in enumerate(zip(adapters, weights)):
-        for name, t in ad.saved.items():
-            target = locate(shapes, name, tied)
-            p = plan_for(target.key, target.tied_to or target.key)
-            if p.replace is not None and not torch.equal(p.replace, t.to(p.replace.dtype)):
-                raise MismatchError(f"adapters {adapters[p.replace_adapter].path} and {ad.path} both replace this "
-                                    f"tensor whole (modules_to_save) with different values; merge them one at a time",
-                                    path=ad.path, tensor=target.key)
-            if p.replace is None:
-                p.replace, p.replace_kind, p.replace_adapter = t, _saved_kind(ad, name), i
-        for m in ad.modules.values():
-            target = locate(shapes, m.base_key, tied)
-            plan_for(target.key, target.tied_to or target.key).steps.append(Step(m, w, i))
-            if m.bias is not None:
-                bias_key = resolve_base_key(shapes, m.bias_key)
-                bp = plan_for(bias_key, bias_key)
-                bp.is_bias = True
-                bp.steps.append(Step(m, w, i))
-    for p in plans.values():
-        if p.replace_kind == "modules_to_save" and any(s.adapter != p.replace_adapter for s in p.steps):
-            other = next(s.adapter for s in p.steps if s.adapter != p.replace_adapter)
-            raise MismatchError(f"adapter {adapters[p.replace_adapter].path} replaces this tensor whole "
-                                f"(modules_to_save) while {adapters[other].path} adapts it with LoRA; merge them "
-                                f"one at a time", path=adapters[p.replace_adapter].path, tensor=p.key)
-    untied_from = None
-    if tied is not None:
-        head, emb = plans.get(HEAD_KEY), plans.get(tied)
-        keeps_tying = not untie or all(ad.config.get("ensure_weight_tying") for ad in adapters)
-        if (head is not None or (emb is not None and (emb.steps or emb.replace_kind == "modules_to_save"))) \
-                and not keeps_tying:
-            untied_from = tied
-            if head is None:
-                head = plan_for(HEAD_KEY, tied)
-            if emb is not None and emb.replace_kind == "base_layer" and head.replace is None:
-                # PEFT loads a saved embedding base layer into the parameter the head shares.
-                head.replace, head.replace_kind, head.replace_adapter = emb.replace, "base_layer", emb.replace_adapter
-        elif head is not None:  # kept tied: the head's changes go to the shared embedding
-            plans.pop(HEAD_KEY)
-            target = plan_for(tied, tied)
-            # With ensure_weight_tying PEFT saves the head's LoRA as a transposed copy of the embedding's
-            # (lora_A = B_embᵀ, lora_B = A_embᵀ): the same ΔW, which the shared tensor must get once.
-            on_embedding = {s.adapter for s in target.steps}
-            target.steps += [s for s in head.steps if not (s.adapter in on_embedding and
-                                                           adapters[s.adapter].config.get("ensure_weight_tying"))]
-            if head.replace is not None and target.replace is None:
-                target.replace, target.replace_kind, target.replace_adapter = \
-                    head.replace, head.replace_kind, head.replace_adapter
-    dora_steps = sum(1 for p in plans.values() if not p.is_bias for s in p.steps if s.dora)
-    return Plan(dict(sorted(plans.items())), untied_from, dora_steps)
-
-
-# -- reading the base ----------------------------------------------------------------------------------
-
-class DenseBase:
-    """A checkpoint seen as dense tensors: plain safetensors, or a bitsandbytes 4-bit checkpoint whose
-    packed weights are dequantized on the fly."""
-
-    def __init__(self, ck: Checkpoint, device):
-        self.ck = ck
-        self.quantized = ck.is_quantized
-        self.device = device
-        if self.quantized:
-            from . import quantized
-
-            self._q = quantized
-            self.specs = quantized.dense_specs(ck)
-        else:
-            self.specs = {n: (i.dtype, tuple(i.shape)) for n, i in ck.tensors.items()}
-
-    def stored_as_is(self, name: str, dtype: torch.dtype) -> bool:
-        """True when the dense tensor is the stored one, in `dtype`: it can be copied file to file."""
-        info = self.ck.tensors.get(name)
-        return info is not None and info.dtype == dtype and tuple(info.shape) == self.specs[name][1] and \
-            not (self.quantized and name in self.ck.quant_states)
-
-    def iter_tensors(self, copy_as_is=lambda name: False):
-        """(name, tensor) in file order; (name, TensorInfo) for names `copy_as_is` selects, which the
-        writer copies without reading them into memory."""
-        as_is = {name for name in self.specs if copy_as_is(name)}
-        if not self.quantized:  # the next tensor is read while this one is merged
-            reads = self.ck.prefetched(n for n in self.specs if n not in as_is)
-        for name in self.specs:
-            if name in as_is:
-                yield name, self.ck.tensors[name]
-            elif self.quantized:
-                # Dequantized in the quant_state dtype, bit-identical to bitsandbytes' dequantize_4bit:
-                # the weights the QLoRA adapter was trained against, what `model.dequantize()` gives.
-                yield name, self._q.read_dense(self.ck, name, device=self.device)
-            else:
-                got, tensor = next(reads)
-                assert got == name
-                yield name, tensor
-                del tensor
-        self.ck.close()
-
+# -- options and output dtypes --------------------------------------------------------------------------
 
 def output_dtype(src: torch.dtype, dtype: str, quantized: bool) -> torch.dtype:
-    if not src.is_floating_point:
-        return src
+    """The output dtype of a tensor stored as `src`: --dtype for floats (auto: the stored one, float16 for a
+    4-bit base), integer tensors unchanged."""
     if dtype == "auto":
-        return torch.float16 if quantized else src
-    return FLOAT_DTYPES[dtype]
+        return cast_floats(src, torch.float16 if quantized else None)
+    return cast_floats(src, FLOAT_DTYPES[dtype])
 
 
 def _check_weights(adapters: list, weights) -> list[float]:
@@ -404,7 +65,7 @@ def _digest(adapter: Adapter) -> str:
     return sha256_file(adapter.path / "adapter_model.safetensors")
 
 
-def _output_config(base: Checkpoint, dtype: str, dense: DenseBase, untie: bool) -> dict | None:
+def _output_config(base: Checkpoint, dtype: str, dense: DenseView, untie: bool) -> dict | None:
     if base.config is None:
         return None
     cfg = dict(base.config)
@@ -449,52 +110,59 @@ def _check_options(adapters, weights, dtype: str, device: str):
     return adapter_paths, _check_weights(adapter_paths, weights), resolve_device(device)
 
 
+def _norm_key(s: Step) -> str:
+    """The DoRA record's name for the norm of step `s`."""
+    return f"adapter{s.adapter_index}.{s.module.name}.weight_norm"
+
+
 # -- merge ---------------------------------------------------------------------------------------------
 
-def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto", device: str = "auto",
-                     max_shard_size: int, force: bool = False, on_tensor=None) -> dict:
-    """Fold `adapters` (paths) into checkpoint `base` and write a dense checkpoint at `output`."""
+def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathLike, *,
+                     weights: Sequence[float] | None = None, dtype: str = "auto", device: str = "auto",
+                     max_shard_size: int, force: bool = False,
+                     on_tensor: Callable[[str], None] | None = None) -> dict:
+    """Fold PEFT LoRA adapters into a base checkpoint and write a dense checkpoint, as PEFT's
+    `merge_and_unload()` computes it (float32, rounded once; DoRA norms recorded for `unmerge`).
+
+    Args:
+        base: checkpoint directory or .safetensors file (dense, or a bitsandbytes 4-bit checkpoint, which is
+            dequantized on the fly).
+        adapters: PEFT adapter directories, applied in this order.
+        output: directory to write; written atomically, refused if it exists unless `force`.
+        weights: one factor per adapter on its delta (default 1.0 each).
+        dtype: output float dtype: "auto" (the base's; float16 for a 4-bit base), "float16", "bfloat16"
+            or "float32".
+        device: "auto", "cpu" or "cuda".
+        max_shard_size: largest output shard in bytes.
+        force: replace an existing output once the new one is complete.
+        on_tensor: called with each output tensor's name as it is written.
+
+    Returns:
+        The summary: output path, files, bytes, tensors and changed_tensors, per-adapter details,
+        replaced_tensors, untied_head, dequantized_base, dtypes, device and dora_record (or None).
+
+    Example:
+        >>> summary = merge_checkpoint("fixtures/tiny-llama", ["fixtures/llama-lora"], "/tmp/merged",
+        ...                            max_shard_size=5 << 30)
+        >>> summary["changed_tensors"]
+        14
+    """
     adapter_paths, weights, dev = _check_options(adapters, weights, dtype, device)
     ck = Checkpoint(base)
     ads = [load_adapter(p) for p in adapter_paths]
     plan = build_plan(ck, ads, weights)
-    dense = DenseBase(ck, dev)
-
+    dense = DenseView(ck, dev)
     specs = [TensorSpec(n, output_dtype(dt, dtype, dense.quantized), shape) for n, (dt, shape) in dense.specs.items()]
-    if plan.untie_head:
-        dt, shape = dense.specs[plan.untie_head]
+    if plan.untied_head_source:
+        dt, shape = dense.specs[plan.untied_head_source]
         specs.append(TensorSpec(HEAD_KEY, output_dtype(dt, dtype, dense.quantized), shape))
     out_dtype = {s.name: s.dtype for s in specs}
-    readers: dict[str, list[str]] = {}
+    readers: dict[str, list[str]] = {}  # base tensor -> the output tensors computed from it
     for s in specs:
         p = plan.tensors.get(s.name)
         readers.setdefault(p.source if p else s.name, []).append(s.name)
-
     norms: dict[str, torch.Tensor] = {}
     ws = Workspace()
-
-    def compute(key: str, t: torch.Tensor) -> torch.Tensor:
-        p = plan.tensors.get(key)
-        if p is None:
-            return t.to(out_dtype[key]).cpu()
-        w = p.replace.to(t.dtype) if p.replace is not None else t  # as PEFT loads it into the base model
-        checked = bool(p.is_bias or p.steps) and w.is_floating_point()
-        if checked and not _all_finite(w):
-            # a corrupt base tensor: adding a delta would hide where the NaN/Inf came from
-            raise InputError("base tensor holds NaN/Inf values; refusing to merge into it", path=base, tensor=key)
-        if p.is_bias:
-            acc = w.to(dev).to(torch.float32, copy=True)
-            acc += bias_delta(p.steps, dev)
-            out = acc.to(out_dtype[key])
-        elif p.steps:
-            out, step_norms = merge_weight(w, p.steps, dev, out_dtype[key], ws)
-            for s, n in zip(p.steps, step_norms):
-                if n is not None:
-                    norms[f"adapter{s.adapter}.{s.module.name}.weight_norm"] = n.cpu()
-        else:
-            out = w.to(out_dtype[key])
-        _finite_or_fail(out, None if checked else w, key, base)
-        return out.cpu()
 
     def untouched(name: str) -> bool:
         return readers.get(name) == [name] and name not in plan.tensors and dense.stored_as_is(name, out_dtype[name])
@@ -505,35 +173,59 @@ def merge_checkpoint(base, adapters, output, *, weights=None, dtype: str = "auto
                 yield name, t  # copied file to file
                 continue
             for key in readers.get(name, ()):
-                yield key, compute(key, t)
+                yield key, _merged_tensor(plan.tensors.get(key), key, t, out_dtype[key], dev, ws, norms, base)
             del t
 
-    def record(tmp: Path) -> list[str]:
-        if not norms:
-            return []
-        (tmp / RECORD_DIR).mkdir()
-        meta = {RECORD_KEY: json.dumps({
-            "adapters": [{"name": p.name, "sha256": _digest(a), "weight": w, "dora": a.use_dora or
-                          any(m.magnitude is not None for m in a.modules.values())}
-                         for p, a, w in zip(adapter_paths, ads, weights)],
-            "device": dev.type}, sort_keys=True)}
-        files = save_tensors(tmp / RECORD_DIR, dict(sorted(norms.items())), filename=RECORD_FILE,
-                             allow_shards=False, metadata=meta)
-        return [f"{RECORD_DIR}/{f}" for f in files]
+    def record(tmp: Path, durability: Durability) -> list[str]:
+        return _write_dora_record(tmp, norms, adapter_paths, ads, weights, dev, durability) if norms else []
 
     options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
     with torch_threads(1, dev):
         summary = write_checkpoint(
             output, inputs=[base, *adapter_paths], force=force, specs=specs, tensors=tensors(),
-            side_files=ck.non_weight_files(), config=_output_config(ck, dtype, dense, plan.untie_head is not None),
-            metadata=provenance("merge", options, {"base": base, "adapters": [str(p) for p in adapter_paths]}),
+            side_files=ck.non_weight_files(),
+            config=_output_config(ck, dtype, dense, plan.untied_head_source is not None),
+            provenance=provenance("merge", options, {"base": base, "adapters": [str(p) for p in adapter_paths]}),
             max_shard_size=max_shard_size, on_tensor=on_tensor, extra_files=record)
     summary.update(_summary(plan, ads, adapter_paths, weights, dev, specs, dense))
     summary["dora_record"] = f"{RECORD_DIR}/{RECORD_FILE}" if norms else None
     return summary
 
 
-def _summary(plan: Plan, ads, paths, weights, dev, specs, dense) -> dict:
+def _merged_tensor(p: TensorPlan | None, key: str, t: torch.Tensor, out_dtype: torch.dtype, dev, ws: Workspace,
+                   norms: dict[str, torch.Tensor], base) -> torch.Tensor:
+    """Output tensor `key` from base tensor `t` (on the CPU); DoRA norms go into `norms`."""
+    if p is None:
+        return t.to(out_dtype).cpu()
+    w = p.replacement.to(t.dtype) if p.replacement is not None else t  # as PEFT loads it into the base model
+    checked = bool(p.steps) and w.is_floating_point()
+    if checked and not _all_finite(w):
+        # a corrupt base tensor: adding a delta would hide where the NaN/Inf came from
+        raise InputError("base tensor holds NaN/Inf values; refusing to merge into it", path=base, tensor=key)
+    if p.steps:
+        out, step_norms = p.part.merge(w, p.steps, dev, out_dtype, ws)
+        norms.update((_norm_key(s), n.cpu()) for s, n in zip(p.steps, step_norms) if n is not None)
+    else:
+        out = w.to(out_dtype)
+    _finite_or_fail(out, None if checked else w, key, base)
+    return out.cpu()
+
+
+def _write_dora_record(tmp: Path, norms: dict[str, torch.Tensor], adapter_paths: list[Path], ads: list[Adapter],
+                       weights: list[float], dev: torch.device, durability: Durability) -> list[str]:
+    """The DoRA record (see the module note) inside the temporary output; returns its files."""
+    (tmp / RECORD_DIR).mkdir()
+    meta = {RECORD_KEY: json.dumps({
+        "adapters": [{"name": p.name, "sha256": _digest(a), "weight": w, "dora": a.use_dora or
+                      any(m.magnitude is not None for m in a.modules.values())}
+                     for p, a, w in zip(adapter_paths, ads, weights)],
+        "device": dev.type}, sort_keys=True)}
+    files = save_tensors(tmp / RECORD_DIR, dict(sorted(norms.items())), filename=RECORD_FILE,
+                         allow_shards=False, metadata=meta, durability=durability)
+    return [f"{RECORD_DIR}/{f}" for f in files]
+
+
+def _summary(plan: MergePlan, ads, paths, weights, dev, specs, dense) -> dict:
     dtypes = sorted({str(s.dtype).removeprefix("torch.") for s in specs if s.dtype.is_floating_point})
     return {
         "tensors": len(specs),
@@ -541,8 +233,8 @@ def _summary(plan: Plan, ads, paths, weights, dev, specs, dense) -> dict:
         "adapters": [{"path": str(p), "weight": w, "modules": len(a.modules), "dora": any(
             m.magnitude is not None for m in a.modules.values()), "saved_tensors": sorted(a.saved)}
             for p, a, w in zip(paths, ads, weights)],
-        "replaced_tensors": sorted(k for k, p in plan.tensors.items() if p.replace is not None),
-        "untied_head": plan.untie_head is not None,
+        "replaced_tensors": sorted(k for k, p in plan.tensors.items() if p.replacement is not None),
+        "untied_head": plan.untied_head_source is not None,
         "dequantized_base": dense.quantized,
         "dtypes": dtypes,
         "device": dev.type,
@@ -552,6 +244,7 @@ def _summary(plan: Plan, ads, paths, weights, dev, specs, dense) -> dict:
 # -- unmerge -------------------------------------------------------------------------------------------
 
 def read_dora_record(ck: Checkpoint) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The DoRA record `merge` wrote into checkpoint `ck`: (its metadata, the norms), or None."""
     path = ck.dir / RECORD_DIR / RECORD_FILE
     if not path.is_file():
         return None
@@ -564,7 +257,7 @@ def read_dora_record(ck: Checkpoint) -> tuple[dict, dict[str, torch.Tensor]] | N
         return info, {k: read_tensor(i, fh) for k, i in infos.items()}
 
 
-def _check_dora_unmerge(ck: Checkpoint, plan: Plan, ads: list[Adapter], paths, weights):
+def _check_dora_unmerge(ck: Checkpoint, plan: MergePlan, ads: list[Adapter], paths, weights):
     """Norms for the DoRA steps, or a clear refusal when they cannot be known."""
     rec = read_dora_record(ck)
     touched = {s.module.name for p in plan.tensors.values() for s in p.steps}
@@ -591,23 +284,50 @@ def _check_dora_unmerge(ck: Checkpoint, plan: Plan, ads: list[Adapter], paths, w
     return norms
 
 
-def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "auto", device: str = "auto",
-                       max_shard_size: int, force: bool = False, on_tensor=None) -> dict:
-    """Subtract `adapters` from a merged checkpoint (undoing DoRA with the record merge wrote)."""
+def _refuse_replaced(plan: MergePlan, adapter_paths: list[Path]) -> None:
+    for p in plan.tensors.values():
+        if p.replacement_kind == MODULES_TO_SAVE:
+            holder = adapter_paths[p.replacement_adapter_index]
+            raise UnsupportedError(
+                f"adapter {holder} replaced this tensor whole (modules_to_save); the base's original values are "
+                f"not in the merged checkpoint, so unmerge cannot restore them", path=holder, tensor=p.key)
+
+
+def unmerge_checkpoint(merged: PathLike, adapters: Sequence[PathLike], output: PathLike, *,
+                       weights: Sequence[float] | None = None, dtype: str = "auto", device: str = "auto",
+                       max_shard_size: int, force: bool = False,
+                       on_tensor: Callable[[str], None] | None = None) -> dict:
+    """Take adapters back out of a merged checkpoint: subtract the deltas `merge_checkpoint` added, in
+    reverse order, undoing DoRA steps with the norms merge recorded.
+
+    Args:
+        merged: a dense checkpoint (an output of `merge_checkpoint` for DoRA adapters).
+        adapters: the adapters the merge used, in the same order.
+        output: directory to write; written atomically, refused if it exists unless `force`.
+        weights: the weights the merge used (default 1.0 each).
+        dtype: output float dtype: "auto" (the merged checkpoint's), "float16", "bfloat16" or "float32".
+        device: "auto", "cpu" or "cuda".
+        max_shard_size: largest output shard in bytes.
+        force: replace an existing output once the new one is complete.
+        on_tensor: called with each output tensor's name as it is written.
+
+    Returns:
+        The summary (as `merge_checkpoint`'s), with dora_record_used.
+
+    Example:
+        >>> merge_checkpoint("fixtures/tiny-llama", ["fixtures/llama-dora"], "/tmp/m", max_shard_size=5 << 30)
+        >>> unmerge_checkpoint("/tmp/m", ["fixtures/llama-dora"], "/tmp/base", max_shard_size=5 << 30)["dora_record_used"]
+        True
+    """
     adapter_paths, weights, dev = _check_options(adapters, weights, dtype, device)
     ck = Checkpoint(merged)
     if ck.is_quantized:
         raise InputError("this is a 4-bit checkpoint; unmerge works on the dense checkpoint `merge` wrote", path=merged)
     ads = [load_adapter(p) for p in adapter_paths]
     plan = build_plan(ck, ads, weights, untie=False)
-    for p in plan.tensors.values():
-        if p.replace_kind == "modules_to_save":
-            raise UnsupportedError(
-                f"adapter {adapter_paths[p.replace_adapter]} replaced this tensor whole (modules_to_save); the "
-                f"base's original values are not in the merged checkpoint, so unmerge cannot restore them",
-                path=adapter_paths[p.replace_adapter], tensor=p.key)
+    _refuse_replaced(plan, adapter_paths)
     norms = _check_dora_unmerge(ck, plan, ads, adapter_paths, weights)
-    dense = DenseBase(ck, dev)
+    dense = DenseView(ck, dev)
     specs = [TensorSpec(n, output_dtype(dt, dtype, False), shape) for n, (dt, shape) in dense.specs.items()]
     out_dtype = {s.name: s.dtype for s in specs}
     ws = Workspace()
@@ -616,14 +336,8 @@ def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "
         p = plan.tensors.get(key)
         if p is None or not p.steps:
             return t.to(out_dtype[key]).cpu()
-        if p.is_bias:
-            acc = t.to(dev).to(torch.float32, copy=True)
-            acc -= bias_delta(p.steps, dev)
-            out = acc.to(out_dtype[key])
-        else:
-            step_norms = [norms[f"adapter{s.adapter}.{s.module.name}.weight_norm"] if s.dora else None
-                          for s in p.steps]
-            out = unmerge_weight(t, p.steps, step_norms, dev, out_dtype[key], ws)
+        step_norms = [norms[_norm_key(s)] if s.variant.records_norm and not p.is_bias else None for s in p.steps]
+        out = p.part.unmerge(t, p.steps, step_norms, dev, out_dtype[key], ws)
         _finite_or_fail(out, t, key, merged)
         return out.cpu()
 
@@ -642,13 +356,11 @@ def unmerge_checkpoint(merged, adapters, output, *, weights=None, dtype: str = "
         summary = write_checkpoint(
             output, inputs=[merged, *adapter_paths], force=force, specs=specs, tensors=tensors(),
             side_files=ck.non_weight_files(), config=config,
-            metadata=provenance("unmerge", options, {"merged": merged, "adapters": [str(p) for p in adapter_paths]}),
+            provenance=provenance("unmerge", options, {"merged": merged, "adapters": [str(p) for p in adapter_paths]}),
             max_shard_size=max_shard_size, on_tensor=on_tensor)
     summary.update(_summary(plan, ads, adapter_paths, weights, dev, specs, dense))
     summary["dora_record_used"] = bool(norms)
     return summary
 
 
-__all__ = ["FLOAT_DTYPES", "Plan", "Step", "TensorPlan", "bias_delta", "build_plan", "dora_factor",
-           "dora_weight_norm", "lora_delta", "merge_checkpoint", "merge_weight", "output_dtype",
-           "read_dora_record", "resolve_device", "unmerge_checkpoint", "unmerge_weight"]
+__all__ = ["RECORD_DIR", "RECORD_FILE", "merge_checkpoint", "output_dtype", "read_dora_record", "unmerge_checkpoint"]

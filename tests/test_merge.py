@@ -484,7 +484,7 @@ def test_untouched_tensors_copied_file_to_file_same_bytes(tmp_path, monkeypatch)
 def test_row_blocks_change_no_bit(tmp_path, monkeypatch):
     """The elementwise part of a plain merge runs in row blocks on CPU; forced to tiny blocks it still
     gives PEFT's bits for [out, in], Conv1D [in, out] and embedding layouts."""
-    import loratools.merge as merge_mod
+    import loratools.lora_math as merge_mod
 
     monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 300)
     for name in ("llama-patterns", "gpt2-lora", "llama-embed"):
@@ -500,7 +500,7 @@ def test_row_blocks_change_no_bit(tmp_path, monkeypatch):
 def test_row_blocked_product_has_the_whole_products_bits(monkeypatch, shape, rank):
     """merge_weight computes B @ A in row blocks (never fewer than 4 rows per call); the result must
     equal W + (B @ A) · scale computed from one whole-matrix product, as PEFT does, bit for bit."""
-    import loratools.merge as merge_mod
+    import loratools.lora_math as merge_mod
     from loratools.adapter import LoraModule
 
     g = torch.Generator().manual_seed(sum(shape) + rank)

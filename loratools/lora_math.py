@@ -1,0 +1,300 @@
+"""PEFT's LoRA arithmetic in one place: ΔW = B·A·scale in the base weight's layout, merging it into a weight
+and taking it out again (plain LoRA and DoRA, one small strategy object each, as PEFT's lora/variants.py),
+and the lora_bias delta. Pure tensor functions in float32; merge, combine, extract and validate share them.
+
+Note: matching PEFT bit for bit.
+    PEFT's `merge_and_unload()` (tuners/lora/layer.py and variants.py) computes, per adapter,
+    ΔW = transpose(B @ A, fan_in_fan_out) · scale in float32 and adds it to the base weight in place,
+    which PyTorch evaluates in float32 and rounds once into W's dtype. We compute the same expression with
+    the same ops in float32 and round once, so one plain LoRA adapter gives PEFT's bits on the same device.
+    PEFT deviates from "one rounding" in two places, both within one ulp of ours: an embedding delta is
+    cast to the weight's dtype before the add, and several adapters are merged one after another.
+
+Note: DoRA.
+    PEFT's DoraLinearVariant.merge computes `norm = ||W₀ + ΔW||` per output feature with
+    `torch.linalg.norm(transpose(W₀) + transpose(ΔW), dim=1)` (W₀ in its own dtype, ΔW float32, so the sum
+    is float32), then `W ← (m / norm) · (W + ΔW)`. The norm runs over the input axis of the [out, in] layout:
+    for a Conv1D weight [in, out] and an embedding [num_embeddings, dim] that is axis 0 of the stored
+    tensor, and m / norm scales columns. We replicate the expression literally to get the same bits.
+    Plain LoRA deltas commute; DoRA steps do not: each rescales everything merged so far, with the norm
+    taken on the unmerged W₀ plus that adapter's own ΔW, applied in the order the adapters are given.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .adapter import LoraModule
+
+
+# -- layout and scale ------------------------------------------------------------------------------------
+
+def stored_transposed(kind: str, fan_in_fan_out: bool = False) -> bool:
+    """True when the base weight is stored as (B·A)ᵀ, [in, out]: an embedding ([num_embeddings, dim]) or a
+    fan_in_fan_out (GPT-2 Conv1D) weight; False for an nn.Linear weight [out, in]."""
+    return kind == "embedding" or fan_in_fan_out
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's scaling: lora_alpha / r, or lora_alpha / √r with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def to_layout(x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """`x` in the base weight's layout (a view): transposed for embeddings and Conv1D weights."""
+    return x.T if transposed else x
+
+
+def peft_delta(B: torch.Tensor, A: torch.Tensor, scale: float, transposed: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """PEFT's get_delta_weight: (B @ A) · scale in the base weight's layout, in B and A's dtype.
+
+    One whole-matrix product, as PEFT computes it; with `out` the product lands there (a workspace buffer)."""
+    d = B @ A if out is None else torch.mm(B, A, out=out)
+    return to_layout(d.mul_(scale), transposed)
+
+
+class Workspace:
+    """Reusable float32 buffers, one per role, grown to the largest tensor seen.
+
+    Note: why reuse.
+        A fresh 50 MB float32 tensor costs more in page faults (the kernel zeroes every page) than the
+        rank-16 matmul that fills it; on CPU, reusing two buffers across tensors makes the plain merge
+        about 1.5x faster. The buffers are a few tensors' worth of memory, whatever the model size."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, shape, device) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._bufs.get(role)
+        if buf is None or buf.numel() < n or buf.device != torch.device(device):
+            buf = self._bufs[role] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf[:n].view(tuple(shape))
+
+
+def lora_delta(m: "LoraModule", weight: float = 1.0, device="cpu", ws: Workspace | None = None,
+               rows: slice | None = None) -> torch.Tensor:
+    """weight · scale · B @ A of one module in float32 on `device`, in the base tensor's layout.
+
+    `rows` (an [out, in] layout only) gives those rows of it from B's rows alone, with the same bits (see
+    Note: row blocks of B @ A). With a workspace the product lands in its "delta" buffer (valid until the
+    next call)."""
+    A = m.A.to(device=device, dtype=torch.float32)
+    B = m.B.to(device=device, dtype=torch.float32)
+    transposed = stored_transposed(m.kind, m.fan_in_fan_out)
+    if rows is not None:
+        assert not transposed, "row blocks of a transposed delta"
+        B = B[rows]
+    out = None if ws is None else ws.get("delta", (B.shape[0], A.shape[1]), device)
+    return peft_delta(B, A, m.scale * weight, transposed, out)
+
+
+def bias_delta(steps: list["Step"], device="cpu") -> torch.Tensor:
+    """Σ weight · scale · lora_B.bias in float32 (PEFT: `bias += lora_B.bias * scaling`)."""
+    total = None
+    for s in steps:
+        b = s.module.bias.to(device=device, dtype=torch.float32) * (s.module.scale * s.weight)
+        total = b if total is None else total + b
+    return total
+
+
+# -- DoRA ------------------------------------------------------------------------------------------------
+
+def dora_weight_norm(base: torch.Tensor, delta: torch.Tensor, is_transposed: bool) -> torch.Tensor:
+    """||W₀ + ΔW|| per output feature, as PEFT's DoraLinearLayer.get_weight_norm computes it.
+
+    `base` stays in its own dtype: PEFT adds the float32 delta to the base weight as stored."""
+    return torch.linalg.norm(to_layout(base, is_transposed) + to_layout(delta, is_transposed),
+                             dim=1).to(torch.float32)
+
+
+def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor, is_transposed: bool) -> torch.Tensor:
+    """m / ||W₀ + ΔW||, shaped to scale the rows ([out, in]) or columns ([in, out]) of the base tensor."""
+    f = magnitude.to(device=norm.device, dtype=torch.float32) / norm
+    return f.view(1, -1) if is_transposed else f.view(-1, 1)
+
+
+# -- one strategy per adapter variant (as PEFT's lora/variants.py) ---------------------------------------
+
+class PlainLora:
+    """W ± ΔW. Embedding and Conv1D modules differ only in layout, which lora_delta already applies."""
+
+    name = "lora"
+    records_norm = False  # merge leaves nothing unmerge would need beyond the adapter itself
+
+    def merge(self, acc: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, m: "LoraModule"):
+        """acc += ΔW; returns what unmerge needs besides the adapter (nothing)."""
+        acc += delta
+        return None
+
+    def unmerge(self, acc: torch.Tensor, delta: torch.Tensor, m: "LoraModule", norm) -> None:
+        acc -= delta
+
+
+class Dora(PlainLora):
+    """W ← m / ||W₀ + ΔW|| · (W + ΔW); the norm, one number per output feature, is returned for the record
+    (it cannot be recovered from the merged weights)."""
+
+    name = "dora"
+    records_norm = True
+
+    def merge(self, acc, base, delta, m):
+        tr = stored_transposed(m.kind, m.fan_in_fan_out)
+        norm = dora_weight_norm(base, delta, tr)
+        acc += delta
+        acc *= dora_factor(m.magnitude, norm, tr)
+        return norm
+
+    def unmerge(self, acc, delta, m, norm) -> None:
+        acc /= dora_factor(m.magnitude, norm.to(acc.device), stored_transposed(m.kind, m.fan_in_fan_out))
+        acc -= delta
+
+
+PLAIN_LORA, DORA = PlainLora(), Dora()
+
+
+def variant_of(m: "LoraModule") -> PlainLora:
+    """The strategy that merges and unmerges module `m`."""
+    return DORA if m.magnitude is not None else PLAIN_LORA
+
+
+@dataclass
+class Step:
+    """One adapter's contribution to one base tensor."""
+
+    module: "LoraModule"
+    weight: float
+    adapter_index: int  # the adapter's position on the command line
+
+    @property
+    def variant(self) -> PlainLora:
+        return variant_of(self.module)
+
+    @property
+    def dora(self) -> bool:
+        return self.variant.records_norm
+
+
+# -- a whole weight ----------------------------------------------------------------------------------------
+
+# Elementwise work on CPU runs in row blocks of about this many elements, so that the float32 sum of a
+# plain merge is one small block, not a second full-size float32 tensor.
+BLOCK_ELEMENTS = 1 << 20
+
+
+# Row blocks are a multiple of this many rows, and a shorter remainder joins the block before it: a
+# matmul of fewer than 4 rows takes another kernel and can differ in the last bit (Note: row blocks).
+BLOCK_ROWS = 64
+
+
+def _row_blocks(t: torch.Tensor) -> list[slice]:
+    if t.dim() != 2 or t.device.type != "cpu":
+        return [slice(None)]
+    rows = t.shape[0]
+    step = max(BLOCK_ROWS, BLOCK_ELEMENTS // max(1, t.shape[1]) // BLOCK_ROWS * BLOCK_ROWS)
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and rows - starts[-1] < BLOCK_ROWS:
+        starts.pop()
+    return [slice(r, starts[i + 1] if i + 1 < len(starts) else rows) for i, r in enumerate(starts)]
+
+
+def _merge_one_plain(w0: torch.Tensor, step: Step, device, out_dtype, ws: Workspace) -> torch.Tensor:
+    """W + ΔW and the cast, block by block: the common case (one plain LoRA adapter)."""
+    m, weight = step.module, step.weight
+    blocks = _row_blocks(w0)
+    by_rows = len(blocks) > 1 and not stored_transposed(m.kind, m.fan_in_fan_out)
+    if not by_rows:
+        d = lora_delta(m, weight, device, ws)  # one whole-matrix product
+    out = torch.empty(w0.shape, dtype=out_dtype, device=w0.device)
+    for rows in blocks:
+        blk = w0[rows]
+        if by_rows:
+            # Note: row blocks of B @ A.
+            #     Each element of B @ A is one rank-long dot product. The CPU kernels compute it the same
+            #     way whatever the number of rows in the call, except for calls of fewer than 4 rows
+            #     (measured), which _row_blocks never makes; so a block's product has the bits of the
+            #     whole product's rows (tests/test_merge.py checks it on awkward shapes; benchmarks/merge.py
+            #     on all 84 weights against PEFT). The float32 delta then never exists at full size: 46 MB
+            #     less memory and one pass less over it for a 5632 x 2048 weight.
+            d_blk = lora_delta(m, weight, device, ws, rows)
+        else:
+            d_blk = d[rows]
+        acc = ws.get("acc", blk.shape, device)
+        acc.copy_(blk)
+        acc += d_blk
+        out[rows] = acc
+    return out
+
+
+def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=torch.float32,
+                 ws: Workspace | None = None) -> tuple[torch.Tensor, list]:
+    """Apply steps in order in float32 (each through its variant: W += ΔW for LoRA,
+    W = m/||W₀+ΔW|| · (W + ΔW) for DoRA) and round once to `out_dtype`. Returns the result (a new tensor
+    on `device`) and, per step, what its unmerge needs (the DoRA norm; None for plain LoRA)."""
+    ws = ws or Workspace()
+    w0 = base.to(device)
+    if len(steps) == 1 and not steps[0].dora:
+        return _merge_one_plain(w0, steps[0], device, out_dtype, ws), [None]
+    acc = ws.get("acc", w0.shape, device)
+    acc.copy_(w0)
+    norms = [s.variant.merge(acc, w0, lora_delta(s.module, s.weight, device, ws), s.module) for s in steps]
+    return acc.to(out_dtype, copy=True), norms
+
+
+def unmerge_weight(merged: torch.Tensor, steps: list[Step], norms: list, device="cpu", out_dtype=torch.float32,
+                   ws: Workspace | None = None) -> torch.Tensor:
+    """Undo `merge_weight` in reverse order (W -= ΔW for LoRA, W = W / (m/norm) − ΔW for DoRA) in float32,
+    rounded once to `out_dtype`."""
+    ws = ws or Workspace()
+    m = merged.to(device)
+    acc = ws.get("acc", m.shape, device)
+    acc.copy_(m)
+    for s, norm in zip(reversed(steps), reversed(norms)):
+        s.variant.unmerge(acc, lora_delta(s.module, s.weight, device, ws), s.module, norm)
+    return acc.to(out_dtype, copy=True)
+
+
+# -- what a planned tensor is: a weight, or a bias (lora_bias) ----------------------------------------------
+
+class WeightTensor:
+    """A base weight the steps' ΔW are merged into."""
+
+    is_bias = False
+
+    def merge(self, base, steps, device, out_dtype, ws=None):
+        return merge_weight(base, steps, device, out_dtype, ws)
+
+    def unmerge(self, merged, steps, norms, device, out_dtype, ws=None):
+        return unmerge_weight(merged, steps, norms, device, out_dtype, ws)
+
+
+class BiasTensor:
+    """A base bias the steps' lora_B.bias · scale are added to (PEFT's lora_bias)."""
+
+    is_bias = True
+
+    def merge(self, base, steps, device, out_dtype, ws=None):
+        acc = base.to(device).to(torch.float32, copy=True)
+        acc += bias_delta(steps, device)
+        return acc.to(out_dtype), [None] * len(steps)
+
+    def unmerge(self, merged, steps, norms, device, out_dtype, ws=None):
+        acc = merged.to(device).to(torch.float32, copy=True)
+        acc -= bias_delta(steps, device)
+        return acc.to(out_dtype)
+
+
+WEIGHT, BIAS = WeightTensor(), BiasTensor()
+
+
+__all__ = ["BIAS", "BLOCK_ELEMENTS", "BLOCK_ROWS", "DORA", "PLAIN_LORA", "WEIGHT", "BiasTensor", "Dora",
+           "PlainLora", "Step", "WeightTensor", "Workspace", "bias_delta", "dora_factor", "dora_weight_norm",
+           "lora_delta", "lora_scale", "merge_weight", "peft_delta", "stored_transposed", "to_layout",
+           "unmerge_weight", "variant_of"]

@@ -1,0 +1,147 @@
+"""What each output tensor of a merge (or unmerge) is made of: which base tensor it is read from, which
+adapter steps apply to it, and which saved tensor replaces it whole. Refusals (MismatchError) happen here,
+before anything is read or written.
+
+Note: tied output embeddings.
+    A model with `tie_word_embeddings` (GPT-2) stores no `lm_head.weight`; the head is the input
+    embedding. When an adapter changes only one of the two (LoRA or modules_to_save on `lm_head`, or
+    on the embedding), PEFT's merge either writes the shared tensor for both or loses the change on
+    reload, and PEFT warns about it. We keep what the adapted model computes: the output gets an
+    explicit `lm_head.weight` (the head as the adapter sees it) and `tie_word_embeddings: false`.
+    An adapter made with `ensure_weight_tying` changes both the same way, so the model stays tied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapter import Adapter
+from .checks import HEAD_KEY, adapter_fit_problems, dense_shapes, first_problem_error, locate, \
+    resolve_base_key, tied_embedding_key
+from .errors import MismatchError
+from .io import Checkpoint
+from .lora_math import BIAS, WEIGHT, BiasTensor, Step, WeightTensor
+
+MODULES_TO_SAVE = "modules_to_save"  # a module the adapter saves whole, trained in full
+BASE_LAYER = "base_layer"  # the embedding base layer PEFT saves beside embedding LoRA (save_embedding_layers)
+
+
+@dataclass
+class TensorPlan:
+    """What happens to one output tensor."""
+
+    key: str  # output tensor name
+    source: str  # base tensor to read (the input embedding, for an untied head)
+    replacement: torch.Tensor | None = None  # a saved tensor that replaces the base's whole
+    replacement_kind: str | None = None  # MODULES_TO_SAVE or BASE_LAYER
+    replacement_adapter_index: int | None = None  # position of the adapter holding `replacement`
+    steps: list[Step] = field(default_factory=list)
+    part: WeightTensor | BiasTensor = WEIGHT  # how the steps apply: ΔW to a weight, or lora_B.bias to a bias
+
+    @property
+    def is_bias(self) -> bool:
+        return self.part.is_bias
+
+    def replace_with(self, tensor: torch.Tensor, kind: str, adapter_index: int) -> None:
+        self.replacement, self.replacement_kind, self.replacement_adapter_index = tensor, kind, adapter_index
+
+
+@dataclass
+class MergePlan:
+    """Every output tensor the adapters change, by name."""
+
+    tensors: dict[str, TensorPlan]
+    untied_head_source: str | None  # the embedding a new explicit lm_head.weight is read from
+    dora_steps: int
+
+
+def _saved_kind(adapter: Adapter, name: str) -> str:
+    # A LoRA-wrapped module saved whole is the embedding base layer PEFT saves beside embedding LoRA.
+    return BASE_LAYER if name.rsplit(".", 1)[0] in adapter.modules else MODULES_TO_SAVE
+
+
+def build_plan(base: Checkpoint, adapters: list[Adapter], weights: list[float], *, untie: bool = True) -> MergePlan:
+    """Map every adapter tensor onto the base; refuse (MismatchError) before anything is written.
+
+    `untie=False` (unmerge) keeps a tied head tied: its steps apply to the shared embedding."""
+    for ad in adapters:
+        err = first_problem_error(adapter_fit_problems(base, ad))
+        if err is not None:
+            raise err
+    shapes = dense_shapes(base)
+    tied = tied_embedding_key(base, shapes)
+    plans: dict[str, TensorPlan] = {}
+    for i, (ad, w) in enumerate(zip(adapters, weights)):
+        _plan_adapter(plans, shapes, tied, adapters, i, w)
+    _refuse_replaced_and_adapted(plans, adapters)
+    untied_from = _plan_tied_head(plans, tied, adapters, untie) if tied is not None else None
+    dora_steps = sum(1 for p in plans.values() if not p.is_bias for s in p.steps if s.dora)
+    return MergePlan(dict(sorted(plans.items())), untied_from, dora_steps)
+
+
+def _plan_for(plans: dict[str, TensorPlan], key: str, source: str) -> TensorPlan:
+    return plans.setdefault(key, TensorPlan(key, source))
+
+
+def _plan_adapter(plans: dict[str, TensorPlan], shapes: dict, tied: str | None, adapters: list[Adapter], i: int,
+                  weight: float) -> None:
+    """Add adapter i's saved tensors (replacements) and LoRA steps (weights and lora_bias) to the plans."""
+    ad = adapters[i]
+    for name, t in ad.saved.items():
+        target = locate(shapes, name, tied)
+        p = _plan_for(plans, target.key, target.tied_to or target.key)
+        if p.replacement is not None and not torch.equal(p.replacement, t.to(p.replacement.dtype)):
+            raise MismatchError(f"adapters {adapters[p.replacement_adapter_index].path} and {ad.path} both replace "
+                                f"this tensor whole (modules_to_save) with different values; merge them one at a "
+                                f"time", path=ad.path, tensor=target.key)
+        if p.replacement is None:
+            p.replace_with(t, _saved_kind(ad, name), i)
+    for m in ad.modules.values():
+        target = locate(shapes, m.base_key, tied)
+        _plan_for(plans, target.key, target.tied_to or target.key).steps.append(Step(m, weight, i))
+        if m.bias is not None:
+            bias_key = resolve_base_key(shapes, m.bias_key)
+            bp = _plan_for(plans, bias_key, bias_key)
+            bp.part = BIAS
+            bp.steps.append(Step(m, weight, i))
+
+
+def _refuse_replaced_and_adapted(plans: dict[str, TensorPlan], adapters: list[Adapter]) -> None:
+    """One adapter's modules_to_save tensor and another's LoRA on the same tensor do not compose."""
+    for p in plans.values():
+        owner = p.replacement_adapter_index
+        if p.replacement_kind == MODULES_TO_SAVE and any(s.adapter_index != owner for s in p.steps):
+            other = next(s.adapter_index for s in p.steps if s.adapter_index != owner)
+            raise MismatchError(f"adapter {adapters[owner].path} replaces this tensor whole (modules_to_save) while "
+                                f"{adapters[other].path} adapts it with LoRA; merge them one at a time",
+                                path=adapters[owner].path, tensor=p.key)
+
+
+def _plan_tied_head(plans: dict[str, TensorPlan], tied: str, adapters: list[Adapter], untie: bool) -> str | None:
+    """Untie a head the adapters change apart from its embedding (see the module note), or send the head's
+    changes to the shared embedding. Returns the embedding an untied head is read from, or None."""
+    head, emb = plans.get(HEAD_KEY), plans.get(tied)
+    keeps_tying = not untie or all(ad.config.get("ensure_weight_tying") for ad in adapters)
+    if (head is not None or (emb is not None and (emb.steps or emb.replacement_kind == MODULES_TO_SAVE))) \
+            and not keeps_tying:
+        if head is None:
+            head = _plan_for(plans, HEAD_KEY, tied)
+        if emb is not None and emb.replacement_kind == BASE_LAYER and head.replacement is None:
+            # PEFT loads a saved embedding base layer into the parameter the head shares.
+            head.replace_with(emb.replacement, BASE_LAYER, emb.replacement_adapter_index)
+        return tied
+    if head is not None:  # kept tied: the head's changes go to the shared embedding
+        plans.pop(HEAD_KEY)
+        target = _plan_for(plans, tied, tied)
+        # With ensure_weight_tying PEFT saves the head's LoRA as a transposed copy of the embedding's
+        # (lora_A = B_embᵀ, lora_B = A_embᵀ): the same ΔW, which the shared tensor must get once.
+        on_embedding = {s.adapter_index for s in target.steps}
+        target.steps += [s for s in head.steps if not (s.adapter_index in on_embedding and
+                                                       adapters[s.adapter_index].config.get("ensure_weight_tying"))]
+        if head.replacement is not None and target.replacement is None:
+            target.replace_with(head.replacement, head.replacement_kind, head.replacement_adapter_index)
+    return None
+
+
+__all__ = ["BASE_LAYER", "MODULES_TO_SAVE", "MergePlan", "Step", "TensorPlan", "build_plan"]
