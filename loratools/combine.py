@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -49,12 +48,13 @@ from typing import Callable
 
 import torch
 
-from .adapter import Adapter, LoraModule, adapter_config, adapter_tensors, load_adapter, write_adapter
+from .adapter import Adapter, LoraModule, adapter_config, adapter_tensors, load_adapter
 from .combine_methods import (EXACT_METHODS, METHODS, RANDOM_METHODS, SIGN_METHODS, TASK_METHODS, Term, cat,
                               linear, task_arithmetic_truncated)
 from .device import resolve_device, torch_threads
-from .errors import InputError, MismatchError, OutputError, UnsupportedError, UsageError
-from .io import AtomicOutput, check_output_path, provenance, write_json
+from .errors import InputError, MismatchError, UnsupportedError, UsageError
+from .io import check_output_path, provenance
+from .io.output import check_report_path, write_adapter_dir
 
 log = logging.getLogger("loratools")
 
@@ -324,33 +324,6 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
     return modules, saved, config, rows, warnings
 
 
-def _check_report_path(report: str | None, output, inputs):
-    if report is None:
-        return None
-    rp = Path(report).absolute()
-    out = Path(output).absolute()
-    if rp == out or out in rp.parents:
-        raise OutputError("--report must not be written into the output adapter directory", path=report)
-    if any(Path(os.path.realpath(i)) in (Path(os.path.realpath(rp)), *Path(os.path.realpath(rp)).parents)
-           for i in inputs):
-        raise OutputError("--report would be written into an input", path=report)
-    if not rp.parent.is_dir():
-        raise OutputError(f"parent directory {rp.parent} does not exist", path=report)
-    if rp.is_dir():
-        raise OutputError("--report names a directory; give a file name", path=report)
-    return rp
-
-
-def write_report(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.loratools-tmp-{os.getpid()}")
-    try:
-        write_json(tmp, doc)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def combine_adapters(adapters: list[str | Path], output, *, method: str, weights: list[float] | None = None,
                      rank: int | None = None, energy: float | None = None, density: float | None = None,
                      majority_sign: str | None = None, seed: int | None = None, device: str = "auto",
@@ -362,25 +335,25 @@ def combine_adapters(adapters: list[str | Path], output, *, method: str, weights
     dev = resolve_device(device)
     paths = [str(a) for a in adapters]
     check_output_path(output, paths, force)
-    report_path = _check_report_path(report, output, paths)
+    if report is not None:
+        check_report_path(report, output, paths)
     loaded = [load_adapter(p) for p in paths]
     modules, saved, config, rows, warnings = combine_loaded(loaded, opts, device=dev, on_module=on_module,
                                                             release_inputs=True)
     for w in warnings:
         log.warning("%s", w)
     meta = provenance("combine", opts.record(), {"adapters": paths})
-    atomic = AtomicOutput(output, paths, force)
-    with atomic as tmp:
-        files = write_adapter(tmp, config, adapter_tensors(modules, saved), metadata=meta)
     errors = [row["rel_error"] for row in rows]
-    doc = {
-        "output": str(atomic.out), "files": sorted(files),
-        "bytes": sum((atomic.out / f).stat().st_size for f in files),
-        "adapters": paths, **opts.record(), "device": str(dev),
-        "r": config["r"], "rank_pattern": config["rank_pattern"],
-        "modules": rows, "max_rel_error": max(errors), "saved_tensors": sorted(saved),
-        "warnings": warnings, "stale_removed": [str(p) for p in atomic.stale_removed],
-    }
-    if report_path is not None:
-        write_report(report_path, doc)
-    return doc
+
+    def report_doc(summary: dict, sizes: dict[str, int]) -> dict:
+        return {
+            "output": summary["output"], "files": summary["files"], "bytes": summary["bytes"],
+            "adapters": paths, **opts.record(), "device": str(dev),
+            "r": config["r"], "rank_pattern": config["rank_pattern"],
+            "modules": rows, "max_rel_error": max(errors), "saved_tensors": sorted(saved),
+            "warnings": warnings, "stale_removed": summary["stale_removed"],
+        }
+
+    return write_adapter_dir(output, inputs=paths, force=force, config=config,
+                             tensors=adapter_tensors(modules, saved), provenance=meta, report_doc=report_doc,
+                             report=report)

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from .dtypes import FLOAT_DTYPES, cast_floats
 from .errors import InputError
 from .io import Checkpoint, TensorSpec, config_with_dtype, provenance
 from .io.output import write_checkpoint
 
-FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 def target_dtype(src: torch.dtype, dtype: str) -> torch.dtype:
-    if dtype == "auto" or not src.is_floating_point:
-        return src
-    return FLOAT_DTYPES[dtype]
+    return cast_floats(src, None if dtype == "auto" else FLOAT_DTYPES[dtype])
 
 
 def convert_checkpoint(src, output, *, dtype: str = "auto", max_shard_size: int, force: bool = False,
@@ -36,7 +33,7 @@ def convert_checkpoint(src, output, *, dtype: str = "auto", max_shard_size: int,
 
     summary = write_checkpoint(
         output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
-        config=config, metadata=provenance("convert", {"dtype": dtype, "max_shard_size": max_shard_size},
+        config=config, provenance=provenance("convert", {"dtype": dtype, "max_shard_size": max_shard_size},
                                            {"checkpoint": src}),
         max_shard_size=max_shard_size, on_tensor=on_tensor)
     summary["tensors"] = len(specs)

@@ -50,11 +50,12 @@ from pathlib import Path
 
 import torch
 
-from .adapter import LoraModule, adapter_config, adapter_tensors, write_adapter
+from .adapter import LoraModule, adapter_config, adapter_tensors
 from .device import resolve_device
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
 from .hf_layout import meta_model
-from .io import AtomicOutput, Checkpoint, check_output_path, provenance
+from .io import Checkpoint, check_output_path, provenance
+from .io.output import ADAPTER_WEIGHTS, check_report_path, write_adapter_dir
 from .lowrank import truncate
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -351,7 +352,7 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
                        sv_ratio: float | None = None, max_rank: int | None = None, target_modules=None,
                        include_embeddings: bool = False, modules_to_save: bool = False, alpha: float | None = None,
                        svd: str = "auto", device: str = "auto", dtype: str = "float32", force: bool = False,
-                       on_tensor=None) -> dict:
+                       on_tensor=None, report: str | None = None) -> dict:
     """Extract a LoRA adapter from TUNED − BASE into `output`; returns the report (see docs/extract.md)."""
     rule = RankRule(rank, energy, sv_ratio, max_rank).check()
     if alpha is not None and not alpha > 0:
@@ -365,6 +366,8 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
     base_ck, tuned_ck = Checkpoint(base), Checkpoint(tuned)
     check_pair(base_ck, tuned_ck)
     check_output_path(output, [base, tuned], force)
+    if report is not None:
+        check_report_path(report, output, [base, tuned])
     layout = model_layout(base_ck)
     plan = plan_targets(layout, target_modules=target_modules, include_embeddings=include_embeddings)
     largest = max((min(base_ck.info(k).shape) for k in plan.targets if len(base_ck.info(k).shape) == 2), default=0)
@@ -479,12 +482,14 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
         fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values()), lora_bias=use_bias,
         modules_to_save=mts or None, **({"ensure_weight_tying": True} if tie else {}))
     tensors = adapter_tensors(modules, saved)
-    with AtomicOutput(output, [base, tuned], force) as tmp:
-        files = write_adapter(tmp, config, tensors, metadata=meta)
-    out = Path(output)
-    adapter_bytes = (out / "adapter_model.safetensors").stat().st_size
-    return _report(out, base, tuned, rows, not_carried, mts, saved, identical, adapter_bytes, tuned_bytes, config,
-                   use_bias, tie, layout, svd, dev, dtype, files)
+    def report_doc(summary: dict, sizes: dict[str, int]) -> dict:
+        doc = _report(Path(summary["output"]), base, tuned, rows, not_carried, mts, saved, identical,
+                      sizes[ADAPTER_WEIGHTS], tuned_bytes, config, use_bias, tie, layout, svd, dev, dtype,
+                      summary["files"])
+        return {**doc, "bytes": summary["bytes"], "stale_removed": summary["stale_removed"]}
+
+    return write_adapter_dir(output, inputs=[base, tuned], force=force, config=config, tensors=tensors,
+                             provenance=meta, report_doc=report_doc, report=report)
 
 
 def _lora_bias_blocker(modules: dict[str, LoraModule], roles) -> str | None:

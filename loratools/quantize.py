@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from .bnb4bit import (BLOCKSIZES, FLOAT_DTYPES, QUANT_STATE_PREFIX, QUANT_TYPES, REFERENCE_THREADS, QuantState,
+from .bnb4bit import (BLOCKSIZES, QUANT_STATE_PREFIX, QUANT_TYPES, REFERENCE_THREADS, QuantState,
                       quantize_weight_measured)
 from .device import resolve_device, torch_threads
+from .dtypes import FLOAT_DTYPES, cast_floats
 from .errors import InputError, UnsupportedError, UsageError
 from .hf_layout import CONV1D, layout_for, should_convert
 from .io import Checkpoint, TensorSpec, config_with_dtype
@@ -167,7 +168,7 @@ def quantization_config(*, quant_type: str, double_quant: bool, compute_dtype: s
 
 
 def _out_dtype(info_dtype: torch.dtype, plan: QuantPlan) -> torch.dtype:
-    return plan.dtype if plan.dtype is not None and info_dtype.is_floating_point else info_dtype
+    return cast_floats(info_dtype, plan.dtype)
 
 
 def _check_options(quant_type, blocksize, compute_dtype):
@@ -257,7 +258,7 @@ def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int 
     with single_threaded_torch(dev):
         summary = write_checkpoint(
             output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
-            config=config, metadata=metadata,
+            config=config, provenance=metadata,
             max_shard_size=max_shard_size, on_tensor=on_tensor, shrinkable=[s.name for s in shrinkable])
 
     q_params = sum(r.params for r in reports)
@@ -311,9 +312,7 @@ def dequantize_checkpoint(src, output, *, dtype: str | None = None, device: str 
     plan = dense_specs(ck)
 
     def out_dtype(name, stored):
-        if target is None:
-            return stored
-        return target if stored.is_floating_point else stored
+        return cast_floats(stored, target)
 
     specs = [TensorSpec(n, out_dtype(n, d), s) for n, (d, s) in plan.items()]
     config = dict(ck.config) if ck.config is not None else None
@@ -335,7 +334,7 @@ def dequantize_checkpoint(src, output, *, dtype: str | None = None, device: str 
     with single_threaded_torch(dev):
         summary = write_checkpoint(
             output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
-            config=config, metadata=provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size},
+            config=config, provenance=provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size},
                                                {"checkpoint": src}),
             max_shard_size=max_shard_size, on_tensor=on_tensor)
     summary.update({"tensors": len(specs), "dequantized_tensors": len(qstates), "device": dev.type,

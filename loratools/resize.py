@@ -25,9 +25,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .adapter import LoraModule, adapter_tensors, load_adapter, write_adapter
+from .adapter import LoraModule, adapter_tensors, load_adapter
 from .errors import UnsupportedError, UsageError
-from .io import AtomicOutput, check_output_path, provenance
+from .io import check_output_path, provenance
+from .io.output import ADAPTER_WEIGHTS, check_report_path, write_adapter_dir
 from .lowrank import truncate_factors
 
 
@@ -49,7 +50,8 @@ def resize_module(m: LoraModule, *, rank=None, energy=None, sv_ratio=None, max_r
 
 
 def resize_adapter(adapter, output, *, rank: int | None = None, energy: float | None = None,
-                   sv_ratio: float | None = None, max_rank: int | None = None, force: bool = False) -> dict:
+                   sv_ratio: float | None = None, max_rank: int | None = None, force: bool = False,
+                   report: str | None = None) -> dict:
     given = [x is not None for x in (rank, energy, sv_ratio)]
     if sum(given) != 1:
         raise UsageError("give exactly one of --rank, --energy or --sv-ratio")
@@ -70,6 +72,8 @@ def resize_adapter(adapter, output, *, rank: int | None = None, energy: float | 
                                "(`loratools merge`)", path=Path(adapter) / "adapter_config.json",
                                tensor=dora[0] if dora else None)
     check_output_path(output, [adapter], force)
+    if report is not None:
+        check_report_path(report, output, [adapter])
     meta = provenance("resize", {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "max_rank": max_rank},
                       {"adapter": adapter})
     modules, rows = {}, []
@@ -85,27 +89,31 @@ def resize_adapter(adapter, output, *, rank: int | None = None, energy: float | 
     config.update({"r": r0, "lora_alpha": r0, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
                    "use_rslora": False})
     tensors = adapter_tensors(modules, ad.saved)
-    with AtomicOutput(output, [adapter], force) as tmp:
-        files = write_adapter(tmp, config, tensors, metadata=meta)
-    out = Path(output)
     d2 = sum(r["delta_norm"] ** 2 for r in rows)
     e2 = sum((r["rel_error"] * r["delta_norm"]) ** 2 for r in rows)
-    return {
-        "kind": "resize",
-        "output": str(out),
-        "files": sorted(files),
-        "adapter": str(adapter),
-        "r": r0,
-        "lora_alpha": r0,
-        "modules": rows,
-        "saved_tensors": sorted(ad.saved),
-        "totals": {
-            "modules": len(rows),
-            "old_parameters": sum(r["old_parameters"] for r in rows),
-            "parameters": sum(r["parameters"] for r in rows),
-            "old_bytes": (Path(adapter) / "adapter_model.safetensors").stat().st_size,
-            "bytes": (out / "adapter_model.safetensors").stat().st_size,
-            "rel_error": (e2 / d2) ** 0.5 if d2 > 0 else 0.0,
-            "retained_energy": 1 - e2 / d2 if d2 > 0 else 1.0,
-        },
-    }
+
+    def report_doc(summary: dict, sizes: dict[str, int]) -> dict:
+        return {
+            "kind": "resize",
+            "output": summary["output"],
+            "files": summary["files"],
+            "adapter": str(adapter),
+            "r": r0,
+            "lora_alpha": r0,
+            "modules": rows,
+            "saved_tensors": sorted(ad.saved),
+            "totals": {
+                "modules": len(rows),
+                "old_parameters": sum(r["old_parameters"] for r in rows),
+                "parameters": sum(r["parameters"] for r in rows),
+                "old_bytes": (Path(adapter) / ADAPTER_WEIGHTS).stat().st_size,
+                "bytes": sizes[ADAPTER_WEIGHTS],
+                "rel_error": (e2 / d2) ** 0.5 if d2 > 0 else 0.0,
+                "retained_energy": 1 - e2 / d2 if d2 > 0 else 1.0,
+            },
+            "bytes": summary["bytes"],
+            "stale_removed": summary["stale_removed"],
+        }
+
+    return write_adapter_dir(output, inputs=[adapter], force=force, config=config, tensors=tensors,
+                             provenance=meta, report_doc=report_doc, report=report)

@@ -139,16 +139,15 @@ def test_early_digests_are_used_only_for_unchanged_files(tmp_path):
     a.write_bytes(b"x" * 1000)
     b.write_bytes(b"y" * 1000)
     mod.start_digests(a, b)
-    assert {str(a.resolve()), str(b.resolve())} <= set(mod._EARLY)
-    mod._EARLY[str(a.resolve())][1].result()
-    mod._EARLY[str(b.resolve())][1].result()
+    assert mod.EARLY_DIGESTS.holds(a) and mod.EARLY_DIGESTS.holds(b)
+    mod.EARLY_DIGESTS.wait()
     b.write_bytes(b"z" * 1001)  # changed after its early digest was taken
     os.utime(b, ns=(1, 1))
-    meta = mod.provenance("test", {}, {"one": a, "two": b}).finalize()
+    meta = mod.provenance("test", {}, {"one": a, "two": b}).final_metadata()
     files = json.loads(meta["loratools"])["inputs"]
     assert files["one"]["files"]["a.safetensors"] == hashlib.sha256(b"x" * 1000).hexdigest()
     assert files["two"]["files"]["b.safetensors"] == hashlib.sha256(b"z" * 1001).hexdigest()
-    assert str(a.resolve()) not in mod._EARLY and str(b.resolve()) not in mod._EARLY  # consumed once
+    assert not mod.EARLY_DIGESTS.holds(a) and not mod.EARLY_DIGESTS.holds(b)  # consumed once
 
 
 def test_command_line_starts_without_torch():
@@ -157,7 +156,8 @@ def test_command_line_starts_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, loratools.cli, loratools.io, loratools.io.provenance, loratools.io.settings; "
+    code = ("import sys, loratools.cli, loratools.io, loratools.io.provenance, loratools.io.durability, "
+            "loratools.io.sizes; "
             "print(sorted(m for m in ('torch', 'numpy', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,6 +1,3 @@
-import json
-from pathlib import Path
-
 import click
 
 from ..io.provenance import start_digests
@@ -64,9 +61,7 @@ def command(base, tuned, output, rank, energy, sv_ratio, max_rank, target_module
                                     max_rank=max_rank, target_modules=patterns or None,
                                     include_embeddings=include_embeddings, modules_to_save=modules_to_save,
                                     alpha=alpha, svd=svd, device=device, dtype=dtype, force=force,
-                                    on_tensor=lambda _: advance())
-    if report_file:
-        Path(report_file).write_text(json.dumps(report, indent=2, default=str) + "\n")
+                                    on_tensor=lambda _: advance(), report=report_file)
     show_extract_report(report)
     if as_json:
         print_json(report)

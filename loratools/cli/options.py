@@ -1,12 +1,17 @@
 """Options shared by several commands, so each means the same everywhere."""
 from __future__ import annotations
 
+import functools
+
 import click
 
-from ..io.settings import DEFAULT_MAX_SHARD_SIZE, parse_size, set_sync
+from ..io.durability import Durability, OutputPath
+from ..io.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 
 class SizeType(click.ParamType):
+    """A byte count spelled as --max-shard-size takes it (io/sizes.parse_size)."""
+
     name = "SIZE"
 
     def convert(self, value, param, ctx):
@@ -18,19 +23,19 @@ class SizeType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-def _set_sync(ctx, param, value):
-    set_sync(value)
-    ctx.call_on_close(lambda: set_sync(True))  # --no-sync ends with its command (library calls sync again)
-    return value
-
-
 def output_option(f):
-    """-o/--output, and --sync/--no-sync with it: every command that writes takes both."""
-    f = click.option("--sync/--no-sync", default=True, expose_value=False, callback=_set_sync,
-                     help="fsync the output before renaming it into place, so that it survives a power cut "
-                          "(default). --no-sync skips that, as save_pretrained does; the output stays atomic.")(f)
+    """-o/--output and --sync/--no-sync, given to the command as one `output`: an OutputPath that carries
+    its durability down to the writers (see io/durability.py). Every command that writes takes both."""
+    @functools.wraps(f)
+    def command(*args, output: str, sync: bool, **kwargs):
+        return f(*args, output=OutputPath(output, Durability(sync=sync)), **kwargs)
+
+    command = click.option("--sync/--no-sync", default=True,
+                           help="fsync the output before renaming it into place, so that it survives a power "
+                                "cut (default). --no-sync skips that, as save_pretrained does; the output stays "
+                                "atomic.")(command)
     return click.option("-o", "--output", required=True, type=click.Path(path_type=str),
-                        help="Output directory (written atomically; must not exist unless --force).")(f)
+                        help="Output directory (written atomically; must not exist unless --force).")(command)
 
 
 def force_option(f):

@@ -1,6 +1,3 @@
-import json
-from pathlib import Path
-
 import click
 
 from ..io.provenance import start_digests
@@ -37,9 +34,7 @@ def command(adapter, output, rank, energy, sv_ratio, max_rank, report_file, forc
     from ..resize import resize_adapter
 
     report = resize_adapter(adapter, output, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank,
-                            force=force)
-    if report_file:
-        Path(report_file).write_text(json.dumps(report, indent=2, default=str) + "\n")
+                            force=force, report=report_file)
     table("resized modules", ["module", "kind", "rank", "new rank", "retained energy", "rel. error"],
           [[m["name"], m["kind"], m["old_rank"], m["rank"], m["retained_energy"], m["rel_error"]]
            for m in report["modules"]])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import OutputError
-from .settings import fsync_path
+from .durability import Durability, durability_of
 
 log = logging.getLogger("loratools")
 
@@ -92,11 +92,16 @@ def clean_stale(out: Path) -> list[Path]:
 
 
 class AtomicOutput:
-    """Context manager: `with AtomicOutput(out, inputs, force) as tmp:` write into tmp; renamed on success."""
+    """Context manager: `with AtomicOutput(out, inputs, force) as tmp:` write into tmp; renamed on success.
 
-    def __init__(self, output, inputs=(), force: bool = False):
+    Directories are fsync'ed as `durability` says (by default as the output asks, see durability.py).
+    """
+
+    def __init__(self, output: str | os.PathLike, inputs: Iterable = (), force: bool = False,
+                 durability: Durability | None = None):
         self.out = check_output_path(output, inputs, force)
         self.force = force
+        self.durability = durability_of(output) if durability is None else durability
         self.stale_removed = clean_stale(self.out)
         token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp = self.out.parent / f".{self.out.name}{TMP_TAG}{token}"
@@ -116,14 +121,14 @@ class AtomicOutput:
             return False
         try:
             for sub in sorted(p for p in self.tmp.rglob("*") if p.is_dir()):
-                _fsync_dir(sub)
-            _fsync_dir(self.tmp)
+                _fsync_dir(sub, self.durability)
+            _fsync_dir(self.tmp, self.durability)
             if self.out.exists() or self.out.is_symlink():
                 if not self.force:  # appeared while we were working
                     raise OutputError("output appeared while writing; not replaced", path=self.out)
                 os.rename(self.out, self.old)
             os.rename(self.tmp, self.out)
-            _fsync_dir(self.out.parent)
+            _fsync_dir(self.out.parent, self.durability)
         except OSError as e:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise OutputError(f"could not move the finished output into place: {e.strerror}", path=self.out) from None
@@ -138,6 +143,6 @@ class AtomicOutput:
         return False
 
 
-def _fsync_dir(path: Path):
+def _fsync_dir(path: Path, durability: Durability):
     with contextlib.suppress(OSError):  # some filesystems cannot sync a directory; the rename is still atomic
-        fsync_path(path)
+        durability.fsync_path(path)

@@ -12,9 +12,8 @@ Note: digests without a second pass on the critical path.
 
 Note: digests started before torch is imported.
     The command line calls `start_digests(inputs)` first thing, before it imports torch (~2 s of one
-    core), so the other core hashes the inputs meanwhile. Provenance takes a file's digest from there
-    when the file is unchanged since (same device, inode, size and mtime), else hashes it itself.
-    Nothing else in this module imports torch, and neither may it.
+    core), so the other core hashes the inputs meanwhile (DigestCache). Nothing in this module imports
+    torch, and neither may it.
 
 Output paths are left out on purpose: the same inputs and flags give the same bytes wherever the
 output goes.
@@ -58,60 +57,95 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-_EARLY: dict[str, tuple[tuple, Future]] = {}  # resolved path -> (stat stamp, digest)
-_EARLY_LOCK = threading.Lock()
-
-
 def _stamp(path: Path) -> tuple:
     st = path.stat()
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def start_digests(*paths) -> None:
-    """Start hashing the weight files of these inputs on a background thread (see the Note above).
+class DigestCache:
+    """sha256 digests of input files, computed ahead on a background thread, each handed out once.
 
-    Only a head start: missing or unreadable inputs are skipped here and reported by the command."""
-    jobs = []
-    for f in (f for p in paths for f in weight_files(p)):
-        try:
-            key, stamp = str(f.resolve()), _stamp(f)
-        except OSError:
-            continue
-        future = Future()
-        with _EARLY_LOCK:
-            _EARLY[key] = (stamp, future)
-        jobs.append((f, future))
+    A cache in the plain sense: a digest is used only while its file is unchanged (same device,
+    inode, size and mtime), so whether an entry exists changes how soon a record is ready, never
+    what it says. The command line fills the process's one cache (EARLY_DIGESTS) before it imports
+    torch; a Provenance takes its digests from the cache it is given.
+    """
 
-    def run():
-        for f, future in jobs:
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, Future]] = {}  # resolved path -> (stat stamp, digest)
+        self._lock = threading.Lock()
+
+    def start(self, *paths: str | Path) -> None:
+        """Start hashing the weight files of these inputs on a background thread.
+
+        Only a head start: missing or unreadable inputs are skipped here and reported by the command."""
+        jobs = []
+        for f in (f for p in paths for f in weight_files(p)):
             try:
-                future.set_result(sha256_file(f))
-            except BaseException as e:  # the consumer hashes again and reports the error itself
-                future.set_exception(e)
+                key, stamp = str(f.resolve()), _stamp(f)
+            except OSError:
+                continue
+            future = Future()
+            with self._lock:
+                self._entries[key] = (stamp, future)
+            jobs.append((f, future))
 
-    if jobs:
-        threading.Thread(target=run, name="loratools-early-digests", daemon=True).start()
+        def run():
+            for f, future in jobs:
+                try:
+                    future.set_result(sha256_file(f))
+                except BaseException as e:  # the consumer hashes again and reports the error itself
+                    future.set_exception(e)
+
+        if jobs:
+            threading.Thread(target=run, name="loratools-early-digests", daemon=True).start()
+
+    def holds(self, path: str | Path) -> bool:
+        """True while a digest of this file is started and not yet handed out."""
+        with self._lock:
+            return str(Path(path).resolve()) in self._entries
+
+    def wait(self) -> None:
+        """Wait until every digest started so far is computed (or failed)."""
+        with self._lock:
+            futures = [future for _, future in self._entries.values()]
+        for future in futures:
+            future.exception()
+
+    def digest(self, path: Path) -> str:
+        """sha256 of a file: the digest started ahead when the file is unchanged since, else hashed now."""
+        try:
+            key = str(path.resolve())
+        except OSError:
+            key = None
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        if entry is not None:
+            stamp, future = entry
+            if future.exception() is None and _stamp(path) == stamp:  # a failed early hash is simply redone
+                return future.result()
+        return sha256_file(path)
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file: the early digest when one was started and the file is unchanged since."""
-    try:
-        key = str(path.resolve())
-    except OSError:
-        key = None
-    with _EARLY_LOCK:
-        entry = _EARLY.pop(key, None)
-    if entry is not None:
-        stamp, future = entry
-        if future.exception() is None and _stamp(path) == stamp:  # a failed early hash is simply redone
-            return future.result()
-    return sha256_file(path)
+EARLY_DIGESTS = DigestCache()
 
 
-class Provenance(dict):
-    """Metadata dict ({"loratools": json}) whose digests are filled in by `finalize()` at close."""
+def start_digests(*paths: str | Path) -> None:
+    """Start hashing these inputs into EARLY_DIGESTS (what every command does before importing torch)."""
+    EARLY_DIGESTS.start(*paths)
 
-    def __init__(self, command: str, options: dict, inputs: dict[str, str | Path | list]):
+
+class Provenance:
+    """The provenance record of one output: placeholders at open, input digests filled in at close.
+
+    `start()` begins hashing the inputs on a background thread; a writer given this object
+    (`write_checkpoint(..., provenance=p)`, `ShardWriter(..., provenance=p)`) reserves
+    `placeholder_metadata()` in the header at open and writes `final_metadata()` at close, which
+    waits for the digests.
+    """
+
+    def __init__(self, command: str, options: dict, inputs: dict[str, str | Path | list],
+                 digests: DigestCache = EARLY_DIGESTS):
         self._record = {
             "version": __version__,
             "command": command,
@@ -126,23 +160,36 @@ class Provenance(dict):
                 files = weight_files(path)
                 self._record["inputs"][key] = {"name": Path(path).name, "files": {f.name: PLACEHOLDER for f in files}}
                 self._files += [(key, f) for f in files]
-        super().__init__({"loratools": self._dump()})
+        self._cache = digests
+        self._placeholder = self._dump()
         self._digests: dict[tuple[str, str], str] = {}
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._hash_all, name="loratools-digests", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     def _dump(self) -> str:
         return json.dumps(self._record, sort_keys=True, default=str)
 
-    def _hash_all(self):
+    def _hash_all(self) -> None:
         try:
             for key, f in self._files:
-                self._digests[(key, f.name)] = file_digest(f)
-        except BaseException as e:  # surfaced in finalize()
+                self._digests[(key, f.name)] = self._cache.digest(f)
+        except BaseException as e:  # surfaced in final_metadata()
             self._error = e
 
-    def finalize(self) -> dict[str, str]:
+    def start(self) -> "Provenance":
+        """Start hashing the inputs on a background thread (hashlib releases the GIL); returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._hash_all, name="loratools-digests", daemon=True)
+            self._thread.start()
+        return self
+
+    def placeholder_metadata(self) -> dict[str, str]:
+        """The metadata to reserve at open: every digest a placeholder of its final length."""
+        return {"loratools": self._placeholder}
+
+    def final_metadata(self) -> dict[str, str]:
+        """The metadata to write at close, with every input digest (waits for them)."""
+        self.start()
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -152,8 +199,16 @@ class Provenance(dict):
 
 
 def provenance(command: str, options: dict, inputs: dict) -> Provenance:
-    """Metadata to pass to a writer as `metadata=`; inputs maps a role to a path (or a list of paths)."""
-    return Provenance(command, options, inputs)
+    """A started Provenance, to pass to a writer as `provenance=`.
+
+    Args:
+        command: the command name recorded ("merge", "extract", ...).
+        options: the options that decide the output bytes (None values are left out).
+        inputs: role -> path, or role -> list of paths (recorded as "role[i]").
+    Example:
+        >>> write_checkpoint(out, ..., provenance=provenance("convert", {"dtype": "auto"}, {"checkpoint": src}))
+    """
+    return Provenance(command, options, inputs).start()
 
 
 def read_provenance(metadata: dict[str, str]) -> dict | None:

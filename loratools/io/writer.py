@@ -25,11 +25,15 @@ import torch
 
 from ..errors import FormatError, InputError, LoratoolsError, OutputError
 from .safetensors_format import build_header, element_size, tensor_bytes
-from .settings import DEFAULT_MAX_SHARD_SIZE, fsync, start_writeback
+from .durability import DURABLE, Durability
+from .provenance import Provenance
+from .sizes import DEFAULT_MAX_SHARD_SIZE
 
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One planned output tensor: its name, dtype and shape, known before it is computed."""
+
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -51,16 +55,22 @@ def _disk_error(e: OSError, path) -> OutputError:
 
 
 class ShardWriter:
-    """Write a planned set of tensors as one safetensors file or as HF-style shards plus an index."""
+    """Write a planned set of tensors as one safetensors file or as HF-style shards plus an index.
+
+    `provenance`, when given, adds its record to `metadata`: placeholders of the final length at open,
+    the digests at close (see io/provenance.py). Shards are synced at close as `durability` says.
+    """
 
     def __init__(self, directory: str | os.PathLike, specs: list[TensorSpec], *,
                  filename: str = "model.safetensors", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 metadata: dict[str, str] | None = None, reserve_metadata: int = 0, allow_shards: bool = True,
-                 shrinkable: Iterable[str] = ()):
+                 metadata: dict[str, str] | None = None, provenance: Provenance | None = None,
+                 reserve_metadata: int = 0, allow_shards: bool = True, shrinkable: Iterable[str] = (),
+                 durability: Durability = DURABLE):
         self.dir = Path(directory)
-        # Provenance metadata carries placeholders of final length, completed at close (see io/provenance.py)
-        self._finalize_metadata = getattr(metadata, "finalize", None)
-        self.metadata = {"format": "pt", **(metadata or {})}
+        self._provenance = provenance
+        self._durability = durability
+        self.metadata = {"format": "pt", **(metadata or {}),
+                         **(provenance.placeholder_metadata() if provenance is not None else {})}
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
@@ -170,7 +180,7 @@ class ShardWriter:
                 written += os.pwrite(fd, data[written:], offset + written)
         except OSError as e:
             raise _disk_error(e, self.dir / self.filenames[shard]) from None
-        start_writeback(fd, offset, len(data))
+        self._durability.start_writeback(fd, offset, len(data))
         self._pending.discard(name)
 
     def copy_from(self, name: str, info) -> None:
@@ -193,7 +203,7 @@ class ShardWriter:
             _copy_range(src, info.offset, fd, offset, info.nbytes, info, self.dir / self.filenames[shard])
         finally:
             os.close(src)
-        start_writeback(fd, offset, info.nbytes)
+        self._durability.start_writeback(fd, offset, info.nbytes)
         self._pending.discard(name)
 
     def _open(self, shard: int) -> int:
@@ -220,8 +230,8 @@ class ShardWriter:
             raise LoratoolsError(f"internal: {len(missing)} planned tensors never written", tensor=missing[0])
         try:
             self._close_fd()
-            if self._finalize_metadata is not None:
-                final_metadata = {**self._finalize_metadata(), **(final_metadata or {})}
+            if self._provenance is not None:
+                final_metadata = {**self._provenance.final_metadata(), **(final_metadata or {})}
             if self._shrinkable:
                 self._groups[-1] = [self._specs[s.name] for s in self._groups[-1]]
                 end = self._prefix_len[-1] + sum(s.nbytes for s in self._groups[-1])
@@ -237,19 +247,20 @@ class ShardWriter:
                         if len(prefix) != self._prefix_len[i]:
                             raise LoratoolsError("internal: final metadata larger than reserved")
                         os.pwrite(fd, prefix, 0)
-                    fsync(fd)  # every shard durable before the output is renamed into place
+                    self._durability.fsync(fd)  # every shard durable before the output is renamed into place
                 finally:
                     os.close(fd)
             if self.index_name:
                 total = sum(s.nbytes for s in self._specs.values())
                 weight_map = {s.name: self.filenames[i] for i, g in enumerate(self._groups) for s in g}
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-                write_json(self.dir / self.index_name, index)
+                write_json(self.dir / self.index_name, index, self._durability)
         except OSError as e:
             raise _disk_error(e, self.dir) from None
         return self.filenames + ([self.index_name] if self.index_name else [])
 
-    def abort(self):
+    def abort(self) -> None:
+        """Close the open shard without finishing it (the temporary output is removed by its owner)."""
         if self._fd:
             os.close(self._fd[1])
             self._fd = None
@@ -286,19 +297,22 @@ def _copy_range(src: int, src_off: int, dst: int, dst_off: int, nbytes: int, inf
         done += k
 
 
-def write_json(path: Path, data) -> None:
+def write_json(path: Path, data, durability: Durability = DURABLE) -> None:
+    """Write `data` as indented JSON (key order kept) plus a newline, synced as `durability` says."""
     try:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
             f.flush()
-            fsync(f.fileno())
+            durability.fsync(f.fileno())
     except OSError as e:
         raise _disk_error(e, path) from None
 
 
-def save_tensors(directory, tensors: dict[str, torch.Tensor], **kw) -> list[str]:
-    """Write a small dict of tensors (adapters) through the same planned writer."""
+def save_tensors(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], **kw) -> list[str]:
+    """Write a small dict of tensors (adapters, records) through the same planned writer.
+
+    `kw` are ShardWriter's options; returns the file names written."""
     specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     w = ShardWriter(directory, specs, **kw)
     for n, t in tensors.items():
