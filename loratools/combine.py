@@ -20,7 +20,7 @@ Note: what is carried through.
 
 Note: the output's shape.
     Scale 1 everywhere (lora_alpha = r, no rsLoRA), so B·A is the combined delta itself. `r` is the most
-    common output rank; other modules get their rank (and alpha = rank) in rank_pattern / alpha_pattern
+    common output rank (ranks.most_common_rank: the larger on a tie); other modules get their rank (and alpha = rank) in rank_pattern / alpha_pattern
     under their full name, which under PEFT's `(.*\\.)?(key)$` rule matches that module only.
     target_modules is the union of the inputs' lists of names when every input gives a plain list (those
     match exactly the union of the modules the inputs adapt); otherwise the full module names.
@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,37 +48,24 @@ from typing import Callable
 import torch
 
 from .adapter import Adapter, LoraModule, adapter_config, adapter_tensors, load_adapter
-from .combine_methods import (EXACT_METHODS, METHODS, RANDOM_METHODS, SIGN_METHODS, TASK_METHODS, Term, cat,
-                              linear, task_arithmetic_truncated)
+from .combine_methods import METHODS, CombineOptions, ModuleJob, Term, names
 from .device import resolve_device, torch_threads
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
 from .io import check_output_path, provenance
 from .io.output import check_report_path, write_adapter_dir
+from .lora_math import stored_transposed
+from .ranks import check_ranges, most_common_rank
 
 log = logging.getLogger("loratools")
 
 SMALL_DENSE = 2**20  # elements; below it a dense module's maths runs on one CPU thread (see the note)
 
 
-@dataclass
-class CombineOptions:
-    method: str
-    weights: list[float]
-    rank: int | None = None
-    energy: float | None = None
-    density: float | None = None
-    majority_sign: str | None = None
-    seed: int | None = None
-
-    def record(self) -> dict:
-        return {"method": self.method, "weights": self.weights, "rank": self.rank, "energy": self.energy,
-                "density": self.density, "majority_sign": self.majority_sign, "seed": self.seed}
-
-
 def check_options(n_adapters: int, method: str, *, weights=None, rank=None, energy=None, density=None,
                   majority_sign=None, seed=None) -> CombineOptions:
     """Every option checked against the method (UsageError, exit 2) before any file is read."""
-    if method not in METHODS:
+    spec = METHODS.get(method)
+    if spec is None:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     if n_adapters < 2:
         raise UsageError(f"combine needs at least two adapters, got {n_adapters}")
@@ -89,30 +75,28 @@ def check_options(n_adapters: int, method: str, *, weights=None, rank=None, ener
                          f"order, or none (all 1)")
     if not all(math.isfinite(w) for w in weights):
         raise UsageError("--weight values must be finite numbers")
-    if method == "cat" and (rank is not None or energy is not None):
-        raise UsageError("--method cat is the exact sum (rank Σ rᵢ); use --method linear to truncate with "
-                         "--rank / --energy")
-    if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
-        raise UsageError(f"--rank must be an integer ≥ 1, got {rank}")
-    if energy is not None and not (0 < energy <= 1):
-        raise UsageError(f"--energy must be in (0, 1], got {energy}")
-    if method in TASK_METHODS:
+    if not spec.truncates and (rank is not None or energy is not None):
+        raise UsageError(f"--method {method} is the exact sum (rank Σ rᵢ); use --method linear to truncate with "
+                         f"--rank / --energy")
+    check_ranges(rank=rank, energy=energy)
+    if spec.needs_density:
         if density is None:
             raise UsageError(f"--method {method} needs --density (the fraction of each delta to keep, in (0, 1])")
         if not (0 < density <= 1):
             raise UsageError(f"--density must be in (0, 1], got {density}")
     elif density is not None:
-        raise UsageError(f"--density applies to {', '.join(TASK_METHODS)}, not to --method {method}")
+        raise UsageError(f"--density applies to {', '.join(names('needs_density'))}, not to --method {method}")
     if majority_sign is not None:
-        if method not in SIGN_METHODS:
-            raise UsageError(f"--majority-sign applies to {', '.join(SIGN_METHODS)}, not to --method {method}")
+        if not spec.elects_sign:
+            raise UsageError(f"--majority-sign applies to {', '.join(names('elects_sign'))}, not to --method {method}")
         if majority_sign not in ("total", "frequency"):
             raise UsageError(f"--majority-sign must be total or frequency, not {majority_sign!r}")
-    elif method in SIGN_METHODS:
+    elif spec.elects_sign:
         majority_sign = "total"
-    if seed is not None and method not in RANDOM_METHODS:
-        raise UsageError(f"--seed applies to {', '.join(RANDOM_METHODS)} (random masks), not to --method {method}")
-    if method in RANDOM_METHODS and seed is None:
+    if seed is not None and not spec.random_masks:
+        raise UsageError(f"--seed applies to {', '.join(names('random_masks'))} (random masks), not to --method "
+                         f"{method}")
+    if spec.random_masks and seed is None:
         seed = 0
     return CombineOptions(method, weights, None if rank is None else int(rank), energy, density, majority_sign,
                           None if seed is None else int(seed))
@@ -131,7 +115,7 @@ class ModulePlan:
     @property
     def transposed(self) -> bool:
         """Whether the base weight is (B·A)ᵀ: Conv1D (fan_in_fan_out) and embeddings."""
-        return self.fan_in_fan_out or self.kind == "embedding"
+        return stored_transposed(self.kind, self.fan_in_fan_out)
 
 
 def plan_modules(adapters: list[Adapter]) -> dict[str, ModulePlan]:
@@ -224,7 +208,7 @@ def check_bias(plans: dict[str, ModulePlan], method: str) -> bool:
     with_bias = [p for p in plans.values() if any(m.bias is not None for _, m in p.sources)]
     if not with_bias:
         return False
-    if method not in EXACT_METHODS:
+    if not METHODS[method].exact:
         raise UnsupportedError(f"lora_bias adapters can be combined with cat or linear only (their bias sum is "
                                f"exact); --method {method} prunes weights", tensor=with_bias[0].name)
     emb = [p.name for p in plans.values() if p.kind == "embedding"]
@@ -251,15 +235,7 @@ def target_modules_of(adapters: list[Adapter], plans: dict[str, ModulePlan]) -> 
 def combine_module(plan: ModulePlan, opts: CombineOptions, device: torch.device, default_rank: int):
     """One module: (lora_B, lora_A at scale 1, bias or None, Truncation)."""
     terms = [Term(m.B.to(device), m.A.to(device), m.scale, opts.weights[i]) for i, m in plan.sources]
-    if opts.method == "cat":
-        tr = cat(terms)
-    elif opts.method == "linear":
-        tr = linear(terms, rank=opts.rank, energy=opts.energy)
-    else:
-        rank = opts.rank if (opts.rank is not None or opts.energy is not None) else default_rank
-        tr = task_arithmetic_truncated(terms, opts.method, module=plan.name, transposed=plan.transposed,
-                                       density=opts.density, majority_sign=opts.majority_sign or "total",
-                                       seed=opts.seed or 0, rank=rank, energy=opts.energy)
+    tr = METHODS[opts.method].run(terms, opts, ModuleJob(plan.name, plan.transposed, default_rank))
     B, A = tr.factors(1.0)
     bias = None
     if any(m.bias is not None for _, m in plan.sources):
@@ -282,7 +258,7 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
     saved = carried_tensors(adapters, plans, opts.weights, warnings)
     task_type = common_value(adapters, "task_type", warnings)
     layer_replication = common_value(adapters, "layer_replication")
-    mts = sorted({n for ad in adapters for n in (ad.config.get("modules_to_save") or [])}) or None
+    modules_to_save = sorted({n for ad in adapters for n in (ad.config.get("modules_to_save") or [])}) or None
     dtypes = {t.dtype for ad in adapters for m in ad.modules.values() for t in (m.A, m.B)}
     out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     default_rank = max(m.r for ad in adapters for m in ad.modules.values())
@@ -291,7 +267,7 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
     modules: dict[str, LoraModule] = {}
     rows = []
     for name, plan in plans.items():
-        small = opts.method in EXACT_METHODS or math.prod(plan.base_shape) < SMALL_DENSE
+        small = METHODS[opts.method].exact or math.prod(plan.base_shape) < SMALL_DENSE
         with (torch_threads(1, device) if small else nullcontext()):
             B, A, bias, tr = combine_module(plan, opts, device, default_rank)
         if lora_bias and bias is None:
@@ -309,14 +285,13 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
         if on_module:
             on_module(name)
 
-    ranks = Counter(m.r for m in modules.values())
-    r = min(ranks, key=lambda k: (-ranks[k], k))  # most common; the smaller on a tie
+    r = most_common_rank((m.r for m in modules.values()), default=default_rank)
     pattern = {n: m.r for n, m in modules.items() if m.r != r}
     extra = {"layer_replication": layer_replication} if layer_replication is not None else {}
     config = adapter_config(r=r, lora_alpha=r, target_modules=targets,
                             base_model_name_or_path=base, rank_pattern=pattern, alpha_pattern=pattern,
                             fan_in_fan_out=any(p.fan_in_fan_out for p in plans.values()), lora_bias=lora_bias,
-                            modules_to_save=mts, task_type=task_type, **extra)
+                            modules_to_save=modules_to_save, task_type=task_type, **extra)
     for m in modules.values():
         m.A, m.B = m.A.to(out_dtype), m.B.to(out_dtype)
         if m.bias is not None:
@@ -324,12 +299,39 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
     return modules, saved, config, rows, warnings
 
 
-def combine_adapters(adapters: list[str | Path], output, *, method: str, weights: list[float] | None = None,
-                     rank: int | None = None, energy: float | None = None, density: float | None = None,
-                     majority_sign: str | None = None, seed: int | None = None, device: str = "auto",
-                     force: bool = False, report: str | None = None,
+def combine_adapters(adapters: list[str | Path], output: str | Path, *, method: str,
+                     weights: list[float] | None = None, rank: int | None = None, energy: float | None = None,
+                     density: float | None = None, majority_sign: str | None = None, seed: int | None = None,
+                     device: str = "auto", force: bool = False, report: str | None = None,
                      on_module: Callable[[str], None] | None = None) -> dict:
-    """Combine PEFT LoRA adapters into one at `output` (see the module notes); returns the report document."""
+    """Combine PEFT LoRA adapters of one base model into one adapter (see the module notes).
+
+    Args:
+        adapters: two or more PEFT adapter directories.
+        output: adapter directory to write; written atomically, refused if it exists unless `force`.
+        method: a registered method (combine_methods.METHODS): "cat", "linear", "ties", "dare_linear",
+            "dare_ties" or "magnitude_prune".
+        weights: one weight per adapter (default 1 each; negative subtracts).
+        rank: output rank (linear: a cap; task-arithmetic methods: default the largest input rank).
+        energy: per module, the smallest rank keeping this fraction of ‖ΔW‖², in (0, 1].
+        density: fraction of each delta the task-arithmetic methods keep, in (0, 1].
+        majority_sign: sign election of ties / dare_ties: "total" (default) or "frequency".
+        seed: seed of the DARE masks (default 0).
+        device: "auto", "cpu" or "cuda".
+        force: replace an existing output once the new one is complete.
+        report: also write the returned report as JSON to this file.
+        on_module: called with each module's name once it is combined.
+
+    Returns:
+        The report: output, files, bytes, the options, r and rank_pattern, per-module rows (input ranks, rank,
+        retained energy, relative error), max_rel_error, saved_tensors, warnings, stale_removed.
+
+    Example:
+        >>> doc = combine_adapters(["fixtures/llama-lora", "fixtures/llama-rslora"], "/tmp/mix", method="linear",
+        ...                        rank=8)
+        >>> doc["r"]
+        8
+    """
     opts = check_options(len(adapters), method, weights=weights, rank=rank, energy=energy, density=density,
                          majority_sign=majority_sign, seed=seed)
     dev = resolve_device(device)

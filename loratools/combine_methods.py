@@ -1,4 +1,5 @@
-"""The combination methods of `loratools combine`, one small pure function each, per module, in float32.
+"""The combination methods of `loratools combine`, one small pure function each, per module, in float32,
+and their registry (`METHODS`, as mergekit's merge_methods): a new method is one `register(CombineMethod(...))`.
 
 A module's inputs are its `Term`s: one per adapter that adapts the module (lora_B [out, r], lora_A [r, in],
 the adapter's scale and the user's weight). Every method returns a `Truncation` whose `factors(1.0)` are
@@ -53,13 +54,6 @@ import torch
 
 from .lora_math import peft_delta
 from .lowrank import Truncation, truncate, truncate_factors
-
-EXACT_METHODS = ("cat", "linear")
-TASK_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-METHODS = EXACT_METHODS + TASK_METHODS
-RANDOM_METHODS = ("dare_linear", "dare_ties")
-SIGN_METHODS = ("ties", "dare_ties")
-
 
 @dataclass(frozen=True)
 class Term:
@@ -164,17 +158,13 @@ def magnitude_prune(deltas: list[torch.Tensor], weights: list[float], *, density
     return _weighted(pruned, weights).sum(dim=0)
 
 
-TASK_ARITHMETIC: dict[str, Callable[..., torch.Tensor]] = {
-    "ties": ties, "dare_linear": dare_linear, "dare_ties": dare_ties, "magnitude_prune": magnitude_prune,
-}
-
-
 def task_merge(terms: list[Term], method: str, *, module: str, transposed: bool, density: float,
                majority_sign: str = "total", seed: int = 0) -> torch.Tensor:
     """The merged dense delta of one module, in the base weight's layout (before truncation)."""
-    generator = torch.Generator().manual_seed(module_seed(seed, module)) if method in RANDOM_METHODS else None
+    spec = METHODS[method]
+    generator = torch.Generator().manual_seed(module_seed(seed, module)) if spec.random_masks else None
     deltas = [t.task_tensor(transposed) for t in terms]
-    return TASK_ARITHMETIC[method](deltas, [t.weight for t in terms], density=density,
+    return spec.dense_delta(deltas, [t.weight for t in terms], density=density,
                                    majority_sign=majority_sign, generator=generator)
 
 
@@ -189,3 +179,76 @@ def task_arithmetic_truncated(terms: list[Term], method: str, *, module: str, tr
     if energy is not None:
         return truncate(M, energy=energy, max_rank=rank)
     return truncate(M, rank=rank)
+
+
+# -- the registry ------------------------------------------------------------------------------------------
+
+@dataclass
+class CombineOptions:
+    """The checked options of one combine run (combine.check_options)."""
+
+    method: str
+    weights: list[float]
+    rank: int | None = None
+    energy: float | None = None
+    density: float | None = None
+    majority_sign: str | None = None
+    seed: int | None = None
+
+    def record(self) -> dict:
+        return {"method": self.method, "weights": self.weights, "rank": self.rank, "energy": self.energy,
+                "density": self.density, "majority_sign": self.majority_sign, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class ModuleJob:
+    """What a method knows of the module it combines."""
+
+    name: str  # module name (seeds the DARE masks)
+    transposed: bool  # the base weight is (B·A)ᵀ (lora_math.stored_transposed)
+    default_rank: int  # rank of a dense method's result when neither --rank nor --energy is given
+
+
+@dataclass(frozen=True)
+class CombineMethod:
+    """One combine method and the options it takes (combine.check_options reads these flags)."""
+
+    name: str
+    run: Callable[[list[Term], CombineOptions, ModuleJob], Truncation]
+    exact: bool = False  # Σ wᵢ·sᵢ·Bᵢ·Aᵢ from the factors: lora_bias sums exactly, one CPU thread suffices
+    truncates: bool = True  # takes --rank / --energy
+    needs_density: bool = False  # prunes each delta to --density
+    elects_sign: bool = False  # takes --majority-sign
+    random_masks: bool = False  # draws masks: takes --seed
+    dense_delta: Callable[..., torch.Tensor] | None = None  # task arithmetic: the merged dense delta
+
+
+METHODS: dict[str, CombineMethod] = {}
+
+
+def register(method: CombineMethod) -> CombineMethod:
+    METHODS[method.name] = method
+    return method
+
+
+def names(flag: str) -> tuple[str, ...]:
+    """The registered methods with `flag` set, in registration order (for messages)."""
+    return tuple(n for n, m in METHODS.items() if getattr(m, flag))
+
+
+def _task_arithmetic(terms: list[Term], opts: CombineOptions, job: ModuleJob) -> Truncation:
+    rank = opts.rank if (opts.rank is not None or opts.energy is not None) else job.default_rank
+    return task_arithmetic_truncated(terms, opts.method, module=job.name, transposed=job.transposed,
+                                     density=opts.density, majority_sign=opts.majority_sign or "total",
+                                     seed=opts.seed or 0, rank=rank, energy=opts.energy)
+
+
+register(CombineMethod("cat", lambda terms, opts, job: cat(terms), exact=True, truncates=False))
+register(CombineMethod("linear", lambda terms, opts, job: linear(terms, rank=opts.rank, energy=opts.energy),
+                       exact=True))
+register(CombineMethod("ties", _task_arithmetic, needs_density=True, elects_sign=True, dense_delta=ties))
+register(CombineMethod("dare_linear", _task_arithmetic, needs_density=True, random_masks=True,
+                       dense_delta=dare_linear))
+register(CombineMethod("dare_ties", _task_arithmetic, needs_density=True, elects_sign=True, random_masks=True,
+                       dense_delta=dare_ties))
+register(CombineMethod("magnitude_prune", _task_arithmetic, needs_density=True, dense_delta=magnitude_prune))

@@ -44,21 +44,23 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .adapter import LoraModule, adapter_config, adapter_tensors
 from .device import resolve_device
+from .dtypes import FLOAT_DTYPES
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
 from .hf_layout import meta_model
 from .io import Checkpoint, check_output_path, provenance
 from .io.output import ADAPTER_WEIGHTS, check_report_path, write_adapter_dir
+from .lora_math import stored_transposed, to_layout
 from .lowrank import truncate
+from .ranks import RankRule, most_common_rank
 
-OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # transformers models whose projections are pytorch_utils.Conv1D ([in, out] weights); names-only fallback.
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "gpt2_bigcode_legacy"}
 EMBEDDING_LEAVES = {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
@@ -76,38 +78,15 @@ SEED = 0
 
 # -- pure tensor functions -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class RankRule:
-    """How each module's rank is chosen (lowrank.select_rank): fixed, or by energy / σ-ratio; capped."""
-
-    rank: int | None = None
-    energy: float | None = None
-    sv_ratio: float | None = None
-    max_rank: int | None = None
-
-    def check(self) -> "RankRule":
-        if self.rank is not None and (self.energy is not None or self.sv_ratio is not None):
-            raise UsageError("--rank fixes the rank; it cannot be combined with --energy or --sv-ratio "
-                             "(use --max-rank to cap those)")
-        if self.rank is not None and self.rank < 1:
-            raise UsageError(f"--rank must be at least 1, got {self.rank}")
-        if self.max_rank is not None and self.max_rank < 1:
-            raise UsageError(f"--max-rank must be at least 1, got {self.max_rank}")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise UsageError(f"--energy must be in (0, 1], got {self.energy}")
-        if self.sv_ratio is not None and not self.sv_ratio >= 1:
-            raise UsageError(f"--sv-ratio must be at least 1 (keep σ ≥ σ_max / R), got {self.sv_ratio}")
-        if self.rank is None and self.energy is None and self.sv_ratio is None:
-            raise UsageError("give one of --rank, --energy or --sv-ratio")
-        return self
-
-    def kwargs(self) -> dict:
-        return {"rank": self.rank, "energy": self.energy, "sv_ratio": self.sv_ratio, "max_rank": self.max_rank}
+def lora_kind_of(role_kind: str) -> tuple[str, bool]:
+    """(LoRA module kind, fan_in_fan_out) PEFT gives a weight of this role: an embedding becomes LoRA
+    Embedding, a Conv1D a LoRA Linear with fan_in_fan_out, a Linear or head a LoRA Linear."""
+    return ("embedding" if role_kind == "embedding" else "linear"), role_kind == "conv1d"
 
 
 def factor_layout(delta: torch.Tensor, kind: str) -> torch.Tensor:
     """The matrix whose factors PEFT stores as B·A: ΔW for Linear, ΔWᵀ for Conv1D ([in, out]) and Embedding."""
-    return delta.T if kind in ("conv1d", "embedding") else delta
+    return to_layout(delta, stored_transposed(*lora_kind_of(kind)))
 
 
 def lowrank_module(delta: torch.Tensor, kind: str, rule: RankRule, *, alpha: float | None = None,
@@ -141,11 +120,6 @@ def module_matches(name: str, patterns) -> bool:
     return False
 
 
-def most_common_rank(ranks: list[int]) -> int:
-    c = Counter(ranks)
-    return max(c, key=lambda r: (c[r], r))
-
-
 # -- what each tensor is -----------------------------------------------------------------------------------
 
 @dataclass
@@ -158,7 +132,9 @@ class TensorRole:
 
 
 @dataclass
-class ModelLayout:
+class CheckpointRoles:
+    """The role of every tensor of a checkpoint, for extract (not hf_layout.ModelLayout, quantize's view)."""
+
     roles: dict[str, TensorRole]
     source: str  # "model class X" or "names"
     tied_head: bool  # lm head tied to the input embedding (and absent from the files)
@@ -207,7 +183,7 @@ def _config_tie_default(config: dict) -> bool | None:
         return None
 
 
-def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> ModelLayout:
+def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> CheckpointRoles:
     """Role of every tensor of a checkpoint (see the module note).
 
     use_model_class: None = only when some 2-D weight has a non-standard name (building the model class
@@ -266,7 +242,7 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Mode
         source = "names (every 2-D weight has a standard Linear/embedding name)"
     if head is None and tie:
         head = "lm_head"
-    return ModelLayout(roles, source, tie and not has_head, emb, model_type, head)
+    return CheckpointRoles(roles, source, tie and not has_head, emb, model_type, head)
 
 
 # -- checks before any tensor is read -----------------------------------------------------------------------
@@ -303,14 +279,16 @@ def _few(names, n=4) -> str:
 
 
 @dataclass
-class Plan:
+class TargetSelection:
+    """Which weights become LoRA modules, and why each other LoRA-capable weight does not."""
+
     targets: dict[str, TensorRole]  # key -> role, LoRA candidates selected
     excluded: dict[str, str]  # key -> why a LoRA-capable weight is not a candidate
-    layout: ModelLayout
+    layout: CheckpointRoles
     notes: list[str] = field(default_factory=list)
 
 
-def plan_targets(layout: ModelLayout, *, target_modules=None, include_embeddings: bool = False) -> Plan:
+def plan_targets(layout: CheckpointRoles, *, target_modules=None, include_embeddings: bool = False) -> TargetSelection:
     roles = layout.roles
     lora_kinds = ("linear", "conv1d", "embedding", "head")
     candidates = {k: r for k, r in roles.items() if r.kind in lora_kinds}
@@ -337,7 +315,7 @@ def plan_targets(layout: ModelLayout, *, target_modules=None, include_embeddings
                 why = {excluded[k] for k, r in candidates.items() if module_matches(r.module, [p])}
                 raise UsageError(f"--target-modules {p!r} matches only weights that are not extracted: "
                                  f"{'; '.join(sorted(why))}")
-    return Plan(targets, excluded, layout)
+    return TargetSelection(targets, excluded, layout)
 
 
 # -- the driver -----------------------------------------------------------------------------------------------
@@ -348,20 +326,75 @@ def _rel_change(b: torch.Tensor, t: torch.Tensor) -> float:
     return d / n if n > 0 else math.inf
 
 
-def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: float | None = None,
-                       sv_ratio: float | None = None, max_rank: int | None = None, target_modules=None,
-                       include_embeddings: bool = False, modules_to_save: bool = False, alpha: float | None = None,
-                       svd: str = "auto", device: str = "auto", dtype: str = "float32", force: bool = False,
-                       on_tensor=None, report: str | None = None) -> dict:
-    """Extract a LoRA adapter from TUNED − BASE into `output`; returns the report (see docs/extract.md)."""
-    rule = RankRule(rank, energy, sv_ratio, max_rank).check()
+@dataclass
+class _Difference:
+    """What reading BASE and TUNED side by side found."""
+
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # the LoRA modules made so far
+    rows: list[dict] = field(default_factory=list)  # their report rows
+    changed_other: dict[str, float] = field(default_factory=dict)  # key -> ‖Δ‖/‖W‖ of changed non-targets
+    bias_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> Δb of a targeted module
+    identical: int = 0  # tensors equal in BASE and TUNED
+    tuned_bytes: int = 0  # stored size of the targeted TUNED weights
+
+
+@dataclass
+class _Carried:
+    """What the adapter carries besides its LoRA modules, and what it cannot carry."""
+
+    not_carried: list[dict]
+    saved: dict[str, torch.Tensor]  # whole-module tensors (modules_to_save)
+    whole_module_names: list[str]  # the modules saved whole
+    use_bias: bool  # targeted modules' bias changes go to lora_B.bias
+
+
+def _check_extract_options(rule: RankRule, alpha, svd: str, dtype: str) -> torch.dtype:
+    """Every option checked (UsageError) before any file is read; returns the factors' dtype."""
+    rule.check()
     if alpha is not None and not alpha > 0:
         raise UsageError(f"--alpha must be positive, got {alpha}")
     if svd not in ("auto", "full", "randomized"):
         raise UsageError(f"--svd must be auto, full or randomized, got {svd!r}")
-    if dtype not in OUTPUT_DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
-    out_dtype = OUTPUT_DTYPES[dtype]
+    if dtype not in FLOAT_DTYPES:
+        raise UsageError(f"--dtype must be one of float32, float16, bfloat16, got {dtype!r}")
+    return FLOAT_DTYPES[dtype]
+
+
+def extract_checkpoint(base: str | Path, tuned: str | Path, output: str | Path, *, rank: int | None = None,
+                       energy: float | None = None, sv_ratio: float | None = None, max_rank: int | None = None,
+                       target_modules: list[str] | None = None, include_embeddings: bool = False,
+                       modules_to_save: bool = False, alpha: float | None = None, svd: str = "auto",
+                       device: str = "auto", dtype: str = "float32", force: bool = False,
+                       on_tensor: Callable[[str], None] | None = None, report: str | None = None) -> dict:
+    """Extract a PEFT LoRA adapter from the difference of two checkpoints, TUNED − BASE, with its error.
+
+    Args:
+        base, tuned: dense checkpoints of one architecture (same tensor names and shapes).
+        output: adapter directory to write; written atomically, refused if it exists unless `force`.
+        rank: fixed rank for every module; or choose it per module by `energy` (the fraction of ‖ΔW‖² kept,
+            in (0, 1]) and/or `sv_ratio` (keep σ ≥ σ_max / R, R ≥ 1); `max_rank` caps either.
+        target_modules: module names, dotted suffixes or globs to extract (default: every Linear/Conv1D).
+        include_embeddings: also extract embeddings (LoRA Embedding) and the output head.
+        modules_to_save: carry changed norms and biases exactly (modules_to_save, lora_bias).
+        alpha: one lora_alpha for every module (default alpha = rank, scale 1).
+        svd: "auto", "full" or "randomized".
+        device: "auto", "cpu" or "cuda".
+        dtype: dtype of the written factors: "float32", "float16" or "bfloat16".
+        force: replace an existing output once the new one is complete.
+        on_tensor: called with each tensor name as it is read.
+        report: also write the returned report as JSON to this file.
+
+    Returns:
+        The report (docs/extract.md): per-module rank, retained energy and relative error, the tensors the
+        adapter carries whole or not at all, totals, output files and bytes.
+
+    Example:
+        >>> rep = extract_checkpoint("fixtures/tiny-llama", "fixtures/tiny-llama-tuned", "/tmp/extracted", rank=8)
+        >>> rep["r"], rep["totals"]["modules"] > 0
+        (8, True)
+    """
+    rule = RankRule(rank, energy, sv_ratio, max_rank)
+    out_dtype = _check_extract_options(rule, alpha, svd, dtype)
     dev = resolve_device(device)
     base_ck, tuned_ck = Checkpoint(base), Checkpoint(tuned)
     check_pair(base_ck, tuned_ck)
@@ -369,8 +402,9 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
     if report is not None:
         check_report_path(report, output, [base, tuned])
     layout = model_layout(base_ck)
-    plan = plan_targets(layout, target_modules=target_modules, include_embeddings=include_embeddings)
-    largest = max((min(base_ck.info(k).shape) for k in plan.targets if len(base_ck.info(k).shape) == 2), default=0)
+    selection = plan_targets(layout, target_modules=target_modules, include_embeddings=include_embeddings)
+    largest = max((min(base_ck.info(k).shape) for k in selection.targets if len(base_ck.info(k).shape) == 2),
+                  default=0)
     if rank is not None and largest and rank > largest:
         # smaller modules are capped at their own min(dims); a rank no targeted matrix can hold is a typo
         raise UsageError(f"--rank {rank} is larger than every targeted matrix (the largest allows rank {largest})")
@@ -379,69 +413,91 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
                "include_embeddings": include_embeddings, "modules_to_save": modules_to_save, "alpha": alpha,
                "svd": svd, "dtype": dtype}
     meta = provenance("extract", options, {"base": base, "tuned": tuned})
+    diff = _difference(base_ck, tuned_ck, layout, selection, rule, alpha=alpha, svd=svd, out_dtype=out_dtype,
+                       dev=dev, keep_bias_deltas=modules_to_save, on_tensor=on_tensor)
+    carried = _carry_rest(diff, layout, selection, tuned, tuned_ck, modules_to_save, out_dtype)
+    modules, saved, rows, whole_module_names = diff.modules, carried.saved, diff.rows, carried.whole_module_names
+    config, tie = _adapter_config_of(modules, carried, layout, rule, alpha, base)
+    tensors = adapter_tensors(modules, saved)
 
-    modules: dict[str, LoraModule] = {}
-    rows: list[dict] = []
-    changed_other: dict[str, float] = {}  # key -> ‖Δ‖/‖W‖ of changed tensors that are not LoRA targets
-    bias_delta: dict[str, torch.Tensor] = {}  # module -> Δb for biases of targeted modules
-    identical = 0
-    tuned_bytes = 0
+    def report_doc(summary: dict, sizes: dict[str, int]) -> dict:
+        doc = _report(Path(summary["output"]), base, tuned, rows, carried.not_carried, whole_module_names, saved,
+                      diff.identical, sizes[ADAPTER_WEIGHTS], diff.tuned_bytes, config, carried.use_bias, tie,
+                      layout, svd, dev, dtype, summary["files"])
+        return {**doc, "bytes": summary["bytes"], "stale_removed": summary["stale_removed"]}
+
+    return write_adapter_dir(output, inputs=[base, tuned], force=force, config=config, tensors=tensors,
+                             provenance=meta, report_doc=report_doc, report=report)
+
+
+def _difference(base_ck: Checkpoint, tuned_ck: Checkpoint, layout: "CheckpointRoles", selection: "TargetSelection",
+                rule: RankRule, *, alpha, svd: str, out_dtype: torch.dtype, dev, keep_bias_deltas: bool,
+                on_tensor) -> _Difference:
+    """Read BASE and TUNED in step, one tensor pair at a time: a LoRA module for every changed target, the
+    relative change of every other changed tensor (and Δb of targeted modules' biases, when kept)."""
+    found = _Difference()
     roles = layout.roles
-    planned_modules = {r.module for r in plan.targets.values()}
+    planned_modules = {r.module for r in selection.targets.values()}
     try:
         for key, b in base_ck.iter_tensors():
             t = tuned_ck.read(key)
             if on_tensor:
                 on_tensor(key)
             if torch.equal(b, t) if b.dtype == t.dtype else torch.equal(b.float(), t.float()):
-                identical += 1
+                found.identical += 1
                 continue
             role = roles[key]
-            if key in plan.targets:
+            if key in selection.targets:
                 delta = t.to(dev, torch.float32).sub_(b.to(dev, torch.float32))
                 B, A, r, a, stats = lowrank_module(delta, role.kind, rule, alpha=alpha, method=svd,
                                                    out_dtype=out_dtype)
                 del delta
-                kind = "embedding" if role.kind == "embedding" else "linear"
-                modules[role.module] = LoraModule(role.module, kind, A, B, r, a, a / r,
-                                                  fan_in_fan_out=role.kind == "conv1d")
+                kind, fan_in_fan_out = lora_kind_of(role.kind)
+                found.modules[role.module] = LoraModule(role.module, kind, A, B, r, a, a / r,
+                                                        fan_in_fan_out=fan_in_fan_out)
                 m, n = tuned_ck.info(key).shape
-                tuned_bytes += tuned_ck.info(key).nbytes
-                rows.append({"name": role.module, "kind": role.kind, "shape": [m, n], "rank": r, "alpha": a,
-                             **stats, "parameters": r * (m + n), "delta_parameters": m * n})
+                found.tuned_bytes += tuned_ck.info(key).nbytes
+                found.rows.append({"name": role.module, "kind": role.kind, "shape": [m, n], "rank": r, "alpha": a,
+                                   **stats, "parameters": r * (m + n), "delta_parameters": m * n})
             else:
-                if role.param == "bias" and role.module in planned_modules and modules_to_save:
-                    bias_delta[role.module] = t.float() - b.float()
-                changed_other[key] = _rel_change(b.float(), t.float())
+                if role.param == "bias" and role.module in planned_modules and keep_bias_deltas:
+                    found.bias_deltas[role.module] = t.float() - b.float()
+                found.changed_other[key] = _rel_change(b.float(), t.float())
             del b, t
     finally:
         base_ck.close()
         tuned_ck.close()
+    return found
 
-    # -- what the LoRA modules do not carry ----------------------------------------------------------------
+
+def _carry_rest(diff: _Difference, layout: "CheckpointRoles", selection: "TargetSelection", tuned, tuned_ck: Checkpoint,
+                modules_to_save: bool, out_dtype: torch.dtype) -> _Carried:
+    """What the LoRA modules do not carry: whole modules and lora_bias under --modules-to-save, else listed
+    (see the module note). Refuses an extraction that would carry nothing."""
+    roles, modules = layout.roles, diff.modules
     not_carried: list[dict] = []
     saved: dict[str, torch.Tensor] = {}
     bias_reason = "bias of a LoRA-targeted module (--modules-to-save carries it as PEFT's lora_bias)"
     use_bias = False
-    if modules_to_save and any(m in modules for m in bias_delta):
+    if modules_to_save and any(m in modules for m in diff.bias_deltas):
         blocker = _lora_bias_blocker(modules, roles)
         if blocker is None:
             use_bias = True
             for name, m in modules.items():
-                db = bias_delta.get(name, torch.zeros(m.B.shape[0]))
+                db = diff.bias_deltas.get(name, torch.zeros(m.B.shape[0]))
                 m.bias = (db / m.scale).to(out_dtype)
         else:
             bias_reason = blocker
-    excluded_modules = {roles[k].module for k in plan.excluded}
+    excluded_modules = {roles[k].module for k in selection.excluded}
     whole_modules = set()
-    for key in sorted(changed_other):
+    for key in sorted(diff.changed_other):
         r = roles[key]
         if r.param == "bias" and r.module in modules:
             if use_bias:
                 continue
             why = bias_reason
-        elif key in plan.excluded:
-            why = plan.excluded[key]
+        elif key in selection.excluded:
+            why = selection.excluded[key]
         elif r.module in excluded_modules:
             why = "belongs to a module excluded from the LoRA targets"
         elif modules_to_save:
@@ -450,23 +506,25 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
         else:
             what = r.module_type if r.module_type != "?" else "tensor"
             why = f"{what} {r.param}: not a LoRA weight (--modules-to-save carries it whole)"
-        not_carried.append({"name": key, "shape": list(tuned_ck.info(key).shape), "rel_change": changed_other[key],
-                            "reason": why})
-    mts: list[str] = sorted(whole_modules)
+        not_carried.append({"name": key, "shape": list(tuned_ck.info(key).shape),
+                            "rel_change": diff.changed_other[key], "reason": why})
     if whole_modules:
         with Checkpoint(tuned) as ck:
             for key, r in roles.items():
                 if r.module in whole_modules:
                     saved[f"{r.module}.{r.param}"] = ck.read(key)
-
     if not modules and not saved:
-        what = f"; {len(not_carried)} other tensor(s) differ but cannot be carried ({_few([n['name'] for n in not_carried])})" \
-            if not_carried else ""
+        what = f"; {len(not_carried)} other tensor(s) differ but cannot be carried " \
+               f"({_few([n['name'] for n in not_carried])})" if not_carried else ""
         raise InputError(f"nothing to extract: no targeted weight differs between BASE and TUNED{what}", path=tuned)
+    return _Carried(not_carried, saved, sorted(whole_modules), use_bias)
 
-    # -- config and write ----------------------------------------------------------------------------------------
+
+def _adapter_config_of(modules: dict[str, LoraModule], carried: _Carried, layout: "CheckpointRoles", rule: RankRule,
+                       alpha, base) -> tuple[dict, bool]:
+    """(adapter_config.json's dict, whether the head is tied to the extracted embedding)."""
     ranks = {n: m.r for n, m in modules.items()}
-    r0 = most_common_rank(list(ranks.values())) if ranks else (rule.rank or 8)
+    r0 = most_common_rank(ranks.values(), default=rule.rank or 8)
     rank_pattern = {n: r for n, r in ranks.items() if r != r0}
     alpha_pattern = {n: r for n, r in rank_pattern.items()} if alpha is None else {}
     tie = layout.tied_head and any(m.kind == "embedding" and n == layout.input_embedding for n, m in modules.items())
@@ -479,17 +537,9 @@ def extract_checkpoint(base, tuned, output, *, rank: int | None = None, energy: 
     config = adapter_config(
         r=r0, lora_alpha=float(r0) if alpha is None else alpha, target_modules=names,
         base_model_name_or_path=str(base), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values()), lora_bias=use_bias,
-        modules_to_save=mts or None, **({"ensure_weight_tying": True} if tie else {}))
-    tensors = adapter_tensors(modules, saved)
-    def report_doc(summary: dict, sizes: dict[str, int]) -> dict:
-        doc = _report(Path(summary["output"]), base, tuned, rows, not_carried, mts, saved, identical,
-                      sizes[ADAPTER_WEIGHTS], tuned_bytes, config, use_bias, tie, layout, svd, dev, dtype,
-                      summary["files"])
-        return {**doc, "bytes": summary["bytes"], "stale_removed": summary["stale_removed"]}
-
-    return write_adapter_dir(output, inputs=[base, tuned], force=force, config=config, tensors=tensors,
-                             provenance=meta, report_doc=report_doc, report=report)
+        fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values()), lora_bias=carried.use_bias,
+        modules_to_save=carried.whole_module_names or None, **({"ensure_weight_tying": True} if tie else {}))
+    return config, tie
 
 
 def _lora_bias_blocker(modules: dict[str, LoraModule], roles) -> str | None:
@@ -504,7 +554,7 @@ def _lora_bias_blocker(modules: dict[str, LoraModule], roles) -> str | None:
     return None
 
 
-def _report(out, base, tuned, rows, not_carried, mts, saved, identical, adapter_bytes, delta_bytes, config, use_bias,
+def _report(out, base, tuned, rows, not_carried, whole_module_names, saved, identical, adapter_bytes, delta_bytes, config, use_bias,
             tie, layout, svd, dev, dtype, files) -> dict:
     d2 = sum(r["delta_norm"] ** 2 for r in rows)
     e2 = sum((r["rel_error"] * r["delta_norm"]) ** 2 for r in rows)
@@ -539,7 +589,7 @@ def _report(out, base, tuned, rows, not_carried, mts, saved, identical, adapter_
         "lora_bias": use_bias,
         "ensure_weight_tying": tie,
         "modules": rows,
-        "modules_to_save": mts,
+        "modules_to_save": whole_module_names,
         "carried_whole": [{"name": k, "shape": list(v.shape)} for k, v in sorted(saved.items())],
         "not_carried": not_carried,
         "totals": totals,

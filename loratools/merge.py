@@ -145,7 +145,7 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
         >>> summary = merge_checkpoint("fixtures/tiny-llama", ["fixtures/llama-lora"], "/tmp/merged",
         ...                            max_shard_size=5 << 30)
         >>> summary["changed_tensors"]
-        14
+        8
     """
     adapter_paths, weights, dev = _check_options(adapters, weights, dtype, device)
     ck = Checkpoint(base)
@@ -315,8 +315,9 @@ def unmerge_checkpoint(merged: PathLike, adapters: Sequence[PathLike], output: P
         The summary (as `merge_checkpoint`'s), with dora_record_used.
 
     Example:
-        >>> merge_checkpoint("fixtures/tiny-llama", ["fixtures/llama-dora"], "/tmp/m", max_shard_size=5 << 30)
-        >>> unmerge_checkpoint("/tmp/m", ["fixtures/llama-dora"], "/tmp/base", max_shard_size=5 << 30)["dora_record_used"]
+        >>> _ = merge_checkpoint("fixtures/tiny-llama", ["fixtures/llama-dora"], "/tmp/m", max_shard_size=5 << 30)
+        >>> unmerge_checkpoint("/tmp/m", ["fixtures/llama-dora"], "/tmp/base",
+        ...                    max_shard_size=5 << 30)["dora_record_used"]
         True
     """
     adapter_paths, weights, dev = _check_options(adapters, weights, dtype, device)

@@ -22,14 +22,14 @@ Note: what happens to each part of an adapter.
 """
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from .adapter import LoraModule, adapter_tensors, load_adapter
-from .errors import UnsupportedError, UsageError
+from .errors import UnsupportedError
 from .io import check_output_path, provenance
 from .io.output import ADAPTER_WEIGHTS, check_report_path, write_adapter_dir
 from .lowrank import truncate_factors
+from .ranks import RankRule, most_common_rank
 
 
 def resize_module(m: LoraModule, *, rank=None, energy=None, sv_ratio=None, max_rank=None):
@@ -49,20 +49,32 @@ def resize_module(m: LoraModule, *, rank=None, energy=None, sv_ratio=None, max_r
     return out, stats
 
 
-def resize_adapter(adapter, output, *, rank: int | None = None, energy: float | None = None,
-                   sv_ratio: float | None = None, max_rank: int | None = None, force: bool = False,
-                   report: str | None = None) -> dict:
-    given = [x is not None for x in (rank, energy, sv_ratio)]
-    if sum(given) != 1:
-        raise UsageError("give exactly one of --rank, --energy or --sv-ratio")
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}")
-    if max_rank is not None and max_rank < 1:
-        raise UsageError(f"--max-rank must be at least 1, got {max_rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise UsageError(f"--energy must be in (0, 1], got {energy}")
-    if sv_ratio is not None and not sv_ratio >= 1:
-        raise UsageError(f"--sv-ratio must be at least 1, got {sv_ratio}")
+def resize_adapter(adapter: str | Path, output: str | Path, *, rank: int | None = None,
+                   energy: float | None = None, sv_ratio: float | None = None, max_rank: int | None = None,
+                   force: bool = False, report: str | None = None) -> dict:
+    """Recompute a LoRA adapter at another rank: per module, the optimal truncation of its own B·A·scale,
+    without forming it (see the module notes). The output has alpha = rank (scale 1); DoRA is refused.
+
+    Args:
+        adapter: a PEFT adapter directory.
+        output: adapter directory to write; written atomically, refused if it exists unless `force`.
+        rank: the new rank of every module (a module never grows past its current rank); or, exactly one
+            instead: `energy`, the fraction of ‖ΔW‖² kept per module, in (0, 1], or `sv_ratio`, keeping
+            σ ≥ σ_max / R (R ≥ 1).
+        max_rank: a cap on any module's rank.
+        force: replace an existing output once the new one is complete.
+        report: also write the returned report as JSON to this file.
+
+    Returns:
+        The report: output, files, bytes, r and lora_alpha, per-module rows (old and new rank, retained energy,
+        relative error), saved_tensors, totals (parameters, bytes, overall error), stale_removed.
+
+    Example:
+        >>> rep = resize_adapter("fixtures/llama-lora", "/tmp/llama-lora-r4", rank=4)
+        >>> rep["r"]
+        4
+    """
+    RankRule(rank, energy, sv_ratio, max_rank).check(one_criterion=True)
     ad = load_adapter(adapter)
     dora = [n for n, m in ad.modules.items() if m.magnitude is not None]
     if ad.use_dora or dora:
@@ -82,8 +94,7 @@ def resize_adapter(adapter, output, *, rank: int | None = None, energy: float | 
         modules[name] = new
         rows.append(stats)
     ranks = {n: m.r for n, m in modules.items()}
-    c = Counter(ranks.values())
-    r0 = max(c, key=lambda r: (c[r], r)) if c else int(ad.config["r"])
+    r0 = most_common_rank(ranks.values(), default=int(ad.config["r"]))
     pattern = {n: r for n, r in ranks.items() if r != r0}
     config = dict(ad.config)
     config.update({"r": r0, "lora_alpha": r0, "rank_pattern": pattern, "alpha_pattern": dict(pattern),

@@ -3,6 +3,7 @@ import click
 from ..io.provenance import start_digests
 from ..progress import bar, info, kv_table, print_json, table
 from .options import device_option, force_option, json_option, output_option
+from .rank_options import energy_option, rank_option
 
 
 @click.command("combine")
@@ -15,10 +16,9 @@ from .options import device_option, force_option, json_option, output_option
                    "arithmetic on the dense deltas, then the best rank-R approximation.")
 @click.option("--weight", "weights", type=float, multiple=True,
               help="Weight of each adapter, once per adapter in order (default 1 each; negative subtracts).")
-@click.option("--rank", type=int, help="Output rank (linear: a cap, default lossless Σr; task-arithmetic "
-                                       "methods: default the largest input rank).")
-@click.option("--energy", type=float, help="Smallest rank per module keeping this fraction of ‖ΔW‖² "
-                                           "(with --rank as a cap).")
+@rank_option("Output rank (linear: a cap, default lossless Σr; task-arithmetic methods: default the largest "
+             "input rank).")
+@energy_option("Smallest rank per module keeping this fraction of ‖ΔW‖² (with --rank as a cap).")
 @click.option("--density", type=float, help="Fraction of each delta kept by ties / dare_* / magnitude_prune, "
                                             "in (0, 1].")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]),

@@ -3,19 +3,17 @@ import click
 from ..io.provenance import start_digests
 from ..progress import bar, human_bytes, info, kv_table, print_json, table
 from .options import device_option, force_option, json_option, output_option
+from .rank_options import energy_option, max_rank_option, rank_option, sv_ratio_option
 
 
 @click.command("extract")
 @click.argument("base", type=click.Path(path_type=str))
 @click.argument("tuned", type=click.Path(path_type=str))
 @output_option
-@click.option("--rank", type=click.IntRange(min=1), default=None,
-              help="Fixed rank for every module (default 8 when no --energy / --sv-ratio is given).")
-@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Per module, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.9).")
-@click.option("--sv-ratio", type=click.FloatRange(min=1), default=None,
-              help="Per module, keep singular values ≥ σ_max / R.")
-@click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Cap on any module's rank.")
+@rank_option("Fixed rank for every module (default 8 when no --energy / --sv-ratio is given).")
+@energy_option("Per module, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.9).")
+@sv_ratio_option
+@max_rank_option
 @click.option("--target-modules", multiple=True, metavar="PATTERN",
               help="Only these modules: a name or dotted suffix (q_proj, mlp.down_proj) or a glob "
                    "(layers.1*.q_proj). Repeat the flag, or separate with commas.")

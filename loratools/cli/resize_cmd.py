@@ -3,18 +3,16 @@ import click
 from ..io.provenance import start_digests
 from ..progress import human_bytes, kv_table, print_json, table
 from .options import force_option, json_option, output_option
+from .rank_options import energy_option, max_rank_option, rank_option, sv_ratio_option
 
 
 @click.command("resize")
 @click.argument("adapter", type=click.Path(path_type=str))
 @output_option
-@click.option("--rank", type=click.IntRange(min=1), default=None,
-              help="New rank for every module (a module never grows past its current rank: that is lossless).")
-@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Per module, the smallest rank keeping this fraction of the adapter's ‖ΔW‖².")
-@click.option("--sv-ratio", type=click.FloatRange(min=1), default=None,
-              help="Per module, keep singular values ≥ σ_max / R.")
-@click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Cap on any module's rank.")
+@rank_option("New rank for every module (a module never grows past its current rank: that is lossless).")
+@energy_option("Per module, the smallest rank keeping this fraction of the adapter's ‖ΔW‖².")
+@sv_ratio_option
+@max_rank_option
 @click.option("--report", "report_file", type=click.Path(path_type=str), default=None,
               help="Also write the report as JSON to this file.")
 @force_option
