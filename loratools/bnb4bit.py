@@ -341,7 +341,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, *, blocksize: in
 
 # -- double quantization: the absmax vector in 8 bits ------------------------------------------
 
-def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+def quantize_absmax(absmax: torch.Tensor, mean_threads: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Double quantization: (uint8 codes, float32 nested_absmax, offset) for a float32 absmax vector.
 
     Note: the offset.
@@ -349,10 +350,10 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
         8-bit table is used on both sides. The mean is a float32 reduction whose last bit depends on
         the summation order: on the device (so CPU and CUDA differ), and on CPU on the number of
         intra-op threads torch splits it over (for more than 32768 blocks, i.e. weights above 2M
-        values). It is taken on CPU with torch, with the thread count torch had when loratools was
-        imported (REFERENCE_THREADS: the default a transformers run in the same environment uses),
-        whatever the caller set meanwhile; that one bit moves the JSON offset, the nested absmax and
-        some absmax codes.
+        values); that one bit moves the JSON offset, the nested absmax and some absmax codes. It is
+        taken on CPU with torch over `mean_threads` threads (None: torch's current setting), so a
+        caller that runs its maths single-threaded passes the count bitsandbytes would run with
+        (quantize passes torch's setting at the start of the command).
     Note: 8-bit rounding (bitsandbytes 0.50's CPU kernel, reproduced step for step).
         It does not search the table per value. Each value is scaled by the float32 reciprocal of
         its block's absmax, clamped to [-1, 1], mapped to one of 65536 bins by
@@ -361,7 +362,7 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
         between two entries can thus land on the farther entry; matching the bytes means making the
         same choice. An all-zero block (every absmax equal to the offset) stores code 0.
     """
-    offset = _reference_mean(absmax.float().cpu())
+    offset = _mean_over_threads(absmax.float().cpu(), mean_threads)
     x = absmax.float() - offset.to(absmax.device)
     n = x.numel()
     nblocks = -(-n // NESTED_BLOCKSIZE)
@@ -377,18 +378,16 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     return q.reshape(-1)[:n].contiguous(), nested, offset.item()
 
 
-REFERENCE_THREADS = torch.get_num_threads()
-
-
-def _reference_mean(x: torch.Tensor) -> torch.Tensor:
-    threads = torch.get_num_threads()
-    if threads == REFERENCE_THREADS:
+def _mean_over_threads(x: torch.Tensor, threads: int | None) -> torch.Tensor:
+    """x.mean() with torch split over `threads` intra-op threads (None: as it is set now)."""
+    current = torch.get_num_threads()
+    if threads is None or threads == current:
         return x.mean()
-    torch.set_num_threads(REFERENCE_THREADS)
+    torch.set_num_threads(threads)
     try:
         return x.mean()
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(current)
 
 
 LUT_BINS = 65536
@@ -498,22 +497,33 @@ class QuantState:
         return specs
 
 
-def quantize_weight(w: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool
-                    ) -> tuple[dict[str, torch.Tensor], QuantState]:
-    """One dense weight -> its stored tensors (suffix -> tensor, on w's device) and QuantState."""
-    tensors, qs, _ = _quantize_weight(w, quant_type, blocksize, double_quant, measure=False)
+def quantize_weight(w: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool,
+                    mean_threads: int | None = None) -> tuple[dict[str, torch.Tensor], QuantState]:
+    """One dense weight -> its stored tensors (suffix -> tensor, on w's device) and QuantState.
+
+    `mean_threads`: see quantize_absmax (the double-quant offset).
+
+    Example:
+        >>> stored, qs = quantize_weight(w.half(), quant_type="nf4", blocksize=64, double_quant=True)
+        >>> sorted(stored)
+        ['', '.absmax', '.nested_absmax', '.nested_quant_map', '.quant_map', '.quant_state.bitsandbytes__nf4']
+    """
+    tensors, qs, _ = _quantize_weight(w, quant_type, blocksize, double_quant, measure=False,
+                                      mean_threads=mean_threads)
     return tensors, qs
 
 
 def quantize_weight_measured(w: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool,
-                             workers: int = 1) -> tuple[dict[str, torch.Tensor], QuantState, tuple[float, float]]:
+                             workers: int = 1, mean_threads: int | None = None
+                             ) -> tuple[dict[str, torch.Tensor], QuantState, tuple[float, float]]:
     """quantize_weight, plus (sum of squared errors, sum of squares of w) of what bitsandbytes will
     dequantize (table value * dequantized absmax, rounded to w's dtype) against w. `workers` > 1
     spreads the chunks over threads (see _map_chunks); the result does not depend on it."""
-    return _quantize_weight(w, quant_type, blocksize, double_quant, measure=True, workers=workers)
+    return _quantize_weight(w, quant_type, blocksize, double_quant, measure=True, workers=workers,
+                            mean_threads=mean_threads)
 
 
-def _quantize_weight(w, quant_type, blocksize, double_quant, measure, workers=1):
+def _quantize_weight(w, quant_type, blocksize, double_quant, measure, workers=1, mean_threads=None):
     dtype = str(w.dtype).removeprefix("torch.")
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"only float16/bfloat16/float32 weights can be quantized, not {dtype}")
@@ -521,7 +531,7 @@ def _quantize_weight(w, quant_type, blocksize, double_quant, measure, workers=1)
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     absmax = blockwise_absmax(w, blocksize, workers)
     if double_quant:
-        qabsmax, nested, offset = quantize_absmax(absmax)
+        qabsmax, nested, offset = quantize_absmax(absmax, mean_threads)
         qs = QuantState(quant_type, blocksize, dtype, tuple(w.shape), nested_offset=offset)
         used = dequantize_absmax(qabsmax, nested, offset) if measure else None
         stored = {".absmax": qabsmax, ".quant_map": code_4bit(quant_type, w.device), ".nested_absmax": nested,

@@ -24,13 +24,14 @@ Note: dtype.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
-from .bnb4bit import (BLOCKSIZES, QUANT_STATE_PREFIX, QUANT_TYPES, REFERENCE_THREADS, QuantState,
-                      quantize_weight_measured)
+from .bnb4bit import BLOCKSIZES, QUANT_STATE_PREFIX, QUANT_TYPES, QuantState, quantize_weight_measured
 from .device import resolve_device, torch_threads
 from .dtypes import FLOAT_DTYPES, cast_floats
 from .errors import InputError, UnsupportedError, UsageError
@@ -53,18 +54,28 @@ def single_threaded_torch(device: torch.device):
     Note: threads.
         The 4-bit maths runs as a dozen short torch ops per 2^18-element chunk (bnb4bit CHUNK). With
         several intra-op threads each op is a fork/join whose cost dominates, and on a busy machine a
-        descheduled worker stalls every op: quantizing the 0.75B benchmark model took 48 s with torch's
-        default 2 threads and 15 s with 1 on the 2-core box we measure on. The cores are used instead by
-        whole chunks on separate threads (bnb4bit._map_chunks), the read-ahead (Checkpoint.prefetched)
-        and the write-behind (io/output.py).
+        descheduled worker stalls every op (measured in docs/quantize.md). The cores are used instead
+        by whole chunks on separate threads (bnb4bit._map_chunks), the read-ahead
+        (Checkpoint.prefetched) and the write-behind (io/output.py).
     """
     return torch_threads(1, device)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """What a quantized weight is: the 4-bit type, values per absmax scale, absmax in 8 bits or not."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
 
 
 # -- per-tensor maths -----------------------------------------------------------------------------
 
 @dataclass
 class TensorReport:
+    """One quantized weight's line of the report: sizes and the squared error sums it came from."""
+
     name: str
     shape: tuple[int, ...]  # dense shape, as in the checkpoint
     params: int
@@ -83,19 +94,22 @@ class TensorReport:
                 "bits_per_parameter": 8 * self.bytes_after / self.params, "rel_rms_error": self.rel_rms}
 
 
-def quantize_tensor(w: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool, conv1d: bool,
-                    device: torch.device) -> tuple[dict[str, torch.Tensor], QuantState, float, float]:
+def quantize_tensor(w: torch.Tensor, fmt: QuantFormat, *, conv1d: bool, device: torch.device,
+                    threads: int) -> tuple[dict[str, torch.Tensor], QuantState, float, float]:
     """One dense weight (already in the model dtype) -> (stored tensors on CPU, state, err_sq, ref_sq).
 
     The error is measured against what bitsandbytes will compute at load: the dequantized weight in
-    the quant_state dtype.
+    the quant_state dtype. `threads` is torch's thread count when the command started: the chunks are
+    spread over that many threads while torch itself runs single-threaded, and the double-quant
+    offset is the mean bitsandbytes takes with that many (bnb4bit.quantize_absmax).
     """
     x = w.to(device)
     if conv1d:
         x = x.t().contiguous()  # Conv1D [in, out] is quantized as the Linear it becomes, [out, in]
-    workers = REFERENCE_THREADS if x.device.type == "cpu" and torch.get_num_threads() == 1 else 1
-    stored, qs, (err, ref) = quantize_weight_measured(x, quant_type=quant_type, blocksize=blocksize,
-                                                      double_quant=double_quant, workers=workers)
+    workers = threads if x.device.type == "cpu" and torch.get_num_threads() == 1 else 1
+    stored, qs, (err, ref) = quantize_weight_measured(x, quant_type=fmt.quant_type, blocksize=fmt.blocksize,
+                                                      double_quant=fmt.double_quant, workers=workers,
+                                                      mean_threads=threads)
     return {k: v.cpu() for k, v in stored.items()}, qs, err, ref
 
 
@@ -171,45 +185,89 @@ def _out_dtype(info_dtype: torch.dtype, plan: QuantPlan) -> torch.dtype:
     return cast_floats(info_dtype, plan.dtype)
 
 
-def _check_options(quant_type, blocksize, compute_dtype):
-    if quant_type not in QUANT_TYPES:
-        raise UsageError(f"quant type must be one of {', '.join(QUANT_TYPES)}, not {quant_type!r}")
-    if blocksize not in BLOCKSIZES:
-        raise UsageError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, not {blocksize}")
+def _check_options(fmt: QuantFormat, compute_dtype: str) -> None:
+    if fmt.quant_type not in QUANT_TYPES:
+        raise UsageError(f"quant type must be one of {', '.join(QUANT_TYPES)}, not {fmt.quant_type!r}")
+    if fmt.blocksize not in BLOCKSIZES:
+        raise UsageError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, not {fmt.blocksize}")
     if compute_dtype not in COMPUTE_DTYPES:
         raise UsageError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
 
 
 # -- the commands ---------------------------------------------------------------------------------
 
-def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                        compute_dtype: str = "bfloat16", skip_modules: list[str] | None = None,
-                        device: str = "auto", max_shard_size: int, force: bool = False, on_tensor=None) -> dict:
-    """Quantize a dense checkpoint to a bitsandbytes 4-bit one; returns the summary and error report."""
-    _check_options(quant_type, blocksize, compute_dtype)
+def quantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, quant_type: str = "nf4",
+                        blocksize: int = 64, double_quant: bool = True, compute_dtype: str = "bfloat16",
+                        skip_modules: list[str] | None = None, device: str = "auto", max_shard_size: int,
+                        force: bool = False, on_tensor: Callable[[str], None] | None = None) -> dict:
+    """Quantize a dense checkpoint to a bitsandbytes 4-bit one (what transformers' load_in_4bit +
+    save_pretrained writes); returns the summary and error report.
+
+    Args:
+        src: a dense checkpoint with its config.json.
+        output: the directory to create (an io.OutputPath carries its durability).
+        quant_type, blocksize, double_quant: the 4-bit format ("nf4"/"fp4", 32..4096, absmax in 8 bits).
+        compute_dtype: bnb_4bit_compute_dtype written to config.json.
+        skip_modules: patterns kept dense on top of transformers' default skips.
+        device: "auto", "cpu" or "cuda" (same bytes on each).
+        max_shard_size, force, on_tensor: as for io.output.write_checkpoint.
+    Returns:
+        write_checkpoint's summary plus the format, per-tensor "tensors" rows and "total".
+    Example:
+        >>> summary = quantize_checkpoint("fixtures/tiny-llama", "/tmp/tiny-nf4", max_shard_size=2**30)
+        >>> summary["total"]["rel_rms_error"]
+    """
+    fmt = QuantFormat(quant_type, blocksize, double_quant)
+    _check_options(fmt, compute_dtype)
     ck = Checkpoint(src)
-    if ck.is_quantized:
-        raise InputError("already a 4-bit checkpoint; quantize takes a dense one (see `loratools dequantize`)",
-                         path=src)
-    if ck.config is None:
-        raise InputError("no config.json beside the weights: transformers needs it (and its "
-                         "quantization_config) to load a 4-bit checkpoint", path=src)
+    _check_dense_source(ck, src)
     dev = resolve_device(device)
+    threads = torch.get_num_threads()  # before the maths goes single-threaded (quantize_tensor)
     options = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
                "compute_dtype": compute_dtype, "skip_modules": skip_modules or None,
                "max_shard_size": max_shard_size}
     # Started first: the input digests are computed by a background thread (hashlib releases the
     # GIL) while transformers builds the meta model below, instead of competing with the maths.
-    metadata = provenance("quantize", options, {"checkpoint": src})
+    record = provenance("quantize", options, {"checkpoint": src})
     plan = plan_quantization(ck, skip_modules)
     for name in plan.targets:
         info = ck.tensors[name]
         if (plan.dtype or info.dtype) not in FLOAT_DTYPES.values():
             raise UnsupportedError(f"only float16/bfloat16/float32 weights can be quantized, not {info.dtype_name}",
                                    path=src, tensor=name)
+    specs, shrinkable = _quantized_specs(ck, plan, fmt)
+    config = dict(ck.config)
+    config["quantization_config"] = quantization_config(quant_type=quant_type, double_quant=double_quant,
+                                                        compute_dtype=compute_dtype, skip_list=plan.skip_list)
+    reports: list[TensorReport] = []
+    with single_threaded_torch(dev):
+        summary = write_checkpoint(
+            output, inputs=[src], force=force, specs=specs + shrinkable,
+            tensors=_quantized_tensors(ck, plan, fmt, dev, threads, reports), side_files=ck.non_weight_files(),
+            config=config, provenance=record, max_shard_size=max_shard_size, on_tensor=on_tensor,
+            shrinkable=[s.name for s in shrinkable])
+    summary.update({
+        "quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
+        "compute_dtype": compute_dtype, "device": dev.type, "selection": plan.selection,
+        "skip_modules": plan.skip_list, "dense_weights_kept": plan.skipped,
+        "tensors": [r.to_json() for r in reports],
+        "total": _totals(ck, reports, _weight_bytes(summary)),
+    })
+    return summary
 
-    # The plan: dense tensors as they are (cast to the model dtype), each target's stored tensors in
-    # its place, and every quant_state JSON at the end, planned at its longest possible length.
+
+def _check_dense_source(ck: Checkpoint, src) -> None:
+    if ck.is_quantized:
+        raise InputError("already a 4-bit checkpoint; quantize takes a dense one (see `loratools dequantize`)",
+                         path=src)
+    if ck.config is None:
+        raise InputError("no config.json beside the weights: transformers needs it (and its "
+                         "quantization_config) to load a 4-bit checkpoint", path=src)
+
+
+def _quantized_specs(ck: Checkpoint, plan: QuantPlan, fmt: QuantFormat) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The plan: dense tensors as they are (cast to the model dtype) and each target's stored tensors in
+    its place; separately, every quant_state JSON, planned last at its longest possible length."""
     specs, shrinkable = [], []
     for name, info in ck.tensors.items():
         if name not in plan.targets:
@@ -217,77 +275,60 @@ def quantize_checkpoint(src, output, *, quant_type: str = "nf4", blocksize: int 
             continue
         shape = info.shape[::-1] if plan.targets[name] == CONV1D else info.shape
         # "bfloat16" is the longest dtype name and _LONGEST_FLOAT the longest offset: an upper bound
-        probe = QuantState(quant_type, blocksize, "bfloat16", tuple(shape),
-                           nested_offset=_LONGEST_FLOAT if double_quant else None)
+        probe = QuantState(fmt.quant_type, fmt.blocksize, "bfloat16", tuple(shape),
+                           nested_offset=_LONGEST_FLOAT if fmt.double_quant else None)
         for suffix, (dtype, sh) in probe.aux_specs().items():
+            (shrinkable if suffix.startswith(QUANT_STATE_PREFIX) else specs).append(TensorSpec(name + suffix, dtype, sh))
+    return specs, shrinkable
+
+
+def _quantized_tensors(ck: Checkpoint, plan: QuantPlan, fmt: QuantFormat, dev: torch.device, threads: int,
+                       reports: list[TensorReport]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The output tensors in plan order (quant_state JSONs last), appending a report per target."""
+    states = []
+    for name, t in ck.prefetched(ck.tensors):
+        out_dtype = _out_dtype(t.dtype, plan)
+        if name not in plan.targets:
+            yield name, t.to(out_dtype)
+            continue
+        w = t.to(out_dtype)
+        stored, qs, err, ref = quantize_tensor(w, fmt, conv1d=plan.targets[name] == CONV1D, device=dev,
+                                               threads=threads)
+        del t, w
+        after = 0
+        for suffix, tensor in stored.items():
+            after += tensor.numel() * tensor.element_size()
             if suffix.startswith(QUANT_STATE_PREFIX):
-                shrinkable.append(TensorSpec(name + suffix, dtype, sh))
+                states.append((name + suffix, tensor))
             else:
-                specs.append(TensorSpec(name + suffix, dtype, sh))
-    specs += shrinkable
+                yield name + suffix, tensor
+        info = ck.tensors[name]
+        reports.append(TensorReport(name, info.shape, info.numel, info.numel * element_size(out_dtype),
+                                    after, err, ref))
+    yield from states
 
-    config = dict(ck.config)
-    config["quantization_config"] = quantization_config(quant_type=quant_type, double_quant=double_quant,
-                                                        compute_dtype=compute_dtype, skip_list=plan.skip_list)
-    reports: list[TensorReport] = []
 
-    def tensors():
-        states = []
-        for name, t in ck.prefetched(ck.tensors):
-            out_dtype = _out_dtype(t.dtype, plan)
-            if name not in plan.targets:
-                yield name, t.to(out_dtype)
-                continue
-            w = t.to(out_dtype)
-            stored, qs, err, ref = quantize_tensor(w, quant_type=quant_type, blocksize=blocksize,
-                                                   double_quant=double_quant,
-                                                   conv1d=plan.targets[name] == CONV1D, device=dev)
-            del t, w
-            after = 0
-            for suffix, tensor in stored.items():
-                after += tensor.numel() * tensor.element_size()
-                if suffix.startswith(QUANT_STATE_PREFIX):
-                    states.append((name + suffix, tensor))
-                else:
-                    yield name + suffix, tensor
-            info = ck.tensors[name]
-            reports.append(TensorReport(name, info.shape, info.numel, info.numel * element_size(out_dtype),
-                                        after, err, ref))
-        yield from states
-
-    with single_threaded_torch(dev):
-        summary = write_checkpoint(
-            output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
-            config=config, provenance=metadata,
-            max_shard_size=max_shard_size, on_tensor=on_tensor, shrinkable=[s.name for s in shrinkable])
-
+def _totals(ck: Checkpoint, reports: list[TensorReport], bytes_after: int) -> dict:
     q_params = sum(r.params for r in reports)
     total_params = sum(i.numel for i in ck.tensors.values())
     err = sum(r.err_sq for r in reports)
     ref = sum(r.ref_sq for r in reports)
     data_before = sum(i.nbytes for i in ck.tensors.values())
     data_after = data_before - sum(r.bytes_before - r.bytes_after for r in reports)
-    summary.update({
-        "quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
-        "compute_dtype": compute_dtype, "device": dev.type, "selection": plan.selection,
-        "skip_modules": plan.skip_list, "dense_weights_kept": plan.skipped,
-        "tensors": [r.to_json() for r in reports],
-        "total": {
-            "quantized_tensors": len(reports),
-            "quantized_parameters": q_params,
-            "parameters": total_params,
-            "rel_rms_error": math.sqrt(err / ref) if ref > 0 else 0.0,
-            "quantized_bytes_before": sum(r.bytes_before for r in reports),
-            "quantized_bytes_after": sum(r.bytes_after for r in reports),
-            "bits_per_quantized_parameter": 8 * sum(r.bytes_after for r in reports) / q_params,
-            "bytes_before": ck.bytes_on_disk(),
-            "bytes_after": _weight_bytes(summary),
-            "tensor_bytes_before": data_before,
-            "tensor_bytes_after": data_after,
-            "bits_per_parameter": 8 * data_after / total_params,
-        },
-    })
-    return summary
+    return {
+        "quantized_tensors": len(reports),
+        "quantized_parameters": q_params,
+        "parameters": total_params,
+        "rel_rms_error": math.sqrt(err / ref) if ref > 0 else 0.0,
+        "quantized_bytes_before": sum(r.bytes_before for r in reports),
+        "quantized_bytes_after": sum(r.bytes_after for r in reports),
+        "bits_per_quantized_parameter": 8 * sum(r.bytes_after for r in reports) / q_params,
+        "bytes_before": ck.bytes_on_disk(),
+        "bytes_after": bytes_after,
+        "tensor_bytes_before": data_before,
+        "tensor_bytes_after": data_after,
+        "bits_per_parameter": 8 * data_after / total_params,
+    }
 
 
 def _weight_bytes(summary: dict) -> int:
@@ -297,9 +338,22 @@ def _weight_bytes(summary: dict) -> int:
                if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"))
 
 
-def dequantize_checkpoint(src, output, *, dtype: str | None = None, device: str = "auto", max_shard_size: int,
-                          force: bool = False, on_tensor=None) -> dict:
-    """Write the dense view of a 4-bit checkpoint (quantized.read_dense) as an ordinary checkpoint."""
+def dequantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, dtype: str | None = None,
+                          device: str = "auto", max_shard_size: int, force: bool = False,
+                          on_tensor: Callable[[str], None] | None = None) -> dict:
+    """Write the dense view of a 4-bit checkpoint (quantized.read_dense) as an ordinary checkpoint.
+
+    Args:
+        src: a bitsandbytes 4-bit checkpoint.
+        output: the directory to create (an io.OutputPath carries its durability).
+        dtype: "float16", "bfloat16" or "float32" for the floating tensors; None keeps the dtype each
+            quant_state records (and each dense tensor's own).
+        device, max_shard_size, force, on_tensor: as for quantize_checkpoint.
+    Returns:
+        write_checkpoint's summary plus "tensors", "dequantized_tensors", "device" and "dtype".
+    Example:
+        >>> dequantize_checkpoint("/tmp/tiny-nf4", "/tmp/tiny-dense", dtype="float16", max_shard_size=2**30)
+    """
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, not {dtype!r}")
     ck = Checkpoint(src)
@@ -310,11 +364,7 @@ def dequantize_checkpoint(src, output, *, dtype: str | None = None, device: str 
     qstates = quant_states(ck)
     target = FLOAT_DTYPES[dtype] if dtype else None
     plan = dense_specs(ck)
-
-    def out_dtype(name, stored):
-        return cast_floats(stored, target)
-
-    specs = [TensorSpec(n, out_dtype(n, d), s) for n, (d, s) in plan.items()]
+    specs = [TensorSpec(n, cast_floats(d, target), s) for n, (d, s) in plan.items()]
     config = dict(ck.config) if ck.config is not None else None
     if config is not None:
         config.pop("quantization_config", None)
@@ -327,7 +377,7 @@ def dequantize_checkpoint(src, output, *, dtype: str | None = None, device: str 
                 t = read_dense(ck, name, device=str(dev), dtype=target).cpu()
             else:
                 t = read_dense(ck, name)
-                t = t.to(out_dtype(name, t.dtype))
+                t = t.to(cast_floats(t.dtype, target))
             yield name, t
         ck.close()
 
@@ -335,7 +385,7 @@ def dequantize_checkpoint(src, output, *, dtype: str | None = None, device: str 
         summary = write_checkpoint(
             output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
             config=config, provenance=provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size},
-                                               {"checkpoint": src}),
+                                                 {"checkpoint": src}),
             max_shard_size=max_shard_size, on_tensor=on_tensor)
     summary.update({"tensors": len(specs), "dequantized_tensors": len(qstates), "device": dev.type,
                     "dtype": dtype or "as quantized"})

@@ -31,9 +31,8 @@ def is_aux(name: str) -> bool:
 
 def quant_states(ck: Checkpoint) -> dict[str, QuantState]:
     """weight name -> parsed QuantState, for every packed 4-bit weight (cached on the checkpoint)."""
-    cached = getattr(ck, "_loratools_qstates", None)
-    if cached is not None:
-        return cached
+    if ck.parsed_quant_states is not None:
+        return ck.parsed_quant_states
     out = {}
     for weight, raw in ck.quant_states.items():
         raw = {k: v for k, v in raw.items() if k != "_format"}
@@ -43,7 +42,7 @@ def quant_states(ck: Checkpoint) -> dict[str, QuantState]:
             raise FormatError(str(e), path=ck.path, tensor=weight + QUANT_STATE_PREFIX + str(raw.get("quant_type"))) from None
         _check_stored(ck, weight, qs)
         out[weight] = qs
-    ck._loratools_qstates = out
+    ck.parsed_quant_states = out
     return out
 
 

@@ -158,14 +158,16 @@ def test_format_bytes_equal_bitsandbytes(quant_type, dtype):
 def test_double_quant_offset_follows_default_threads():
     """The double-quant offset is a float32 mean whose last bit depends on how many threads torch splits
     it over (> 32768 blocks). quantize runs its maths single-threaded, yet must give the bytes of a
-    transformers run with torch's default threads (here: conftest's setting)."""
+    transformers run with torch's default threads (here: conftest's setting), which quantize passes
+    down as `mean_threads`."""
     from loratools.quantize import single_threaded_torch
 
     g = torch.Generator().manual_seed(11)
     w = (torch.rand(2048, 1100, generator=g) ** 3 * torch.randn(2048, 1100, generator=g)).half()
     ref, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    threads = torch.get_num_threads()
     with single_threaded_torch(torch.device("cpu")):
-        ours, qs = quantize_weight(w, quant_type="nf4", blocksize=64, double_quant=True)
+        ours, qs = quantize_weight(w, quant_type="nf4", blocksize=64, double_quant=True, mean_threads=threads)
         assert torch.get_num_threads() == 1
     assert qs.nested_offset == state.offset.item()
     assert torch.equal(ours[".absmax"], state.absmax) and torch.equal(ours[""], ref)

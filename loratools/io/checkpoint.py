@@ -84,6 +84,9 @@ class Checkpoint:
             self._check_index_agrees()
         self._fh = None
         self._fh_name = None
+        # weight name -> bitsandbytes QuantState, parsed and checked once by quantized.quant_states
+        # (held here because that type lives above io/, in bnb4bit.py)
+        self.parsed_quant_states: dict[str, object] | None = None
 
     # -- discovery ---------------------------------------------------------------------------------
     def _find_shards(self) -> list[Path]:
