@@ -1,25 +1,34 @@
 """Shared pieces of the benchmarks: generated Llama-style checkpoints and side-by-side measurement.
 
-Every benchmark runs each contender in its own subprocess and reads that child's wall time and peak
-RSS (os.wait4's rusage), so the numbers cannot leak into each other.
+Every benchmark runs each contender in its own subprocess and reads that child's wall time, CPU time
+and peak RSS (os.wait4's rusage), so the numbers cannot leak into each other. The contenders run
+`--repeat` times, interleaved (ours, theirs, ours, theirs, ...) so that a change in the machine's load
+hits both sides alike, each run after the same page-cache warm-up; the reports give min and median.
+
+Note: a quiet parent.
+    A child's peak RSS (wait4's ru_maxrss) starts from its parent's peak at fork/exec: the kernel
+    carries the parent's high-water mark into the child's image. So the measuring process must stay
+    small: it generates nothing (the inputs are made by a child, `prepare_in_child`) and imports no
+    torch until every contender has run (this module imports torch only inside the generators).
+    `report` prints the parent's own peak, the floor under every reading.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from loratools.io import ShardWriter, TensorSpec  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -58,13 +67,19 @@ def llama_config(hidden, layers, intermediate, vocab, heads, dtype="float16"):
     }
 
 
-def generate_llama(out: Path, size: str = "0.75b", dtype=torch.float16, seed: int = 0,
+def generate_llama(out: Path, size: str = "0.75b", dtype=None, seed: int = 0,
                    max_shard_size: int = 500 * 10**6, perturb=None) -> Path:
     """Write a random Llama-style checkpoint tensor by tensor (never the whole model in memory).
 
     `perturb(name, tensor) -> tensor` lets a caller derive a 'fine-tuned' twin with the same seed.
     Re-uses an existing directory with a matching marker, so repeated benchmark runs are cheap.
+    dtype: a torch dtype (default float16).
     """
+    import torch
+
+    from loratools.io import ShardWriter, TensorSpec
+
+    dtype = torch.float16 if dtype is None else dtype
     cfg = SIZES[size]
     marker = out / ".generated"
     tag = json.dumps({"size": size, "dtype": str(dtype), "seed": seed, "perturb": getattr(perturb, "tag", None)})
@@ -95,6 +110,8 @@ def generate_llama(out: Path, size: str = "0.75b", dtype=torch.float16, seed: in
 def generate_lora(out: Path, base_size: str = "0.75b", r: int = 16, alpha: int = 32, seed: int = 1,
                   targets=PROJ, base_name: str = "generated") -> Path:
     """A PEFT-format rank-r adapter on the given projections of a generated model (B non-zero)."""
+    import torch
+
     from loratools.adapter import PREFIX, adapter_config, write_adapter
 
     cfg = SIZES[base_size]
@@ -113,6 +130,23 @@ def generate_lora(out: Path, base_size: str = "0.75b", r: int = 16, alpha: int =
     return out
 
 
+def prepare_in_child() -> None:
+    """Run this script again with `--prepare-only` appended, in a child that generates the inputs and
+    exits (see `Note: a quiet parent`). Every script takes that flag and then only generates."""
+    if subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], "--prepare-only"]).returncode != 0:
+        raise SystemExit("FAIL: generating the inputs failed (see above)")
+
+
+def add_common_args(ap, default_size: str = "0.75b") -> None:
+    ap.add_argument("--size", default=default_size, choices=sorted(SIZES),
+                    help="generated model: " + ", ".join(f"{k} (hidden {v['hidden']}, {v['layers']} layers)"
+                                                         for k, v in SIZES.items()))
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each contender, interleaved (ours, theirs, ours, ...); min and median reported")
+    ap.add_argument("--work", default="/tmp/loratools-bench")
+    ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
+
+
 @dataclass
 class Run:
     name: str
@@ -120,10 +154,11 @@ class Run:
     peak_rss_mb: float
     returncode: int
     output: str
+    cpu_seconds: float = 0.0
 
 
 def measure(name: str, cmd: list[str], env: dict | None = None) -> Run:
-    """Run cmd in a child process; wall time and the child's own peak RSS."""
+    """Run cmd in a child process; wall time, CPU time (user + system) and the child's own peak RSS."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                          text=True)
@@ -134,40 +169,147 @@ def measure(name: str, cmd: list[str], env: dict | None = None) -> Run:
     _, status, usage = os.wait4(p.pid, 0)
     seconds = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
-    run = Run(name, seconds, usage.ru_maxrss / 1024, p.returncode, "".join(out_chunks))
+    run = Run(name, seconds, usage.ru_maxrss / 1024, p.returncode, "".join(out_chunks),
+              usage.ru_utime + usage.ru_stime)
     if run.returncode != 0:
         print(run.output[-3000:], file=sys.stderr)
-        raise SystemExit(f"{name} failed with exit code {run.returncode}")
+        raise SystemExit(f"FAIL: {name} failed with exit code {run.returncode}")
     return run
 
 
-def report(title: str, ours: Run, theirs: Run, *, size_bytes: int | None = None, extra: dict | None = None) -> dict:
-    speed = theirs.seconds / ours.seconds
-    mem = ours.peak_rss_mb / theirs.peak_rss_mb
+def warm(*dirs: Path) -> None:
+    """Read the inputs once so that every run starts with them in the page cache (whoever ran first
+    would otherwise pay the cold reads alone)."""
+    for d in dirs:
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.read(1 << 24):
+                        pass
+
+
+@dataclass
+class Contender:
+    """One side of a comparison: its command, the inputs to warm before each run and the output
+    directory to remove before each run (so every run writes from scratch)."""
+    name: str
+    cmd: list[str]
+    inputs: tuple = ()
+    output: Path | None = None
+    env: dict | None = None
+
+
+@dataclass
+class Stats:
+    """Every run of one contender; min and median of wall time, CPU time and peak RSS."""
+    name: str
+    runs: list = field(default_factory=list)
+    parent_peak_mb: float = 0.0  # the measuring process's peak RSS when these runs were made
+
+    def _vals(self, attr):
+        return [getattr(r, attr) for r in self.runs]
+
+    def min(self, attr="seconds"):
+        return min(self._vals(attr))
+
+    def median(self, attr="seconds"):
+        return statistics.median(self._vals(attr))
+
+    @property
+    def last(self) -> Run:
+        return self.runs[-1]
+
+    def summary(self) -> dict:
+        return {"name": self.name, "runs": len(self.runs),
+                **{f"{a}_{k}": getattr(self, k)(a) for a in ("seconds", "cpu_seconds", "peak_rss_mb")
+                   for k in ("min", "median")},
+                "seconds_each": self._vals("seconds"), "peak_rss_mb_each": self._vals("peak_rss_mb")}
+
+
+def run_interleaved(contenders: list[Contender], repeat: int) -> dict[str, Stats]:
+    """Run the contenders `repeat` times in turn (a, b, c, a, b, c, ...), each run after warming its
+    inputs and removing its output; returns name -> Stats."""
+    stats = {c.name: Stats(c.name) for c in contenders}
+    for i in range(repeat):
+        for c in contenders:
+            if c.output is not None:
+                shutil.rmtree(c.output, ignore_errors=True)
+            warm(*c.inputs)
+            r = measure(c.name, c.cmd, c.env)
+            stats[c.name].runs.append(r)
+            print(f"  run {i + 1}/{repeat}  {c.name:34s} {r.seconds:8.2f} s {r.cpu_seconds:8.2f} CPU-s "
+                  f"{r.peak_rss_mb:8.0f} MB", file=sys.stderr, flush=True)
+    for s in stats.values():
+        s.parent_peak_mb = parent_peak_mb()
+    return stats
+
+
+def parent_peak_mb() -> float:
+    """This (measuring) process's own peak RSS: the floor under every child's reading."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(title: str, ours: Stats, theirs: Stats, *, size_bytes: int | None = None, extra: dict | None = None) -> dict:
+    """Print min and median of each side and the ratios of the medians (and of the mins)."""
+    speed = theirs.median() / ours.median()
+    speed_min = theirs.min() / ours.min()
+    mem = ours.median("peak_rss_mb") / theirs.median("peak_rss_mb")
+    mem_min = ours.min("peak_rss_mb") / theirs.min("peak_rss_mb")
+    n = len(ours.runs)
     lines = [f"== {title}",
-             f"{'':28s}{'seconds':>10s}{'peak RSS MB':>14s}",
-             f"{ours.name:28s}{ours.seconds:10.2f}{ours.peak_rss_mb:14.0f}",
-             f"{theirs.name:28s}{theirs.seconds:10.2f}{theirs.peak_rss_mb:14.0f}",
-             f"speed-up (theirs/ours): {speed:.2f}x   RSS ratio (ours/theirs): {mem:.3f}"]
+             f"{n} runs each, interleaved; seconds and peak RSS as min / median",
+             f"{'':34s}{'seconds':>18s}{'CPU-seconds':>18s}{'peak RSS MB':>16s}"]
+    for s in (ours, theirs):
+        lines.append(f"{s.name:34s}{s.min():9.2f}{s.median():9.2f}{s.min('cpu_seconds'):9.1f}"
+                     f"{s.median('cpu_seconds'):9.1f}{s.min('peak_rss_mb'):8.0f}{s.median('peak_rss_mb'):8.0f}")
+    lines.append(f"speed-up (theirs/ours): median {speed:.2f}x (min {speed_min:.2f}x)   "
+                 f"RSS ratio (ours/theirs): median {mem:.3f} (min {mem_min:.3f})")
     if size_bytes:
         lines.append(f"checkpoint size: {size_bytes / 1e6:.0f} MB")
+    lines.append(f"measuring parent's peak RSS during the runs (floor under each reading): {ours.parent_peak_mb:.0f} MB; "
+                 f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("\n".join(lines), flush=True)
-    doc = {"title": title, "ours": ours.__dict__ | {"output": None}, "theirs": theirs.__dict__ | {"output": None},
-           "speedup": speed, "rss_ratio": mem, **(extra or {})}
-    return doc
+    return {"title": title, "ours": ours.summary(), "theirs": theirs.summary(), "speedup_median": speed,
+            "speedup_min": speed_min, "rss_ratio_median": mem, "rss_ratio_min": mem_min,
+            "parent_peak_rss_mb": ours.parent_peak_mb, **(extra or {})}
 
 
-def no_sync_report(nosync: Run, theirs: Run) -> dict:
-    """Print and return the `--no-sync` run of ours against theirs. We fsync outputs by default and the
+def no_sync_report(nosync: Stats, theirs: Stats) -> dict:
+    """Print and return the `--no-sync` runs of ours against theirs. We fsync outputs by default and the
     other tools do not, so this is the like-for-like figure; every benchmark reports both."""
-    speed = theirs.seconds / nosync.seconds
-    print(f"{nosync.name} (no fsync, like save_pretrained): {nosync.seconds:.2f} s, "
-          f"{nosync.peak_rss_mb:.0f} MB peak RSS, speed-up {speed:.2f}x", flush=True)
-    return nosync.__dict__ | {"output": None, "speedup": speed}
+    speed = theirs.median() / nosync.median()
+    speed_min = theirs.min() / nosync.min()
+    print(f"{nosync.name} (no fsync, like save_pretrained): {nosync.min():.2f} / {nosync.median():.2f} s, "
+          f"{nosync.median('peak_rss_mb'):.0f} MB median peak RSS, speed-up median {speed:.2f}x "
+          f"(min {speed_min:.2f}x)", flush=True)
+    return nosync.summary() | {"speedup_median": speed, "speedup_min": speed_min}
+
+
+class Failures:
+    """Checks that make a benchmark fail: each prints a FAIL line at once; `exit()` ends with status 1
+    if any failed (after the report has been printed)."""
+
+    def __init__(self):
+        self.failed = []
+
+    def check(self, ok: bool, what: str) -> bool:
+        print(f"{'ok' if ok else 'FAIL'}: {what}", flush=True)
+        if not ok:
+            self.failed.append(what)
+        return ok
+
+    def exit(self) -> None:
+        if self.failed:
+            print(f"FAIL: {len(self.failed)} check(s) failed: " + "; ".join(self.failed), flush=True)
+            raise SystemExit(1)
 
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def largest_tensor_mb(size: str, bytes_per_value: int = 2) -> float:
+    return max(bytes_per_value * math.prod(s) for s in llama_shapes(**SIZES[size]).values()) / 2**20
 
 
 def python_rss_baseline() -> float:
