@@ -25,15 +25,6 @@ Note: the output's shape.
     target_modules is the union of the inputs' lists of names when every input gives a plain list (those
     match exactly the union of the modules the inputs adapt); otherwise the full module names.
     Factors are written in the inputs' common float dtype (float32 when they differ).
-
-Note: one CPU thread for small work.
-    cat and linear only touch thin matrices ([out, Σr], a Σr×Σr core). There the thread pool costs more
-    than it gives: measured here, a 704×32 QR + 32×32 SVD took 0.6 ms on one thread and 250-300 ms on
-    two when the cores were shared with other work (OpenMP workers waiting on each other). The same holds
-    for the task-arithmetic methods on small modules (ties + rank-16 SVD of a 256×704 delta: 90 ms on one
-    thread, 1.5 s on two, under load). So on CPU the factored methods, and the dense ones for modules
-    under 2^20 elements, run with torch.set_num_threads(1), restored afterwards; larger dense modules keep
-    the pool, where an idle machine's cores pay off for the SVD.
 """
 from __future__ import annotations
 
@@ -58,6 +49,14 @@ from .ranks import check_ranges, most_common_rank
 
 log = logging.getLogger("loratools")
 
+# Note: one CPU thread for small work.
+#     cat and linear only touch thin matrices ([out, Σr], a Σr×Σr core). There the thread pool costs more
+#     than it gives: measured here, a 704×32 QR + 32×32 SVD took 0.6 ms on one thread and 250-300 ms on
+#     two when the cores were shared with other work (OpenMP workers waiting on each other). The same holds
+#     for the task-arithmetic methods on small modules (ties + rank-16 SVD of a 256×704 delta: 90 ms on one
+#     thread, 1.5 s on two, under load). So on CPU the factored methods, and the dense ones for modules
+#     under 2^20 elements, run with torch.set_num_threads(1), restored afterwards; larger dense modules keep
+#     the pool, where an idle machine's cores pay off for the SVD.
 SMALL_DENSE = 2**20  # elements; below it a dense module's maths runs on one CPU thread (see the note)
 
 

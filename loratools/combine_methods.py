@@ -4,45 +4,6 @@ and their registry (`METHODS`, as mergekit's merge_methods): a new method is one
 A module's inputs are its `Term`s: one per adapter that adapts the module (lora_B [out, r], lora_A [r, in],
 the adapter's scale and the user's weight). Every method returns a `Truncation` whose `factors(1.0)` are
 the new lora_B / lora_A at scale 1.
-
-Note: exact sums by stacking (`cat`).
-    Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ = [B₁ … Bₙ] · [w₁s₁A₁; …; wₙsₙAₙ]: the concatenated factors are the exact weighted
-    sum, of rank Σ rᵢ, with one rounding per element of A. Stacking happens in the factor layout
-    (lora_B [out, r], lora_A [r, in]); fan_in_fan_out and embedding modules differ only in that their base
-    weight is the transpose of B·A, so stacking is the same for them, provided every adapter of the
-    module shares the layout (checked by the caller).
-
-Note: optimal truncation without a dense matrix (`linear`).
-    `lowrank.truncate_factors` on the stacked factors: thin QR of B and Aᵀ, SVD of the Σr×Σr core. By
-    Eckart–Young the result is the best rank-R approximation of the exact sum; the reported error is
-    the spectrum's tail, and nothing of size out×in is ever formed: O((out+in)·(Σr)²) per module.
-
-Note: task-arithmetic semantics (`ties`, `dare_linear`, `dare_ties`, `magnitude_prune`).
-    These follow peft.utils.merge_utils (PEFT 0.21) operation for operation, so results are identical:
-    - task tensors are the dense deltas in the BASE weight's layout, B·A·scale, transposed for
-      fan_in_fan_out and embeddings (what PEFT's get_delta_weight returns and its *_svd modes feed in);
-      the layout decides which element each random draw lands on;
-    - magnitude pruning keeps the top int(density·numel) |values| of each tensor (torch.topk);
-    - DARE keeps each element with probability `density` (torch.bernoulli on a tensor filled with
-      density, drawn in adapter order) and divides the survivors by density;
-    - the sign is elected from the pruned, unweighted tensors: `total` = sign of their sum,
-      `frequency` = sign of the count of + minus −, a tie counts as +;
-    - ties / dare_ties average the weighted survivors that agree with the elected sign over the number
-      of agreeing adapters (at least 1); dare_linear / magnitude_prune sum the weighted pruned tensors;
-    - density ≥ 1 prunes nothing.
-
-Note: a missing module is a zero, and a zero is an abstention.
-    A zero element has sign 0, which never equals the elected ±1: it adds nothing to the `total` sum or
-    the `frequency` count and is not counted in the disjoint mean's denominator. So an adapter that does
-    not adapt a module is simply left out of that module's terms (as PEFT does), which gives exactly the
-    result of including a zero delta, without drawing a DARE mask for it.
-
-Note: seeded masks, per module.
-    DARE's masks come from a CPU torch.Generator seeded with `module_seed(seed, module name)`, then moved
-    to the compute device. The result depends only on the seed, the module's name and its inputs: not on
-    the order modules are processed in, on the device, or on which other modules exist. (PEFT draws from
-    the global generator in model order; running PEFT's dare_* on one module's deltas right after
-    `torch.manual_seed(module_seed(seed, name))` draws the same masks, which the tests check.)
 """
 from __future__ import annotations
 
@@ -54,6 +15,7 @@ import torch
 
 from .lora_math import peft_delta
 from .lowrank import Truncation, truncate, truncate_factors
+
 
 @dataclass(frozen=True)
 class Term:
@@ -75,6 +37,19 @@ def module_seed(seed: int, module: str) -> int:
 
 
 # -- exact methods: on the factors -----------------------------------------------------------------------
+
+# Note: exact sums by stacking (`cat`).
+#     Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ = [B₁ … Bₙ] · [w₁s₁A₁; …; wₙsₙAₙ]: the concatenated factors are the exact weighted
+#     sum, of rank Σ rᵢ, with one rounding per element of A. Stacking happens in the factor layout
+#     (lora_B [out, r], lora_A [r, in]); fan_in_fan_out and embedding modules differ only in that their base
+#     weight is the transpose of B·A, so stacking is the same for them, provided every adapter of the
+#     module shares the layout (checked by the caller).
+#
+# Note: optimal truncation without a dense matrix (`linear`).
+#     `lowrank.truncate_factors` on the stacked factors: thin QR of B and Aᵀ, SVD of the Σr×Σr core. By
+#     Eckart–Young the result is the best rank-R approximation of the exact sum; the reported error is
+#     the spectrum's tail, and nothing of size out×in is ever formed: O((out+in)·(Σr)²) per module.
+
 
 def stack_factors(terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor]:
     """[B₁ … Bₙ], [w₁s₁A₁; …; wₙsₙAₙ]: their product is Σ wᵢ·sᵢ·Bᵢ·Aᵢ exactly (factor layout)."""
@@ -101,6 +76,34 @@ def linear(terms: list[Term], *, rank: int | None = None, energy: float | None =
 
 
 # -- task arithmetic: on dense deltas (peft.utils.merge_utils semantics) ---------------------------------
+
+# Note: task-arithmetic semantics (`ties`, `dare_linear`, `dare_ties`, `magnitude_prune`).
+#     These follow peft.utils.merge_utils operation for operation, so results are identical:
+#     - task tensors are the dense deltas in the BASE weight's layout, B·A·scale, transposed for
+#       fan_in_fan_out and embeddings (what PEFT's get_delta_weight returns and its *_svd modes feed in);
+#       the layout decides which element each random draw lands on;
+#     - magnitude pruning keeps the top int(density·numel) |values| of each tensor (torch.topk);
+#     - DARE keeps each element with probability `density` (torch.bernoulli on a tensor filled with
+#       density, drawn in adapter order) and divides the survivors by density;
+#     - the sign is elected from the pruned, unweighted tensors: `total` = sign of their sum,
+#       `frequency` = sign of the count of + minus −, a tie counts as +;
+#     - ties / dare_ties average the weighted survivors that agree with the elected sign over the number
+#       of agreeing adapters (at least 1); dare_linear / magnitude_prune sum the weighted pruned tensors;
+#     - density ≥ 1 prunes nothing.
+#
+# Note: a missing module is a zero, and a zero is an abstention.
+#     A zero element has sign 0, which never equals the elected ±1: it adds nothing to the `total` sum or
+#     the `frequency` count and is not counted in the disjoint mean's denominator. So an adapter that does
+#     not adapt a module is simply left out of that module's terms (as PEFT does), which gives exactly the
+#     result of including a zero delta, without drawing a DARE mask for it.
+#
+# Note: seeded masks, per module.
+#     DARE's masks come from a CPU torch.Generator seeded with `module_seed(seed, module name)`, then moved
+#     to the compute device. The result depends only on the seed, the module's name and its inputs: not on
+#     the order modules are processed in, on the device, or on which other modules exist. (PEFT draws from
+#     the global generator in model order; running PEFT's dare_* on one module's deltas right after
+#     `torch.manual_seed(module_seed(seed, name))` draws the same masks, which the tests check.)
+
 
 def magnitude_prune_tensor(t: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1:

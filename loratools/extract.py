@@ -3,42 +3,6 @@
 For every targeted weight, ΔW = TUNED − BASE (float32) is truncated to a low rank (lowrank.truncate)
 and written as lora_B · lora_A · scale = the truncation. Everything else that differs is either carried
 whole (`modules_to_save=True`) or listed in the report; nothing is dropped silently.
-
-Note: what can be a LoRA target, and in which layout.
-    The kind of each weight comes from the model class itself: config.json is turned into the model on
-    PyTorch's meta device (no memory, no weights), and each tensor's module is looked up there:
-    nn.Linear → LoRA Linear; transformers' Conv1D (GPT-2 family, weights stored [in, out]) → LoRA
-    Linear with fan_in_fan_out, whose factors are those of ΔWᵀ; nn.Embedding → LoRA Embedding, whose
-    factors are lora_embedding_B [dim, r] · lora_embedding_A [r, num_embeddings] = ΔWᵀ; the output head
-    (get_output_embeddings(), a Linear) stays a LoRA Linear, which is what PEFT makes of `lm_head`.
-    Without a config or a model class (custom code), names decide: embedding-like leaf names
-    (embed_tokens, wte, ...), head-like ones (lm_head, ...), and Conv1D by model_type.
-
-Note: scale and alpha.
-    Each module's factors satisfy B·A·(alpha/r) = U_k S_k V_kᵀ exactly (the √S split is divided by the
-    scale), so the adapter reproduces the truncation whatever alpha is. By default alpha = r for every
-    module (scale 1); per-module ranks go to rank_pattern and the matching alphas to alpha_pattern.
-    `alpha=` fixes one lora_alpha for all modules instead (scale alpha/r per module).
-
-Note: tensors LoRA cannot carry.
-    Norms, biases, position tables of non-targeted embeddings, ... A changed one is listed (name, shape,
-    reason, ‖Δ‖/‖W‖). With `modules_to_save=True` they are carried exactly instead: a module that is not
-    a LoRA candidate (a norm) goes to PEFT's `modules_to_save` with all its TUNED parameters; the changed
-    bias of a LoRA-targeted module goes to `lora_B.bias` (PEFT's lora_bias, stored as Δb / scale), which
-    PEFT allows only when every targeted module has a base bias and none is an embedding; otherwise the
-    bias is listed. Modules excluded by choice (--target-modules, embeddings without
-    include_embeddings) are never carried whole behind the user's back: they are listed.
-
-Note: tied heads.
-    A model with tie_word_embeddings stores no lm_head.weight; its head is the input embedding. When the
-    input embedding is targeted, the adapter sets PEFT's `ensure_weight_tying`, so the head gets the
-    same (transposed) LoRA and the forward pass matches TUNED, whose head moved with its embedding.
-
-Note: streaming and checks first.
-    Both headers are compared (key sets, shapes) and every option and pattern is checked before any
-    tensor is read; then BASE and TUNED are read in step, one tensor pair at a time, so memory is a
-    few tensors plus the adapter being built (rank r factors, small). The adapter is written at the end
-    through an atomic directory: an error at any point leaves no output.
 """
 from __future__ import annotations
 
@@ -87,6 +51,13 @@ def lora_kind_of(role_kind: str) -> tuple[str, bool]:
 def factor_layout(delta: torch.Tensor, kind: str) -> torch.Tensor:
     """The matrix whose factors PEFT stores as B·A: ΔW for Linear, ΔWᵀ for Conv1D ([in, out]) and Embedding."""
     return to_layout(delta, stored_transposed(*lora_kind_of(kind)))
+
+
+# Note: scale and alpha.
+#     Each module's factors satisfy B·A·(alpha/r) = U_k S_k V_kᵀ exactly (the √S split is divided by the
+#     scale), so the adapter reproduces the truncation whatever alpha is. By default alpha = r for every
+#     module (scale 1); per-module ranks go to rank_pattern and the matching alphas to alpha_pattern.
+#     `alpha=` fixes one lora_alpha for all modules instead (scale alpha/r per module).
 
 
 def lowrank_module(delta: torch.Tensor, kind: str, rule: RankRule, *, alpha: float | None = None,
@@ -141,6 +112,17 @@ class CheckpointRoles:
     input_embedding: str | None
     model_type: str | None
     head: str | None = None  # output head module name (tied or not)
+
+
+# Note: what can be a LoRA target, and in which layout.
+#     The kind of each weight comes from the model class itself: config.json is turned into the model on
+#     PyTorch's meta device (no memory, no weights), and each tensor's module is looked up there:
+#     nn.Linear → LoRA Linear; transformers' Conv1D (GPT-2 family, weights stored [in, out]) → LoRA
+#     Linear with fan_in_fan_out, whose factors are those of ΔWᵀ; nn.Embedding → LoRA Embedding, whose
+#     factors are lora_embedding_B [dim, r] · lora_embedding_A [r, num_embeddings] = ΔWᵀ; the output head
+#     (get_output_embeddings(), a Linear) stays a LoRA Linear, which is what PEFT makes of `lm_head`.
+#     Without a config or a model class (custom code), names decide: embedding-like leaf names
+#     (embed_tokens, wte, ...), head-like ones (lm_head, ...), and Conv1D by model_type.
 
 
 def _module_kind(module) -> str:
@@ -326,6 +308,13 @@ def _rel_change(b: torch.Tensor, t: torch.Tensor) -> float:
     return d / n if n > 0 else math.inf
 
 
+# Note: streaming and checks first.
+#     Both headers are compared (key sets, shapes) and every option and pattern is checked before any
+#     tensor is read; then BASE and TUNED are read in step, one tensor pair at a time, so memory is a
+#     few tensors plus the adapter being built (rank r factors, small). The adapter is written at the end
+#     through an atomic directory: an error at any point leaves no output.
+
+
 @dataclass
 class _Difference:
     """What reading BASE and TUNED side by side found."""
@@ -470,6 +459,16 @@ def _difference(base_ck: Checkpoint, tuned_ck: Checkpoint, layout: "CheckpointRo
     return found
 
 
+# Note: tensors LoRA cannot carry.
+#     Norms, biases, position tables of non-targeted embeddings, ... A changed one is listed (name, shape,
+#     reason, ‖Δ‖/‖W‖). With `modules_to_save=True` they are carried exactly instead: a module that is not
+#     a LoRA candidate (a norm) goes to PEFT's `modules_to_save` with all its TUNED parameters; the changed
+#     bias of a LoRA-targeted module goes to `lora_B.bias` (PEFT's lora_bias, stored as Δb / scale), which
+#     PEFT allows only when every targeted module has a base bias and none is an embedding; otherwise the
+#     bias is listed. Modules excluded by choice (--target-modules, embeddings without
+#     include_embeddings) are never carried whole behind the user's back: they are listed.
+
+
 def _carry_rest(diff: _Difference, layout: "CheckpointRoles", selection: "TargetSelection", tuned, tuned_ck: Checkpoint,
                 modules_to_save: bool, out_dtype: torch.dtype) -> _Carried:
     """What the LoRA modules do not carry: whole modules and lora_bias under --modules-to-save, else listed
@@ -518,6 +517,12 @@ def _carry_rest(diff: _Difference, layout: "CheckpointRoles", selection: "Target
                f"({_few([n['name'] for n in not_carried])})" if not_carried else ""
         raise InputError(f"nothing to extract: no targeted weight differs between BASE and TUNED{what}", path=tuned)
     return _Carried(not_carried, saved, sorted(whole_modules), use_bias)
+
+
+# Note: tied heads.
+#     A model with tie_word_embeddings stores no lm_head.weight; its head is the input embedding. When the
+#     input embedding is targeted, the adapter sets PEFT's `ensure_weight_tying`, so the head gets the
+#     same (transposed) LoRA and the forward pass matches TUNED, whose head moved with its embedding.
 
 
 def _adapter_config_of(modules: dict[str, LoraModule], carried: _Carried, layout: "CheckpointRoles", rule: RankRule,
