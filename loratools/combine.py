@@ -44,7 +44,7 @@ from .device import resolve_device, torch_threads
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
 from .io import check_output_path, provenance
 from .io.output import check_report_path, write_adapter_dir
-from .lora_math import stored_transposed
+from .lora_math import stored_transposed, variant_of
 from .ranks import check_ranges, most_common_rank
 
 log = logging.getLogger("loratools")
@@ -120,7 +120,7 @@ class ModulePlan:
 def plan_modules(adapters: list[Adapter]) -> dict[str, ModulePlan]:
     plans: dict[str, ModulePlan] = {}
     for i, ad in enumerate(adapters):
-        if ad.use_dora or any(m.magnitude is not None for m in ad.modules.values()):
+        if ad.use_dora or not all(variant_of(m).additive for m in ad.modules.values()):
             raise UnsupportedError("DoRA adapters cannot be combined: the magnitude vector rescales W + ΔW as a "
                                    "whole, so DoRA updates do not add", path=ad.path)
         for name, m in ad.modules.items():

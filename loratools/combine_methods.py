@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .lora_math import peft_delta
+from .lora_math import peft_delta, to_layout
 from .lowrank import Truncation, truncate, truncate_factors
 
 
@@ -177,7 +177,7 @@ def task_arithmetic_truncated(terms: list[Term], method: str, *, module: str, tr
     """task_merge, then its best rank-R approximation in the factor layout (B·A = merged, transposed back)."""
     merged = task_merge(terms, method, module=module, transposed=transposed, density=density,
                         majority_sign=majority_sign, seed=seed)
-    M = merged.T if transposed else merged
+    M = to_layout(merged, transposed)
     del merged
     if energy is not None:
         return truncate(M, energy=energy, max_rank=rank)

@@ -128,6 +128,7 @@ class PlainLora:
 
     name = "lora"
     records_norm = False  # merge leaves nothing unmerge would need beyond the adapter itself
+    additive = True  # ΔW alone is the update: deltas sum (combine) and truncate (resize)
 
     def merge(self, acc: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, m: "LoraModule"):
         """acc += ΔW; returns what unmerge needs besides the adapter (nothing)."""
@@ -144,6 +145,7 @@ class Dora(PlainLora):
 
     name = "dora"
     records_norm = True
+    additive = False  # m / ||W + ΔW|| depends on the whole base weight: updates neither sum nor truncate
 
     def merge(self, acc, base, delta, m):
         tr = stored_transposed(m.kind, m.fan_in_fan_out)

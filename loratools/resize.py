@@ -28,6 +28,7 @@ from .adapter import LoraModule, adapter_tensors, load_adapter
 from .errors import UnsupportedError
 from .io import check_output_path, provenance
 from .io.output import ADAPTER_WEIGHTS, check_report_path, write_adapter_dir
+from .lora_math import variant_of
 from .lowrank import truncate_factors
 from .ranks import RankRule, most_common_rank
 
@@ -76,7 +77,7 @@ def resize_adapter(adapter: str | Path, output: str | Path, *, rank: int | None 
     """
     RankRule(rank, energy, sv_ratio, max_rank).check(one_criterion=True)
     ad = load_adapter(adapter)
-    dora = [n for n, m in ad.modules.items() if m.magnitude is not None]
+    dora = [n for n, m in ad.modules.items() if not variant_of(m).additive]
     if ad.use_dora or dora:
         raise UnsupportedError("DoRA adapters cannot be resized: the magnitude vector rescales each row by "
                                "m / ‖W + ΔW‖, which depends on the full base weight, so truncating ΔW changes "
