@@ -1,9 +1,10 @@
 """The bitsandbytes 4-bit number formats (NF4, FP4), blockwise absmax scaling and double quantization.
 
 One file, pure tensor functions, no file I/O: everything `loratools quantize` / `dequantize` and the
-4-bit reader (quantized.py) need to produce and read exactly the bytes that bitsandbytes 0.50 +
-transformers write for a `load_in_4bit` model. bitsandbytes itself is only used by the tests, to
-prove byte parity.
+4-bit reader (quantized.py) need to produce and read exactly the bytes that bitsandbytes + transformers
+write for a `load_in_4bit` model. bitsandbytes itself is only used by the tests, which prove byte parity
+against the installed release (written against 0.50; an older one within pyproject's range may round
+differently, and the tests would say so).
 
 Layout of one quantized weight `W` (any shape, `n` elements, flattened row-major):
   - `W`               uint8 `[ceil(n/2), 1]`: two 4-bit codes per byte, element 2k in the high nibble;
@@ -354,7 +355,7 @@ def quantize_absmax(absmax: torch.Tensor, mean_threads: int | None = None
         taken on CPU with torch over `mean_threads` threads (None: torch's current setting), so a
         caller that runs its maths single-threaded passes the count bitsandbytes would run with
         (quantize passes torch's setting at the start of the command).
-    Note: 8-bit rounding (bitsandbytes 0.50's CPU kernel, reproduced step for step).
+    Note: 8-bit rounding (bitsandbytes' CPU kernel as of 0.50, reproduced step for step; tested for parity).
         It does not search the table per value. Each value is scaled by the float32 reciprocal of
         its block's absmax, clamped to [-1, 1], mapped to one of 65536 bins by
         trunc(((v + 1) * 0.5) * 65535 + 0.5) (four float32 roundings), and the bin looked up in a

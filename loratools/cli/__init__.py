@@ -13,7 +13,7 @@ import click
 
 from .. import __version__
 from ..errors import LoratoolsError
-from ..progress import print_json
+from .console import print_json
 
 
 

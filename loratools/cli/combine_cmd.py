@@ -1,8 +1,9 @@
 import click
 
 from ..io.provenance import start_digests
-from ..progress import bar, info, kv_table, print_json, table
+from .console import bar, info, print_json
 from .options import device_option, force_option, json_option, output_option
+from .tables import kv_table, table
 from .rank_options import energy_option, rank_option
 
 

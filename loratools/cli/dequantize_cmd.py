@@ -1,7 +1,7 @@
 import click
 
 from ..io.provenance import start_digests
-from ..progress import bar, info, print_json
+from .console import bar, info, print_json
 from .options import device_option, force_option, json_option, max_shard_size_option, output_option
 
 

@@ -1,7 +1,8 @@
 import click
 
-from ..progress import fmt, human_bytes, kv_table, print_json, table
+from .console import print_json
 from .options import json_option
+from .tables import fmt, human_bytes, kv_table, table
 
 
 @click.command("inspect")

@@ -1,8 +1,9 @@
 import click
 
 from ..io.provenance import start_digests
-from ..progress import bar, human_bytes, info, kv_table, print_json, table
+from .console import bar, info, print_json
 from .options import device_option, force_option, json_option, max_shard_size_option, output_option
+from .tables import human_bytes, kv_table, table
 
 
 @click.command("quantize")

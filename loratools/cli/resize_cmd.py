@@ -1,8 +1,9 @@
 import click
 
 from ..io.provenance import start_digests
-from ..progress import human_bytes, kv_table, print_json, table
+from .console import print_json
 from .options import force_option, json_option, output_option
+from .tables import human_bytes, kv_table, table
 from .rank_options import energy_option, max_rank_option, rank_option, sv_ratio_option
 
 

@@ -1,7 +1,7 @@
 import click
 
 from ..io.provenance import start_digests
-from ..progress import bar
+from .console import bar
 from .merge_cmd import DTYPE_CHOICE, report
 from .options import device_option, force_option, json_option, max_shard_size_option, output_option
 

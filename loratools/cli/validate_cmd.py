@@ -2,8 +2,9 @@ import sys
 
 import click
 
-from ..progress import fmt, info, kv_table, print_json, table
+from .console import info, print_json
 from .options import device_option, json_option
+from .tables import fmt, kv_table, table
 
 
 @click.command("validate")

@@ -5,10 +5,9 @@ Note: allocator.
     thread) and freed on another (the writer). glibc serves a freed block again only from its own
     thread's arena, and by default raises its mmap threshold to the size of the last large block
     freed (up to 32 MiB), after which blocks of that size come from the arenas and stay mapped when
-    freed. Memory then drifts 100-200 MB above what is live (merge of the 0.75B benchmark model: 513
-    MB peak with the write-behind thread, 406 MB with the fixed thresholds below; quantize used to
-    call malloc_trim before every big read instead, at ~1 s of system time). No-op where glibc is
-    not the allocator.
+    freed. Memory then drifts 100-200 MB above what is live (figures in docs/quantize.md). Fixing
+    the thresholds keeps RSS at the live tensors without a malloc_trim per read. No-op where glibc
+    is not the allocator.
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_THRESHOLD = 8 << 20
 # Fixing the mmap threshold also stops glibc adapting its trim threshold (128 KiB by default): the heap
 # would then be shrunk after every free and re-faulted by the next op's temporaries (quantize's
-# chunked maths: 10 s -> 12.7 s, system time 3 s -> 8 s). Freed heap below this much is kept.
+# chunked maths slowed by a quarter, see docs/quantize.md). Freed heap below this much is kept.
 TRIM_THRESHOLD = 64 << 20
 
 
