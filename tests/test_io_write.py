@@ -161,3 +161,48 @@ def test_command_line_starts_without_torch():
             "print(sorted(m for m in ('torch', 'numpy', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_adapter_output_path_reports_bytes_and_stages_the_report(tmp_path):
+    """write_adapter_dir (extract, resize, combine): the summary counts the bytes of every written file and
+    the stale temporaries it removed; the --report file appears only with the output, never inside it,
+    and a failure before the output is complete leaves neither (no temporary either)."""
+    from loratools.adapter import load_adapter
+    from loratools.io import OutputPath, Durability
+    from loratools.io.output import write_adapter_dir
+    from loratools.errors import OutputError
+
+    src = FIXTURES / "llama-lora"
+    config = json.loads((src / "adapter_config.json").read_text())
+    with safe_open(str(src / "adapter_model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    out = tmp_path / "out"
+    (tmp_path / f".out.loratools-tmp-{2**22 + 12345}-deadbeef").mkdir()  # left by a killed run (no such pid)
+
+    def boom(summary, sizes):
+        raise RuntimeError("report failed")
+
+    with pytest.raises(RuntimeError):
+        write_adapter_dir(out, inputs=[src], force=False, config=config, tensors=tensors, report_doc=boom,
+                          report=tmp_path / "r.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the stale one is gone too, and nothing is left
+    with pytest.raises(OutputError, match="--report"):
+        write_adapter_dir(out, inputs=[src], force=False, config=config, tensors=tensors, report=out / "r.json")
+    doc = write_adapter_dir(OutputPath(str(out), Durability(sync=False)), inputs=[src], force=False,
+                            config=config, tensors=tensors, report=tmp_path / "r.json",
+                            report_doc=lambda summary, sizes: {**summary, "sizes": sizes})
+    assert doc["files"] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert doc["bytes"] == sum((out / f).stat().st_size for f in doc["files"]) == sum(doc["sizes"].values())
+    assert json.loads((tmp_path / "r.json").read_text()) == doc
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.json"]
+    assert load_adapter(out).config["r"] == config["r"]
+
+
+def test_resize_reports_bytes_and_stale_temporaries(tmp_path):
+    """resize (like extract and combine) now returns what the checkpoint commands do: bytes, removed temporaries."""
+    stale = tmp_path / f".r.loratools-tmp-{2**22 + 54321}-deadbeef"
+    stale.mkdir()
+    doc = json.loads(run_cli("resize", FIXTURES / "llama-lora", "-o", tmp_path / "r", "--rank", 2, "--json").stdout)
+    assert doc["stale_removed"] == [str(stale)] and not stale.exists()
+    assert doc["bytes"] == sum((tmp_path / "r" / f).stat().st_size for f in doc["files"])
+    assert doc["totals"]["bytes"] == (tmp_path / "r" / "adapter_model.safetensors").stat().st_size
