@@ -70,7 +70,7 @@ def _code_cpu(quant_type: str) -> torch.Tensor:
     return data / data.abs().max()  # float32 division, as bitsandbytes does: NF4 unchanged, FP4 / 12
 
 
-def code_4bit(quant_type: str, device="cpu") -> torch.Tensor:
+def code_4bit(quant_type: str, device: str | torch.device = "cpu") -> torch.Tensor:
     """The 16-entry float32 table that `quant_map` stores."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
@@ -107,7 +107,7 @@ def _dynamic_map_cpu() -> torch.Tensor:
     return torch.tensor(data, dtype=torch.float32)
 
 
-def dynamic_map(device="cpu") -> torch.Tensor:
+def dynamic_map(device: str | torch.device = "cpu") -> torch.Tensor:
     """The 256-entry float32 table that `nested_quant_map` stores."""
     return _dynamic_map_cpu().to(device)
 
@@ -433,17 +433,21 @@ class QuantState:
 
     @property
     def nested(self) -> bool:
+        """True with double quantization (the absmax stored in 8 bits)."""
         return self.nested_offset is not None
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The dense weight's dtype, as torch spells it."""
         return FLOAT_DTYPES[self.dtype]
 
     @property
     def key_suffix(self) -> str:
+        """The suffix of the tensor holding this state's JSON: `.quant_state.bitsandbytes__nf4`."""
         return QUANT_STATE_PREFIX + self.quant_type
 
     def to_dict(self) -> dict:
+        """The JSON dict bitsandbytes stores (see the comment below on its key order)."""
         # Key order and json.dumps' default separators are what bitsandbytes' pack_dict_to_tensor
         # writes, so the bytes match too.
         d = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": self.dtype,
@@ -454,6 +458,7 @@ class QuantState:
         return d
 
     def to_tensor(self) -> torch.Tensor:
+        """The stored uint8 tensor: the JSON's UTF-8 bytes."""
         return torch.frombuffer(bytearray(json.dumps(self.to_dict()).encode("utf-8")), dtype=torch.uint8)
 
     @classmethod
@@ -480,10 +485,12 @@ class QuantState:
     # shapes of the tensors stored beside the packed weight
     @property
     def numel(self) -> int:
+        """Elements of the dense weight."""
         return math.prod(self.shape)
 
     @property
     def blocks(self) -> int:
+        """absmax blocks over the flattened weight (the last may be partial)."""
         return -(-self.numel // self.blocksize)
 
     def aux_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

@@ -5,6 +5,9 @@ write it, drop it.
 """
 from __future__ import annotations
 
+import os
+from typing import Callable
+
 import torch
 
 from .dtypes import FLOAT_DTYPES, cast_floats
@@ -14,11 +17,26 @@ from .io.output import write_checkpoint
 
 
 def target_dtype(src: torch.dtype, dtype: str) -> torch.dtype:
+    """The dtype a tensor is written in: `dtype` for floating tensors, unless "auto"; others keep theirs."""
     return cast_floats(src, None if dtype == "auto" else FLOAT_DTYPES[dtype])
 
 
-def convert_checkpoint(src, output, *, dtype: str = "auto", max_shard_size: int, force: bool = False,
-                       on_tensor=None) -> dict:
+def convert_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, dtype: str = "auto",
+                       max_shard_size: int, force: bool = False,
+                       on_tensor: Callable[[str], None] | None = None) -> dict:
+    """Rewrite a dense checkpoint tensor by tensor into `output`.
+
+    Args:
+        src: a checkpoint (file, directory or sharded directory).
+        output: the directory to create (an io.OutputPath carries its durability).
+        dtype: "auto" (each tensor keeps its dtype), "float16", "bfloat16" or "float32" for the
+            floating tensors; config.json then declares it.
+        max_shard_size, force, on_tensor: as for io.output.write_checkpoint.
+    Returns:
+        write_checkpoint's summary plus "tensors".
+    Example:
+        >>> convert_checkpoint("fixtures/tiny-llama", "/tmp/tiny-bf16", dtype="bfloat16", max_shard_size=200_000)
+    """
     ck = Checkpoint(src)
     if ck.is_quantized:
         raise InputError("this is a 4-bit quantized checkpoint; use `loratools dequantize` to get a dense one",

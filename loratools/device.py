@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Iterator
 
 import torch
 
@@ -20,7 +21,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def torch_threads(n: int, device: torch.device | None = None):
+def torch_threads(n: int, device: torch.device | None = None) -> Iterator[None]:
     """Run a block with torch limited to n CPU threads (no-op for CUDA work), restored afterwards.
 
     Memory-bound element-wise work and small matmuls get slower with more threads on a busy machine

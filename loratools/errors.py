@@ -19,6 +19,7 @@ class LoratoolsError(Exception):
         self.tensor = tensor
 
     def one_line(self) -> str:
+        """The message as the command line prints it: `FILE: tensor NAME: message`, on one line."""
         parts = []
         if self.path:
             parts.append(self.path)
@@ -29,6 +30,7 @@ class LoratoolsError(Exception):
         return " ".join(text.split())  # never more than one line
 
     def to_json(self) -> dict:
+        """The error object a --json command prints on stdout."""
         return {
             "error": {
                 "type": self.kind,

@@ -29,8 +29,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING, Iterable
 
 from .dtypes import declared_float_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 LINEAR = "linear"
 CONV1D = "conv1d"
@@ -47,10 +51,11 @@ class ModelLayout:
     dtype: str | None = None  # the dtype transformers loads the weights in (config dtype), if known
 
     def is_conv1d(self, module: str) -> bool:
+        """True when the module is a GPT-2 style Conv1D (its weight stored [in, out])."""
         return self.kinds.get(module) == CONV1D
 
 
-def should_convert(module: str, patterns) -> bool:
+def should_convert(module: str, patterns: Iterable[str] | None) -> bool:
     """transformers' should_convert_module: skip when a pattern matches from the start on a dot
     boundary, as a regex with that boundary, or as a suffix."""
     if patterns is None:
@@ -156,7 +161,7 @@ def _layout_cached(config_json: str) -> ModelLayout:
     return ModelLayout("transformers", kinds, tuple(sorted(get_keys_to_not_convert(model))), keep, dtype)
 
 
-def meta_model(config: dict | None):
+def meta_model(config: dict | None) -> torch.nn.Module | None:
     """The model class config.json names, built on the meta device (no memory, no weights), or None when
     transformers cannot build it. Shared by quantize, extract and validate; cached per config."""
     if not config:

@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 
@@ -48,7 +48,7 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 _LONGEST_FLOAT = -1.2345678901234567e-300
 
 
-def single_threaded_torch(device: torch.device):
+def single_threaded_torch(device: torch.device) -> ContextManager[None]:
     """Run the CPU maths with one intra-op thread (restored afterwards).
 
     Note: threads.
@@ -86,9 +86,11 @@ class TensorReport:
 
     @property
     def rel_rms(self) -> float:
+        """sqrt(err_sq / ref_sq): the RMS error relative to the weight's RMS."""
         return math.sqrt(self.err_sq / self.ref_sq) if self.ref_sq > 0 else 0.0
 
     def to_json(self) -> dict:
+        """The row of the report's "tensors" list."""
         return {"name": self.name, "shape": list(self.shape), "parameters": self.params,
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
                 "bits_per_parameter": 8 * self.bytes_after / self.params, "rel_rms_error": self.rel_rms}
@@ -130,6 +132,7 @@ _FALLBACK_DENSE = ("embed", "wte", "wpe", "lm_head", "embed_out", "output", "nor
 
 
 def plan_quantization(ck: Checkpoint, skip_modules: list[str] | None) -> QuantPlan:
+    """Which weights transformers would quantize (see `Note: selection`), from config.json alone."""
     layout = layout_for(ck.config)
     user = list(skip_modules) if skip_modules else None
     if layout.source == "transformers":

@@ -27,6 +27,7 @@ QUANT_STATE_MARK = ".quant_state.bitsandbytes__"
 
 
 def load_json(path: Path, what: str = "JSON file") -> dict:
+    """A JSON object from a file; unreadable, invalid or non-object content is an error naming `what`."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -155,6 +156,7 @@ class Checkpoint:
 
     @property
     def quantization_config(self) -> dict | None:
+        """config.json's quantization_config block, or None."""
         qc = (self.config or {}).get("quantization_config")
         return qc if isinstance(qc, dict) else None
 
@@ -174,16 +176,20 @@ class Checkpoint:
 
     @property
     def is_quantized(self) -> bool:
+        """True when any tensor is a bitsandbytes quant_state (a 4-bit checkpoint)."""
         return any(QUANT_STATE_MARK in n for n in self.tensors)
 
     @property
     def files(self) -> list[Path]:
+        """The weight files: shards, then the index when there is one."""
         return list(self.shards) + ([self.index_file] if self.index_file else [])
 
     def bytes_on_disk(self) -> int:
+        """Total size of the weight files."""
         return sum(p.stat().st_size for p in self.files)
 
     def dtype_counts(self) -> dict[str, int]:
+        """Elements per dtype name, sorted by name."""
         c = Counter()
         for info in self.tensors.values():
             c[info.dtype_name] += info.numel
@@ -194,9 +200,11 @@ class Checkpoint:
         return name in self.tensors
 
     def keys(self) -> list[str]:
+        """Tensor names in file order."""
         return list(self.tensors)
 
     def info(self, name: str) -> TensorInfo:
+        """Where a tensor lives; a missing name is an InputError naming the checkpoint."""
         try:
             return self.tensors[name]
         except KeyError:
@@ -245,7 +253,8 @@ class Checkpoint:
                     pending.cancel() or pending.exception()
         self.close()
 
-    def close(self):
+    def close(self) -> None:
+        """Close the open shard, if any (reads reopen it)."""
         if self._fh is not None:
             self._fh.close()
         self._fh = None

@@ -45,6 +45,7 @@ def weight_files(path: str | Path) -> list[Path]:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 8 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(CHUNK)
@@ -212,6 +213,7 @@ def provenance(command: str, options: dict, inputs: dict) -> Provenance:
 
 
 def read_provenance(metadata: dict[str, str]) -> dict | None:
+    """The provenance record in a safetensors metadata dict: None without one, {"raw": text} if not JSON."""
     raw = metadata.get("loratools")
     if not raw:
         return None

@@ -23,6 +23,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
@@ -53,6 +54,7 @@ ALIGN = 8
 
 
 def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of a torch dtype."""
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -69,10 +71,12 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
+        """Number of elements."""
         return math.prod(self.shape)
 
     @property
     def dtype_name(self) -> str:
+        """The dtype as torch spells it, without `torch.` ("float16")."""
         return str(self.dtype).removeprefix("torch.")
 
 
@@ -148,7 +152,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return ordered, metadata
 
 
-def read_tensor(info: TensorInfo, fh=None) -> torch.Tensor:
+def read_tensor(info: TensorInfo, fh: BinaryIO | None = None) -> torch.Tensor:
     """Read one tensor into a fresh CPU buffer (no mmap; see the module note)."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     own = fh is None

@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 
 from ..errors import FormatError, InputError, LoratoolsError, OutputError
-from .safetensors_format import build_header, element_size, tensor_bytes
+from .safetensors_format import TensorInfo, build_header, element_size, tensor_bytes
 from .durability import DURABLE, Durability
 from .provenance import Provenance
 from .sizes import DEFAULT_MAX_SHARD_SIZE
@@ -40,6 +40,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         n = element_size(self.dtype)
         for d in self.shape:
             n *= d
@@ -144,6 +145,7 @@ class ShardWriter:
         return prefix, offsets
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a planned tensor at its offset (any order; its dtype and shape must match the plan)."""
         spec = self._specs.get(name)
         if spec is None or name not in self._pending:
             raise LoratoolsError("internal: tensor not planned or written twice", tensor=name)
@@ -183,7 +185,7 @@ class ShardWriter:
         self._durability.start_writeback(fd, offset, len(data))
         self._pending.discard(name)
 
-    def copy_from(self, name: str, info) -> None:
+    def copy_from(self, name: str, info: TensorInfo) -> None:
         """Write a planned tensor straight from its bytes in an input file (a TensorInfo of the same dtype
         and shape), kernel to kernel where the OS allows: a tensor passed through unchanged never
         occupies memory (merge uses this for every tensor no adapter touches)."""
@@ -297,7 +299,7 @@ def _copy_range(src: int, src_off: int, dst: int, dst_off: int, nbytes: int, inf
         done += k
 
 
-def write_json(path: Path, data, durability: Durability = DURABLE) -> None:
+def write_json(path: Path, data: dict | list, durability: Durability = DURABLE) -> None:
     """Write `data` as indented JSON (key order kept) plus a newline, synced as `durability` says."""
     try:
         with open(path, "w", encoding="utf-8") as f:
