@@ -86,7 +86,7 @@ def _fsyncs(monkeypatch, tmp_path, *flags):
 
 def test_outputs_are_synced_unless_no_sync(monkeypatch, tmp_path):
     """Every shard, side file and the directories are fsync'ed by default; --no-sync writes the same
-    bytes with no fsync at all (and the option resets for the next command in the same process)."""
+    bytes with no fsync at all (and the next command in the same process syncs again)."""
     synced, a = _fsyncs(monkeypatch, tmp_path)
     shards = [p for p in a.iterdir() if p.suffix == ".safetensors"]
     assert len(shards) > 1 and len(synced) >= len(list(a.iterdir())) + 2  # + the two directories
@@ -98,7 +98,8 @@ def test_outputs_are_synced_unless_no_sync(monkeypatch, tmp_path):
 
 
 def test_no_sync_ends_with_its_command(monkeypatch, tmp_path):
-    """After `--no-sync`, the next command without the flag and a library call both sync again."""
+    """`--no-sync` belongs to its command's output (io.OutputPath), not to the process: the next command
+    without the flag and a library call both sync again."""
     from loratools.convert import convert_checkpoint
 
     _fsyncs(monkeypatch, tmp_path, "--no-sync")

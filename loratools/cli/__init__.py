@@ -16,9 +16,12 @@ from ..errors import LoratoolsError
 from .console import print_json
 
 
-
 class LoratoolsGroup(click.Group):
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    """The command group whose `main` turns every failure into one line and an exit code (module notes)."""
+
+    def main(self, args: list[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra) -> int:
+        """Run a command; return (or exit with) 0, 1 for a failure the user can fix, 2 for a usage error."""
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv or os.environ.get("LORATOOLS_DEBUG", "") not in ("", "0")
         argv = [a for a in argv if a != "--debug"]
@@ -116,5 +119,6 @@ def _register():
 _register()
 
 
-def main():
+def main() -> None:
+    """The `loratools` console script."""
     cli.main(prog_name="loratools")
