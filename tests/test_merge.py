@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -75,11 +76,13 @@ def peft_model(base, adapters, dtype, weights=None):
 
 
 def peft_merged(base, adapters, dtype, weights=None) -> dict[str, torch.Tensor]:
+    """What a PEFT user ships: merge_and_unload() + save_pretrained, read back (so tied aliases such as
+    GPT-2's lm_head are dropped exactly as transformers drops them, and the key set is comparable)."""
     pm, names = peft_model(base, adapters, dtype, weights)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as d:
         warnings.simplefilter("ignore")
-        merged = pm.merge_and_unload(adapter_names=names)
-    return {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+        pm.merge_and_unload(adapter_names=names).save_pretrained(d)
+        return {k: v.clone() for k, v in Checkpoint(d).iter_tensors()}
 
 
 def tokens(n=48):
@@ -92,13 +95,14 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=tokens()).logits.float()
 
 
-def compare(ours_dir, ref: dict[str, torch.Tensor], skip=()) -> tuple[int, int, float]:
-    """(bit-identical elements, elements, worst ulp distance) over every tensor of our output."""
+def compare(ours_dir, ref: dict[str, torch.Tensor]) -> tuple[int, int, float]:
+    """(bit-identical elements, elements, worst ulp distance) over every tensor; our output and the
+    reference must hold the same tensor names (a tensor missing on either side fails)."""
+    ours = dict(Checkpoint(ours_dir).iter_tensors())
+    assert ours.keys() == ref.keys(), sorted(ours.keys() ^ ref.keys())
     same = total = 0
     worst = 0.0
-    for name, t in Checkpoint(ours_dir).iter_tensors():
-        if name in skip:
-            continue
+    for name, t in ours.items():
         r = ref[name]
         assert r.dtype == t.dtype and r.shape == t.shape, name
         d = ulp_distance(t, r)
@@ -133,20 +137,19 @@ def test_merge_matches_peft(tmp_path, name):
     base = base_of(name)
     dtype = dtype_of(base)
     out = merge(tmp_path, base, name)
-    ref = peft_merged(base, [FIXTURES / name], dtype)
+    peft_own = peft_merged(base, [FIXTURES / name], dtype)
     embedding_lora = {m.base_key for m in load_adapter(FIXTURES / name).modules.values() if m.kind == "embedding"}
-    same, total, worst = compare(out, ref, skip=embedding_lora)
-    assert worst <= 1.0, f"{name}: worst {worst} ulp from PEFT"
+    ref = dict(peft_own)
     note = ""
     if embedding_lora:
-        # PEFT rounds the embedding delta to the base dtype before adding it; the exact reference is
-        # PEFT on a float32 base, rounded once.
-        ref32 = {k: v.to(dtype) for k, v in peft_merged(base, [FIXTURES / name], torch.float32).items()}
-        s2, t2, w2 = compare(out, {k: ref32[k] for k in embedding_lora}, skip=set(ref) - embedding_lora)
-        assert w2 <= 1.0
-        same, total = same + s2, total + t2
-        note = f" (embedding: {s2}/{t2} bit-identical to PEFT-in-float32 rounded once)"
-    STATS[f"parity {name}"] = f"{same}/{total} elements bit-identical to PEFT, worst {worst:g} ulp{note}"
+        # PEFT rounds the embedding delta to the base dtype before adding it (two roundings); the exact
+        # reference there is PEFT on a float32 base, rounded once (docs/merge.md, "Parity, measured").
+        ref32 = peft_merged(base, [FIXTURES / name], torch.float32)
+        ref.update({k: ref32[k].to(dtype) for k in embedding_lora})
+        note = f" ({len(embedding_lora)} embedding tensor(s) against PEFT in float32 rounded once)"
+    same, total, worst = compare(out, ref)
+    assert same == total, f"{name}: {total - same} of {total} elements differ from PEFT (worst {worst:g} ulp)"
+    STATS[f"parity {name}"] = f"{same}/{total} elements bit-identical to PEFT{note}"
 
     # The merged model computes what the unmerged PEFT model computes (float32 forward on both, so the
     # only difference is the rounding of the merged weights, the same as for PEFT's own merge).
@@ -154,7 +157,7 @@ def test_merge_matches_peft(tmp_path, name):
     pm, _ = peft_model(base, [FIXTURES / name], torch.float32)
     want = logits(pm)
     peft_fp = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    peft_fp.load_state_dict({k: v for k, v in ref.items()}, strict=False)
+    peft_fp.load_state_dict(peft_own, strict=False)
     err_ours = float((logits(ours) - want).abs().max())
     err_peft = float((logits(peft_fp.float()) - want).abs().max())
     scale = float(want.abs().max())
@@ -189,12 +192,30 @@ def test_embedding_merge_is_the_single_rounding_of_peft_in_fp32(tmp_path):
     (["llama-dora", "llama-dora"], [0.5, 0.8]),
 ])
 def test_multi_adapter_matches_sequential_peft(tmp_path, names, weights):
+    """docs/merge.md: several adapters are PEFT's sequential merge, computed in float32 and rounded once.
+    Our float32 ops are not PEFT's op for op once a DoRA step rescales a sum (measured: float32 results
+    within 3.4e-7 of each row's largest value), so the promise checked is: the float16 output is our
+    float32 output rounded once, bit for bit; that float32 output is PEFT's float32 sequential merge up
+    to float32 rounding noise; hence the float16 output can differ from PEFT-in-float32-rounded-once only
+    by one ulp, where PEFT's float32 value sits on an fp16 rounding midpoint (1 of 123,200 elements here)."""
     extra = [x for w in weights for x in ("--weight", w)]
     out = merge(tmp_path, LLAMA, *names, extra=extra)
+    out32 = merge(tmp_path, LLAMA, *names, name="out32", extra=[*extra, "--dtype", "float32"])
     paths = [FIXTURES / n for n in names]
-    ref = {k: v.to(torch.float16) for k, v in peft_merged(LLAMA, paths, torch.float32, weights).items()}
-    same, total, worst = compare(out, ref)
-    assert worst <= 1.0
+    ref32 = peft_merged(LLAMA, paths, torch.float32, weights)
+    ours32 = dict(Checkpoint(out32).iter_tensors())
+    assert ours32.keys() == ref32.keys()
+    ours16 = dict(Checkpoint(out).iter_tensors())
+    for k, r in ref32.items():
+        rowmax = r.abs().amax(dim=-1, keepdim=True) if r.dim() == 2 else r.abs().max()
+        noise = (8 * torch.finfo(torch.float32).eps * rowmax).double().expand_as(r)
+        assert bool(((ours32[k] - r).abs() <= noise).all()), k
+        assert torch.equal(ours16[k], ours32[k].to(torch.float16)), k  # one rounding of the float32 result
+        off = ours16[k] != r.to(torch.float16)
+        midpoint = (ours16[k][off].double() + r.to(torch.float16)[off].double()) / 2
+        assert bool(((r[off].double() - midpoint).abs() <= noise[off]).all()), k
+    same, total, worst = compare(out, {k: v.to(torch.float16) for k, v in ref32.items()})
+    assert worst <= 1.0, (same, total, worst)
     ref16 = peft_merged(LLAMA, paths, torch.float16, weights)
     same16, _, worst16 = compare(out, ref16)
     STATS[f"multi {'+'.join(names)} {weights}"] = (f"{same}/{total} bit-identical to sequential PEFT on fp32 rounded "
@@ -208,12 +229,18 @@ def test_multi_adapter_matches_sequential_peft(tmp_path, names, weights):
 
 
 def test_weights_scale_linearly(tmp_path):
-    """--weight 2 on one plain adapter equals the adapter listed twice (up to float32 summation)."""
+    """--weight 2 on one plain adapter equals the adapter listed twice, up to float32 summation: the
+    two-adapter path adds ΔW to W twice in float32, (W + ΔW) + ΔW, not W + 2ΔW; so within 1 ulp."""
     a = merge(tmp_path, LLAMA, "llama-lora", name="a", extra=["--weight", "2"])
     b = merge(tmp_path, LLAMA, "llama-lora", "llama-lora", name="b")
     ra = dict(Checkpoint(a).iter_tensors())
-    for n, t in Checkpoint(b).iter_tensors():
+    rb = dict(Checkpoint(b).iter_tensors())
+    assert ra.keys() == rb.keys()
+    changed = 0
+    for n, t in rb.items():
         assert float(ulp_distance(ra[n], t).max()) <= 1.0, n
+        changed += not torch.equal(t, Checkpoint(LLAMA).read(n))
+    assert changed == len(load_adapter(FIXTURES / "llama-lora").modules)  # and the weight did act
 
 
 # -- round trip ----------------------------------------------------------------------------------------
@@ -248,6 +275,10 @@ def test_round_trip(tmp_path, name):
     assert s["total"] > 0
     assert s["bound"] == s["total"]  # |W' - W| <= ulp(merged) + ulp(W') everywhere
     assert s["fine_one_ulp"] == s["fine"]  # 1 ulp of W wherever the merged value is no coarser than W
+    # the measured shares docs/merge.md quotes (76-85% bit-exact, 93-96% within 1 ulp, 61-77% "fine")
+    assert 0.755 <= s["exact"] / s["total"] <= 0.855, s
+    assert 0.925 <= s["one_ulp"] / s["total"] <= 0.965, s
+    assert 0.605 <= s["fine"] / s["total"] <= 0.775, s
     STATS[f"round trip {name}"] = (
         f"{s['exact']}/{s['total']} changed elements bit-exact ({s['exact'] / s['total']:.1%}), "
         f"{s['one_ulp'] / s['total']:.1%} within 1 ulp of W, 100% within ulp(merged)+ulp(W'); "
@@ -375,7 +406,7 @@ def test_output_form_dtype_json_and_determinism(tmp_path):
     # float32 output of a bf16 base equals PEFT on the float32-loaded base
     ref = peft_merged(GPT2, [FIXTURES / "gpt2-bias"], torch.float32)
     same, total, worst = compare(a, ref)
-    assert worst <= 1.0
+    assert same == total, (same, total, worst)
 
 
 def test_base_without_top_level_prefix(tmp_path):
