@@ -545,3 +545,28 @@ def test_row_blocked_product_has_the_whole_products_bits(monkeypatch, shape, ran
     got, _ = merge_mod.merge_weight(w, [merge_mod.Step(mod, 1.0, 0)], out_dtype=torch.float16)
     want = (w.float() + (mod.B @ mod.A) * 0.37).half()
     assert torch.equal(got, want)
+
+
+def test_peft_merge_adds_the_tied_delta_twice_and_we_add_it_once(tmp_path):
+    """The claim in docs/merge.md: with `ensure_weight_tying`, PEFT's merge_and_unload() of the model it
+    trained adds ΔW to the shared embedding/head tensor twice (once through each wrapper); `merge` adds it
+    once, which is what that model computes (test_ensure_weight_tying_adapter_stays_tied)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(GPT2, dtype=torch.float32)
+    w = model.transformer.wte.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                              target_modules=["wte", "lm_head"], ensure_weight_tying=True))
+        delta = pm.base_model.model.transformer.wte.get_delta_weight("default").detach().clone()
+        adapter = tmp_path / "tied-adapter"
+        pm.save_pretrained(adapter)
+        peft_w = pm.merge_and_unload().transformer.wte.weight.detach()
+    assert float(delta.abs().max()) > 0.1
+    assert torch.allclose(peft_w, w + 2 * delta, rtol=0, atol=1e-5)  # PEFT: twice
+    out = tmp_path / "out"
+    run_cli("merge", GPT2, adapter, "-o", out, "--dtype", "float32")
+    ours = Checkpoint(out).read("transformer.wte.weight")
+    assert torch.allclose(ours, w + delta, rtol=0, atol=1e-5)  # loratools: once
