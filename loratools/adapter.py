@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -208,37 +209,63 @@ def load_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
 
 
 def _build_module(name: str, p: dict, cfg: dict, wpath: Path) -> LoraModule:
-    key = PREFIX + name
-    if "A" in p or "B" in p:
-        kind, a_role, b_role = "linear", "A", "B"
-    else:
-        kind, a_role, b_role = "embedding", "emb_A", "emb_B"
-    if a_role not in p or b_role not in p:
-        missing = a_role if a_role not in p else b_role
-        names = {"A": "lora_A.weight", "B": "lora_B.weight", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
-        raise FormatError(f"module has no {names[missing]} tensor", path=wpath, tensor=key)
-    A, B = p[a_role], p[b_role]
-    if A.dim() != 2 or B.dim() != 2:
-        raise UnsupportedError(f"only 2-D LoRA factors are supported (Linear, Conv1D, Embedding); found "
-                               f"A {list(A.shape)}, B {list(B.shape)}", path=wpath, tensor=key)
-    r = A.shape[0]
-    if B.shape[1] != r:
-        raise FormatError(f"lora_A has rank {r} but lora_B is {list(B.shape)} (expected [out, {r}])",
-                          path=wpath, tensor=key)
-    cfg_r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
-    if int(cfg_r) != r:
-        raise FormatError(f"config says r={cfg_r} for this module but its factors have rank {r}",
-                          path=wpath, tensor=key)
-    alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
-    scale = lora_scale(alpha, r, bool(cfg.get("use_rslora")))
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out")) and kind == "linear"
-    m = LoraModule(name=name, kind=kind, A=A, B=B, r=r, alpha=alpha, scale=scale, fan_in_fan_out=fan_in_fan_out,
-                   magnitude=p.get("magnitude"), bias=p.get("bias"))
-    out_features = B.shape[0]
+    m, issues = parse_module(name, p, cfg)
+    if issues:  # load_adapter refuses at the first; validate reports them all
+        raise issues[0].error(issues[0].message, path=wpath, tensor=PREFIX + name)
+    out_features = m.B.shape[0]
     for role, t in (("lora_magnitude_vector", m.magnitude), ("lora_B.bias", m.bias)):
         if t is not None and tuple(t.shape) != (out_features,):
-            raise FormatError(f"{role} has shape {list(t.shape)}, expected [{out_features}]", path=wpath, tensor=key)
+            raise FormatError(f"{role} has shape {list(t.shape)}, expected [{out_features}]", path=wpath,
+                              tensor=PREFIX + name)
     return m
+
+
+class FactorIssue(NamedTuple):
+    """One inconsistency in a module's saved factors (parse_module)."""
+
+    message: str  # what is wrong, without the module's name
+    expected: object
+    found: object
+    error: type = FormatError  # what load_adapter raises for it
+
+
+_ROLE_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
+
+
+def parse_module(name: str, parts: dict[str, torch.Tensor], cfg: dict) -> tuple[LoraModule | None, list[FactorIssue]]:
+    """One adapted module from its saved parts (role -> tensor, see classify_key; shape-only "meta" tensors
+    will do) and the adapter config: the LoraModule, None when the factors cannot describe one, and every
+    inconsistency found. A rank that disagrees with the config is an issue, but the module is still built
+    with its factors' rank. The magnitude and bias are taken as they are (their shapes are checked by the
+    callers: load_adapter on its own, validate against the base)."""
+    linear = "A" in parts or "B" in parts
+    kind, a_role, b_role = ("linear", "A", "B") if linear else ("embedding", "emb_A", "emb_B")
+    missing = [role for role in (a_role, b_role) if role not in parts]
+    if missing:
+        return None, [FactorIssue(f"the adapter has no {_ROLE_KEYS[missing[0]]} tensor",
+                                  f"{_ROLE_KEYS[a_role]} and {_ROLE_KEYS[b_role]}",
+                                  "only " + ", ".join(_ROLE_KEYS[r] for r in (a_role, b_role) if r in parts))]
+    A, B = parts[a_role], parts[b_role]
+    if A.dim() != 2 or B.dim() != 2:
+        found = f"A {list(A.shape)}, B {list(B.shape)}"
+        return None, [FactorIssue(f"only 2-D LoRA factors (Linear, Conv1D, Embedding) are supported; found {found}",
+                                  "2-D factors", found, UnsupportedError)]
+    r = int(A.shape[0])
+    if B.shape[1] != r:
+        return None, [FactorIssue(f"lora_A has rank {r} but lora_B is {list(B.shape)} (expected [out, {r}])",
+                                  f"lora_B [out, {r}]", list(B.shape))]
+    issues = []
+    cfg_r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
+    if int(cfg_r) != r:
+        source = "rank_pattern" if pattern_value(cfg["rank_pattern"], name, None) is not None else "r"
+        issues.append(FactorIssue(f"adapter_config.json says r={cfg_r} ({source}) but its factors have rank {r}",
+                                  f"r={cfg_r} ({source})", f"rank {r}"))
+    alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
+    m = LoraModule(name=name, kind=kind, A=A, B=B, r=r, alpha=alpha,
+                   scale=lora_scale(alpha, r, bool(cfg.get("use_rslora"))),
+                   fan_in_fan_out=bool(cfg.get("fan_in_fan_out")) and linear,
+                   magnitude=parts.get("magnitude"), bias=parts.get("bias"))
+    return m, issues
 
 
 # -- writing ---------------------------------------------------------------------------------------------

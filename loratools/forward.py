@@ -1,38 +1,10 @@
 """Reference forward passes for `validate`: build models from a checkpoint's own config.json with
 transformers (local files only, no remote code), attach adapters through PEFT, run one deterministic
-batch, and compare logits.
-
-Pure functions first (metrics, tolerances, the batch), model plumbing at the bottom.
-
-Note: what the numbers mean.
-    For reference logits R and candidate logits C (both [batch, seq, vocab], compared in float32):
-      max_abs   max |C − R| over every logit;
-      rel_err   ‖C − R‖_F / ‖R‖_F over the whole batch;
-      cosine    the mean over positions of cos(R[b, t, :], C[b, t, :]);
-      top1      the fraction of positions whose arg-max token agrees.
-    A comparison passes when max_abs ≤ atol and rel_err ≤ rtol (and every candidate logit is finite).
-    top1 and cosine are reported, not gated: with max_abs ≤ atol the top token can only change where
-    the reference's two best logits are within 2·atol of each other, i.e. at near-ties.
-
-Note: default tolerances.
-    An exact comparison (a merged checkpoint against the unmerged PEFT model) differs only by rounding:
-    of the arithmetic in the compute dtype (eps_c) and of the merged weights to their stored dtype
-    (eps_s), with eps = finfo(dtype).eps (2⁻²³ float32, 2⁻¹⁰ float16, 2⁻⁷ bfloat16). Defaults:
-    rtol = 4·max(eps_c, eps_s), at least 1e-4, and atol = 16·max(eps_c, eps_s)·max(1, max|R|), at least
-    1e-3·max(1, max|R|); the floors leave room for float32 summation-order differences in deep models.
-    Rounding float16 weights perturbs each by ≈ 0.3·eps_s (rms, relative); a network amplifies that:
-    a correct float16 merge of a generated random 0.75B Llama gives rel_err 1.07e-3 ≈ 1.1·eps_s (0.1B:
-    0.97e-3), the tiny fixtures 2e-5..1e-4. The adapters' whole effect on the logits (what a badly wrong
-    merge changes) is 6-40% on the same models, above every default rtol. A wrong scale on one module
-    of many can hide under a bfloat16 allowance; the tensor checks (validate.py) catch it.
-    A 4-bit checkpoint against its dense base carries NF4's own error (≈ 9% per weight on the fixtures,
-    blockwise): default rtol = 0.25 on rel_err, and max_abs ≤ 0.5·max(1, max|R|). These catch a broken
-    quantization (wrong scales, garbled or swapped blocks), not a mediocre one.
+batch, and compare logits. Pure functions first (metrics, tolerances, the batch), model plumbing last.
 """
 from __future__ import annotations
 
 import gc
-import json
 import time
 import warnings
 from contextlib import contextmanager
@@ -42,9 +14,9 @@ from pathlib import Path
 import torch
 
 from .device import resolve_device
+from .dtypes import FLOAT_DTYPES, declared_float_dtype
 from .errors import InputError, UsageError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Note: the batch text.
 #     A fixed, model-independent paragraph. With a tokenizer it gives realistic token statistics (the
@@ -63,7 +35,12 @@ BATCH_TEXT = (
 # -- metrics (pure) ------------------------------------------------------------------------------------
 
 def logit_metrics(ref: torch.Tensor, cand: torch.Tensor) -> dict:
-    """Compare candidate logits against reference logits, both [batch, seq, vocab]."""
+    """Compare candidate logits C against reference logits R, both [batch, seq, vocab], in float32.
+
+    max_abs is max |C − R| over every logit; rel_err ‖C − R‖_F / ‖R‖_F over the batch; cosine the mean over
+    positions of cos(R[b, t, :], C[b, t, :]); top1 the fraction of positions whose arg-max agrees. Only
+    max_abs and rel_err are gated (`judge`): with max_abs ≤ atol the top token can change only at near-ties.
+    """
     if ref.shape != cand.shape:
         raise ValueError(f"logits of shape {list(cand.shape)} cannot be compared with {list(ref.shape)}")
     ref = ref.float()
@@ -127,10 +104,22 @@ class Tolerance:
         return self.atol_rel * max(1.0, ref_max_abs)
 
 
+# Note: default tolerances.
+#     An exact comparison (a merged checkpoint against the unmerged PEFT model) differs only by rounding:
+#     of the arithmetic in the compute dtype (eps_c) and of the merged weights to their stored dtype (eps_s),
+#     eps = finfo(dtype).eps. rtol = 4·max(eps_c, eps_s), at least 1e-4; atol = 16·max(eps_c, eps_s)·max(1,
+#     max|R|), at least 1e-3·max(1, max|R|): the floors leave room for float32 summation order in deep
+#     models. A network amplifies the ≈ 0.3·eps_s rounding of float16 weights: a correct float16 merge of a
+#     generated random 0.75B Llama gives rel_err ≈ 1.1·eps_s, the tiny fixtures 2e-5..1e-4, while the
+#     adapters' whole effect on the logits (what a badly wrong merge changes) is 6-40%. A wrong scale on one
+#     module of many can hide under a bfloat16 allowance; validate's tensor checks catch it.
+#     A 4-bit model against its dense base carries NF4's own error (≈ 9% per weight, blockwise): rtol 0.25
+#     and max_abs ≤ 0.5·max(1, max|R|) catch a broken quantization, not a mediocre one.
+
 def exact_tolerance(compute: torch.dtype, storage: torch.dtype, *, atol: float | None = None,
                     rtol: float | None = None) -> Tolerance:
     """Rounding-level tolerance for a comparison that should agree up to rounding: arithmetic in the
-    `compute` dtype, candidate weights stored in `storage` (see the Note on default tolerances)."""
+    `compute` dtype, candidate weights stored in `storage` (see Note: default tolerances)."""
     ec, es = dtype_eps(compute), dtype_eps(storage)
     default_rtol = max(4 * ec, 4 * es, 1e-4)
     atol_rel = max(16 * ec, 16 * es, 1e-3)
@@ -145,7 +134,7 @@ def quantized_tolerance(*, atol: float | None = None, rtol: float | None = None)
     return Tolerance(rtol=rtol if rtol is not None else 0.25, atol=atol, atol_rel=0.5, basis="4-bit quantization")
 
 
-def fake_quantize_(model: torch.nn.Module, base, quant) -> int:
+def fake_quantize_(model: torch.nn.Module, base, quant) -> list[str]:
     """Replace, in place, each weight of `model` (BASE loaded dense) that the checkpoint `quant` stores in
     4 bits by bitsandbytes' quantization of BASE's own tensor, dequantized: the same quant type,
     blocksize, double quantization and dtype as `quant` records (bnb4bit reproduces bitsandbytes' bytes).
@@ -217,18 +206,16 @@ def make_batch(model_dir: Path | None, vocab_size: int, batch: int, seq_len: int
 
 
 def config_dtype(config: dict | None) -> torch.dtype | None:
-    cfg = config or {}
-    name = cfg.get("dtype") or cfg.get("torch_dtype")
-    return DTYPES.get(str(name)) if name else None
+    return FLOAT_DTYPES.get(declared_float_dtype(config))
 
 
 def resolve_compute_dtype(name: str, device: torch.device, config: dict | None) -> torch.dtype:
     """auto: the model's own dtype on CUDA, float32 on the CPU (fp16/bf16 matmuls there are slow and
     not what a CPU user runs)."""
     if name != "auto":
-        if name not in DTYPES:
+        if name not in FLOAT_DTYPES:
             raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, not {name!r}")
-        return DTYPES[name]
+        return FLOAT_DTYPES[name]
     if device.type == "cuda":
         return config_dtype(config) or torch.float32
     return torch.float32
@@ -333,18 +320,6 @@ def _unify_dense_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 module._buffers[name] = b.to(dtype)
 
 
-def conv1d_weights(path: str | Path) -> set[str]:
-    """Names of the weights a model keeps in transformers' Conv1D layout ([in, out], GPT-2 style), from the
-    model class built on the meta device (hf_layout). Empty when the model cannot be built."""
-    from .hf_layout import CONV1D, layout_for
-
-    try:
-        config = json.loads((model_dir(path) / "config.json").read_text())
-    except (OSError, ValueError, InputError):
-        return set()
-    return {f"{m}.weight" for m, kind in layout_for(config).kinds.items() if kind == CONV1D}
-
-
 def attach_adapters(model: torch.nn.Module, adapters: list[Path], weights: list[float]) -> torch.nn.Module:
     """A PeftModel with every adapter loaded and active (unmerged), each delta scaled by its weight.
 
@@ -406,7 +381,7 @@ def peak_memory(device: torch.device) -> int | None:
     return None
 
 
-__all__ = ["BATCH_TEXT", "DTYPES", "Loaded", "Tolerance", "attach_adapters", "carried_fraction", "coarsest",
-           "config_dtype", "conv1d_weights", "device_description", "dtype_eps", "exact_tolerance", "fake_quantize_",
-           "judge", "load_model", "logit_metrics", "make_batch", "max_positions", "model_dir", "peak_memory", "quantized_tolerance",
-           "free_memory", "resolve_compute_dtype", "resolve_device", "run_logits"]
+__all__ = ["BATCH_TEXT", "Loaded", "Tolerance", "attach_adapters", "carried_fraction", "coarsest", "config_dtype",
+           "device_description", "dtype_eps", "exact_tolerance", "fake_quantize_", "free_memory", "judge",
+           "load_model", "logit_metrics", "make_batch", "max_positions", "model_dir", "peak_memory",
+           "quantized_tolerance", "resolve_compute_dtype", "resolve_device", "run_logits"]

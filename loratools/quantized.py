@@ -39,7 +39,8 @@ def quant_states(ck: Checkpoint) -> dict[str, QuantState]:
         try:
             qs = QuantState.from_dict(raw)
         except ValueError as e:
-            raise FormatError(str(e), path=ck.path, tensor=weight + QUANT_STATE_PREFIX + str(raw.get("quant_type"))) from None
+            raise FormatError(str(e), path=ck.path,
+                              tensor=weight + QUANT_STATE_PREFIX + str(raw.get("quant_type"))) from None
         _check_stored(ck, weight, qs)
         out[weight] = qs
     ck.parsed_quant_states = out
@@ -58,7 +59,8 @@ def _check_stored(ck: Checkpoint, weight: str, qs: QuantState) -> None:
         if suffix == "":
             if info.dtype != torch.uint8 or info.nbytes != (qs.numel + 1) // 2:
                 raise FormatError(f"packed 4-bit data should be {(qs.numel + 1) // 2} uint8 bytes for shape "
-                                  f"{list(qs.shape)}, found {info.dtype_name} {list(info.shape)}", path=ck.path, tensor=name)
+                                  f"{list(qs.shape)}, found {info.dtype_name} {list(info.shape)}", path=ck.path,
+                                  tensor=name)
         elif info.dtype != dtype or tuple(info.shape) != shape:
             raise FormatError(f"expected {str(dtype).removeprefix('torch.')} {list(shape)}, found {info.dtype_name} "
                               f"{list(info.shape)}", path=ck.path, tensor=name)
@@ -97,7 +99,8 @@ def _owner(name: str) -> str:
 def read_quantized(ck: Checkpoint, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The stored tensors of one packed weight, suffix -> tensor ("" is the packed data)."""
     qs = quant_states(ck)[name]
-    return {suffix: ck.read(name + suffix).to(device) for suffix in qs.aux_specs() if not suffix.startswith(QUANT_STATE_PREFIX)}
+    return {suffix: ck.read(name + suffix).to(device) for suffix in qs.aux_specs()
+            if not suffix.startswith(QUANT_STATE_PREFIX)}
 
 
 def read_dense(ck: Checkpoint, name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import forward as fw
+from ..dtypes import FLOAT_DTYPES
 from ..errors import LoratoolsError
 from ..io import Checkpoint
 
@@ -169,5 +170,5 @@ def compute_dtype_4bit(ck: Checkpoint) -> torch.dtype:
     from ..quantized import quant_states
 
     qc = (ck.config or {}).get("quantization_config") or {}
-    compute = fw.DTYPES.get(str(qc.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."), torch.float32)
+    compute = FLOAT_DTYPES.get(str(qc.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."), torch.float32)
     return fw.coarsest({compute, *(qs.torch_dtype for qs in quant_states(ck).values())})

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import PREFIX, WEIGHTS_NAME, Adapter, LoraModule, classify_key, lora_scale, pattern_value, \
-    read_adapter_config
+from ..adapter import PREFIX, WEIGHTS_NAME, Adapter, LoraModule, classify_key, parse_module, read_adapter_config
 from ..checks import HEAD_KEY, Problem, adapter_fit_problems, resolve_base_key, shape_list
 from ..dtypes import declared_dtype
 from ..errors import InputError, LoratoolsError
@@ -75,44 +74,14 @@ def adapter_from_header(path) -> tuple[Adapter, list[Problem]]:
         else:
             saved[name] = _meta(info.shape)
     modules: dict[str, LoraModule] = {}
-    names = {"A": "lora_A.weight", "B": "lora_B.weight", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
     for name, p in sorted(parts.items()):
-        linear = "A" in p or "B" in p
-        a_role, b_role = ("A", "B") if linear else ("emb_A", "emb_B")
-        missing = [names[r] for r in (a_role, b_role) if r not in p]
-        if missing:
-            problems.append(Problem(name, PREFIX + name, apath, expected=names[a_role] + " and " + names[b_role],
-                                    found="only " + ", ".join(names[r] for r in (a_role, b_role) if r in p),
-                                    message=f"module {name}: the adapter has no {missing[0]} tensor"))
+        m, issues = parse_module(name, {role: _meta(info.shape) for role, info in p.items()}, cfg)
+        problems += [Problem(name, PREFIX + name, apath, expected=i.expected, found=i.found,
+                             message=f"module {name}: {i.message}") for i in issues]
+        if m is None:
             continue
-        A, B = p[a_role].shape, p[b_role].shape
-        if len(A) != 2 or len(B) != 2:
-            problems.append(Problem(name, PREFIX + name, apath, expected="2-D factors",
-                                    found=f"A {list(A)}, B {list(B)}",
-                                    message=f"module {name}: only 2-D LoRA factors (Linear, Conv1D, Embedding) are "
-                                            f"supported; found A {list(A)}, B {list(B)}"))
-            continue
-        r = A[0]
-        if B[1] != r:
-            problems.append(Problem(name, PREFIX + name, apath, expected=f"lora_B [out, {r}]", found=list(B),
-                                    message=f"module {name}: lora_A has rank {r} but lora_B is {list(B)} "
-                                            f"(expected [out, {r}])"))
-            continue
-        cfg_r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
-        if int(cfg_r) != r:
-            source = "rank_pattern" if cfg["rank_pattern"] and pattern_value(cfg["rank_pattern"], name, None) \
-                is not None else "r"
-            problems.append(Problem(name, PREFIX + name, apath, expected=f"r={cfg_r} ({source})", found=f"rank {r}",
-                                    message=f"module {name}: adapter_config.json says r={cfg_r} ({source}) but its "
-                                            f"factors have rank {r}"))
-        alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
-        fifo = bool(cfg.get("fan_in_fan_out")) and linear
-        mag, bias = p.get("magnitude"), p.get("bias")
-        modules[name] = LoraModule(name=name, kind="linear" if linear else "embedding", A=_meta(A), B=_meta(B),
-                                   r=int(r), alpha=alpha, scale=lora_scale(alpha, r, bool(cfg.get("use_rslora"))),
-                                   fan_in_fan_out=fifo, magnitude=None if mag is None else _meta(mag.shape),
-                                   bias=None if bias is None else _meta(bias.shape))
-        if cfg.get("use_dora") and mag is None and linear:
+        modules[name] = m
+        if cfg.get("use_dora") and m.magnitude is None and m.kind == "linear":
             problems.append(Problem(name, PREFIX + name, apath, expected="lora_magnitude_vector", found=None,
                                     message=f"module {name}: use_dora is set but the adapter has no DoRA magnitude "
                                             f"for it"))
