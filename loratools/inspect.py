@@ -23,11 +23,11 @@ from .adapter import WEIGHTS_NAME, is_adapter_dir, load_adapter
 from .io.checkpoint import Checkpoint
 from .io.provenance import read_provenance
 from .io.safetensors_format import read_header
-
-
+from .quantized import is_companion
 
 
 def inspect_path(path: str | Path) -> dict:
+    """What `path` holds (an adapter directory or a checkpoint), as the JSON document described above."""
     path = Path(path)
     if is_adapter_dir(path):
         return inspect_adapter(path)
@@ -35,14 +35,14 @@ def inspect_path(path: str | Path) -> dict:
 
 
 def inspect_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's layout, parameters, dtypes, shards, 4-bit quantization and provenance, from headers."""
     ck = Checkpoint(path)
     cfg = ck.config or {}
     qstates = ck.quant_states
     params = 0
     quant_params = 0
     for name, info in ck.tensors.items():
-        if ".quant_state." in name or name.endswith((".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")) \
-                and name.rsplit(".", 1)[0] in qstates:
+        if is_companion(name, qstates):
             continue
         if name in qstates:
             n = math.prod(qstates[name].get("shape", [0]))
@@ -88,6 +88,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
 
 
 def inspect_adapter(path: str | Path) -> dict:
+    """A PEFT adapter's config, modules (r, alpha, scale, base shape) and saved tensors (NaN/Inf shown, not refused)."""
     ad = load_adapter(path, check_finite=False)
     cfg = ad.config
     modules = [{

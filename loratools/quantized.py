@@ -24,9 +24,12 @@ from .hf_layout import layout_for
 from .io.checkpoint import Checkpoint, TensorInfo
 
 
-def is_aux(name: str) -> bool:
-    """True for tensors stored beside a packed 4-bit weight (absmax, maps, the quant_state JSON)."""
-    return name.endswith(AUX_SUFFIXES) or QUANT_STATE_PREFIX in name
+def is_companion(name: str, packed) -> bool:
+    """True for a tensor stored beside one of the `packed` 4-bit weights (absmax, maps, the quant_state JSON),
+    not a weight of its own."""
+    if QUANT_STATE_PREFIX in name:
+        return name.split(QUANT_STATE_PREFIX)[0] in packed
+    return any(name.endswith(suffix) and name[: -len(suffix)] in packed for suffix in AUX_SUFFIXES)
 
 
 def quant_states(ck: Checkpoint) -> dict[str, QuantState]:
@@ -80,20 +83,11 @@ def dense_specs(ck: Checkpoint) -> dict[str, tuple[torch.dtype, tuple[int, ...]]
         if qs is not None:
             shape = qs.shape[::-1] if len(qs.shape) == 2 and is_conv1d_weight(ck, name) else qs.shape
             out[name] = (qs.torch_dtype, tuple(shape))
-        elif qstates and is_aux(name) and _owner(name) in qstates:
+        elif is_companion(name, qstates):
             continue
         else:
             out[name] = (info.dtype, tuple(info.shape))
     return out
-
-
-def _owner(name: str) -> str:
-    if QUANT_STATE_PREFIX in name:
-        return name.split(QUANT_STATE_PREFIX)[0]
-    for suffix in AUX_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def read_quantized(ck: Checkpoint, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -110,7 +104,7 @@ def read_dense(ck: Checkpoint, name: str, device: str = "cpu", dtype: torch.dtyp
     qstates = quant_states(ck) if ck.is_quantized else {}
     qs = qstates.get(name)
     if qs is None:
-        if qstates and is_aux(name) and _owner(name) in qstates:
+        if is_companion(name, qstates):
             raise FormatError("auxiliary 4-bit tensor, not part of the dense view", path=ck.path, tensor=name)
         return ck.read(name).to(device)
     w = dequantize_weight(read_quantized(ck, name, device), qs, dtype)
@@ -133,7 +127,7 @@ class DenseView:
 
     Example:
         >>> view = DenseView(Checkpoint("fixtures/tiny-gpt2"))
-        >>> view.read("h.0.attn.c_attn.weight").shape  # Conv1D: [in, out], also when stored in 4 bits
+        >>> view.read("transformer.h.0.attn.c_attn.weight").shape  # Conv1D [in, out], in 4 bits too
         torch.Size([64, 192])
     """
 

@@ -15,7 +15,7 @@ def command(path, as_json, all_modules):
     \b
     Example:
       loratools inspect fixtures/tiny-llama
-      loratools inspect fixtures/tiny-llama-lora --json
+      loratools inspect fixtures/llama-lora --json
     """
     from ..inspect import group_modules, inspect_path
 

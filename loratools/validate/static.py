@@ -23,9 +23,8 @@ from ..checks import HEAD_KEY, Problem, adapter_fit_problems, resolve_base_key, 
 from ..dtypes import declared_dtype
 from ..errors import InputError, LoratoolsError
 from ..io import Checkpoint, read_provenance, verify_inputs
-from ..io.checkpoint import QUANT_STATE_MARK
 from ..io.safetensors_format import read_header, read_tensor
-from ..quantized import AUX_SUFFIXES, dense_shapes
+from ..quantized import dense_shapes, is_companion
 from .report import problem_row, row
 
 
@@ -158,8 +157,7 @@ def checkpoint_dtype_notes(ck: Checkpoint, role: str) -> list[Problem]:
     cfg = ck.config or {}
     declared = declared_dtype(cfg)
     packed = ck.quant_states
-    stored = {i.dtype_name for n, i in ck.tensors.items() if i.dtype.is_floating_point and QUANT_STATE_MARK not in n
-              and not (n.endswith(AUX_SUFFIXES) and n.rsplit(".", 1)[0] in packed)}
+    stored = {i.dtype_name for n, i in ck.tensors.items() if i.dtype.is_floating_point and not is_companion(n, packed)}
     notes = []
     if len(stored) > 1:
         notes.append(Problem(None, None, str(ck.path), expected="one float dtype", found=sorted(stored),
