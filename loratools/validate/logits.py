@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,7 +23,7 @@ class _Run:
     device: torch.device
     dtype: torch.dtype
     seed: int
-    say: object
+    say: Callable[[str], None]
     timings: dict = field(default_factory=dict)
 
     def load(self, path) -> fw.Loaded:

@@ -22,7 +22,7 @@ def row(check: str, message: str, *, module=None, tensor=None, path=None, expect
             "expected": expected, "found": found, "message": message}
 
 
-def finite_numbers(doc):
+def finite_numbers(doc: object) -> object:
     """NaN and ±Inf (from non-finite candidates) become null, so --json stays strict JSON."""
     if isinstance(doc, float):
         return doc if math.isfinite(doc) else None

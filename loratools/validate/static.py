@@ -41,7 +41,7 @@ def _target_matches(targets, module: str) -> bool:
     return module in targets or any(module.endswith(f".{t}") for t in targets)
 
 
-def adapter_from_header(path) -> tuple[Adapter, list[Problem]]:
+def adapter_from_header(path: str | Path) -> tuple[Adapter, list[Problem]]:
     """A shape-only Adapter read from the header, and every problem found on the way.
 
     Raises only for what makes the adapter unreadable as a whole (no config, not LoRA, no weights file);
@@ -111,7 +111,7 @@ def adapter_config_notes(adapter: Adapter) -> list[Problem]:
     return notes
 
 
-def adapter_value_problems(path) -> tuple[list[Problem], list[Problem]]:
+def adapter_value_problems(path: str | Path) -> tuple[list[Problem], list[Problem]]:
     """(problems, notes) from the adapter's tensor values: NaN/Inf, non-float factors; all-zero lora_B and
     mixed factor dtypes are notes. Reads one tensor at a time."""
     wpath = Path(path) / WEIGHTS_NAME

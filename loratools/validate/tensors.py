@@ -57,6 +57,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def ulp_scalar(x: float, dtype: torch.dtype) -> float:
+    """ulp() of one number."""
     return float(ulp(torch.tensor([abs(x)], dtype=torch.float32), dtype)[0])
 
 
@@ -77,7 +78,7 @@ class TensorCheck:
 
 
 def check_tensor(cand: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *, k: float = 1.0,
-                 slack: float = 0.0, device="cpu") -> TensorCheck:
+                 slack: float = 0.0, device: torch.device | str = "cpu") -> TensorCheck:
     """|cand − expected| ≤ k·ulp_dtype(expected) + slack for every element, in chunks of CHUNK elements.
     A non-float dtype allows only equality; a NaN or Inf in the candidate always fails."""
     c_flat, e_flat = cand.reshape(-1), expected.reshape(-1)
@@ -120,10 +121,12 @@ def wrong_layout(delta: torch.Tensor) -> torch.Tensor:
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """The first HEAD elements, float32 on the CPU: enough to tell which tensor a value belongs to."""
     return t.reshape(-1)[:HEAD].detach().to("cpu", torch.float32).clone()
 
 
 def nice(c: float) -> str:
+    """A coefficient as a message shows it (3 significant digits)."""
     return f"{c:.3g}"
 
 
@@ -204,7 +207,7 @@ def _diagnose(cand: torch.Tensor, start: torch.Tensor, expected: torch.Tensor, p
 
 
 def merged_tensor_checks(base: Checkpoint, merged: Checkpoint, adapters: list[Adapter], weights: list[float],
-                         device) -> tuple[list[dict], list[dict]]:
+                         device: torch.device | str) -> tuple[list[dict], list[dict]]:
     """Every tensor of `merged` against base + Σ wᵢ·ΔWᵢ within rounding.
 
     Returns:
@@ -301,7 +304,7 @@ def _merged_problem(key: str, entry: dict, path) -> dict:
 # -- tuned: how much of the fine-tune's weight change the adapters carry ---------------------------------------
 
 def tuned_tensor_report(base: Checkpoint, tuned: Checkpoint, adapters: list[Adapter], weights: list[float],
-                        device) -> dict:
+                        device: torch.device | str) -> dict:
     """How much of base -> tuned the adapters carry, weight by weight.
 
     Per adapted tensor, carried = 1 − ‖(T − W) − ΔW‖ / ‖T − W‖; overall, the same over every tensor (an
@@ -341,7 +344,8 @@ def tuned_tensor_report(base: Checkpoint, tuned: Checkpoint, adapters: list[Adap
 
 # -- quantized: per-tensor dequantization error -------------------------------------------------------------
 
-def quantized_tensor_checks(base: Checkpoint, quant: Checkpoint, device) -> tuple[list[dict], list[dict]]:
+def quantized_tensor_checks(base: Checkpoint, quant: Checkpoint, device: torch.device | str
+                            ) -> tuple[list[dict], list[dict]]:
     """Each 4-bit weight dequantized against the base (‖Q − W‖/‖W‖ ≤ QUANT_WEIGHT_RTOL); each tensor left
     dense must equal the base's up to a cast. Both are read through the dense view, so a GPT-2 Conv1D
     weight is [in, out] on both sides. Returns (rows, problems)."""
