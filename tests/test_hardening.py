@@ -17,11 +17,11 @@ from loratools.io import Checkpoint, ShardWriter, TensorSpec
 from conftest import LLAMA, run_cli, tree_digest
 
 
-def big_checkpoint(path: Path, n: int = 32, shape=(1024, 2048)) -> Path:
-    """fp32 checkpoint of n 8 MiB tensors: large enough that a rewrite takes a noticeable time."""
+def big_checkpoint(path: Path, n: int = 16, shape=(512, 1024)) -> Path:
+    """fp32 checkpoint of n 2 MiB tensors (its bfloat16 copy: 4 shards of 4 MiB at --max-shard-size 4MB)."""
     path.mkdir()
     specs = [TensorSpec(f"model.layers.{i}.mlp.up_proj.weight", torch.float32, shape) for i in range(n)]
-    w = ShardWriter(path, specs, max_shard_size=64 * 2**20)
+    w = ShardWriter(path, specs, max_shard_size=16 * 2**20)
     g = torch.Generator().manual_seed(0)
     for s in specs:
         w.write(s.name, torch.randn(shape, generator=g))
@@ -48,37 +48,81 @@ def assert_complete_or_absent(out: Path, expected_tensors: int):
     return "complete"
 
 
-def start_and_kill(cmd, parent: Path, delay: float):
-    """Start cmd, wait until it has begun writing its temporary output, wait `delay` more, SIGKILL it."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not any(".loratools-tmp-" in x.name for x in parent.iterdir()):
-        if p.poll() is not None or time.monotonic() > deadline:
-            break
+# The real CLI in a child process, with an audit hook that freezes it at a chosen point of writing its output,
+# so the parent's SIGKILL lands mid-write every time, however fast the job (a timed kill can come too late).
+# It pauses at the PAUSE_AT-th open-for-writing of a .safetensors file inside the temporary output
+# (each file: 1 = created with a placeholder header, 2 = its tensor data being written, 3 = header being
+# finalized), or at the rename that publishes the output if that comes first; it says where in MARKER.
+PAUSING_CHILD = r"""
+import os, sys, time
+TAG, MARKER, PAUSE_AT = ".loratools-tmp-", sys.argv[1], int(sys.argv[2])
+opened = [0]
+
+def pause(what, path):
+    with open(MARKER + ".part", "w") as f:
+        f.write(f"{what} {path}")
+    os.rename(MARKER + ".part", MARKER)
+    time.sleep(600)
+
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path, mode, flags = os.fsdecode(args[0]), args[1], args[2] or 0
+        writing = any(c in mode for c in "wax+") if mode else bool(flags & (os.O_WRONLY | os.O_RDWR))
+        if TAG in path and writing and path.endswith(".safetensors"):
+            opened[0] += 1
+            if opened[0] == PAUSE_AT:
+                pause("open", path)
+    elif event in ("os.rename", "os.replace") and TAG in os.fsdecode(args[0]):
+        pause("rename", os.fsdecode(args[0]))
+
+sys.addaudithook(hook)
+from loratools.cli import main
+sys.argv = ["loratools"] + sys.argv[3:]
+main()
+"""
+
+
+def start_and_kill(argv, out: Path, pause_at: int = 3) -> str:
+    """Run `loratools argv -o out` until it pauses mid-write (see PAUSING_CHILD), SIGKILL it; assert that it
+    really died there: killed by the signal, its temporary sibling of `out` present, `out` absent.
+    Returns where it was paused ("open <file>" or "rename <dir>")."""
+    marker = out.parent / f"pause-{uuid.uuid4().hex[:8]}"
+    p = subprocess.Popen([sys.executable, "-c", PAUSING_CHILD, marker, str(pause_at), *map(str, argv), "-o", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert p.poll() is None, f"finished before pausing mid-write (rc {p.returncode}): {p.stderr.read()[-2000:]!r}"
+        assert time.monotonic() < deadline, "never paused"
         time.sleep(0.01)
-    time.sleep(delay)
+    where = marker.read_text()
+    marker.unlink()
+    temps = [x for x in out.parent.iterdir() if x.name.startswith(f".{out.name}.loratools-tmp-")]
+    assert len(temps) == 1 and str(temps[0]) in where and not out.exists(), (where, temps)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    p.stderr.close()
+    assert p.returncode == -signal.SIGKILL
+    assert temps[0].exists() and not out.exists()  # the kill left the half-written temporary, nothing else
+    return where
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.15, 0.5])
-def test_sigkill_leaves_nothing_half_written(big, tmp_path, delay):
+@pytest.mark.parametrize("pause_at", [2, 6, 11, 10**6], ids=["creating-shards", "mid-data", "finalizing", "renaming"])
+def test_sigkill_leaves_nothing_half_written(big, tmp_path, pause_at):
+    """convert of 16 tensors into 4 shards, killed at four points of its write (opens 1-4 create the shards,
+    5-8 write their data, 9-12 finalize their headers, then the rename); the rerun cleans up."""
     out = tmp_path / "out"
     before = tree_digest(big)
-    start_and_kill(loratools_cmd("convert", big, "-o", out, "--dtype", "bfloat16", "--max-shard-size", "32MB"),
-                   tmp_path, delay)
-    state = assert_complete_or_absent(out, 32)
+    argv = ["convert", big, "--dtype", "bfloat16", "--max-shard-size", "5MB"]
+    where = start_and_kill(argv, out, pause_at)
+    assert where.startswith("rename" if pause_at > 12 else "open"), where
     leftovers = [x for x in tmp_path.iterdir() if x.name != "out"]
     # a rerun cleans up after the killed one and says so
-    r = subprocess.run(loratools_cmd("convert", big, "-o", out, "--dtype", "bfloat16", "--force"),
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    for x in leftovers:
-        assert not x.exists() and str(x) in r.stderr
+    r = run_cli(*argv, "-o", out)
+    assert leftovers and all(not x.exists() and str(x) in r.stderr for x in leftovers)
     assert [x.name for x in tmp_path.iterdir()] == ["out"]
-    assert assert_complete_or_absent(out, 32) == "complete"
+    assert len([p for p in out.iterdir() if p.suffix == ".safetensors"]) == 4
+    assert assert_complete_or_absent(out, 16) == "complete"
     assert tree_digest(big) == before
-    print(f"killed after {delay}s: output {state}, {len(leftovers)} temporary dirs cleaned by the rerun")
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
@@ -177,51 +221,41 @@ def test_every_writing_command_is_deterministic(tmp_path):
         assert tree_digest(a) == tree_digest(b), f"{name} is not deterministic"
 
 
+WRITING = ["convert", "merge", "merge-4bit-base", "unmerge", "quantize", "dequantize", "extract", "resize",
+           "combine-dare"]
+
+
 @pytest.fixture(scope="module")
-def medium(tmp_path_factory):
-    """A generated 0.1B-parameter Llama (210 MB fp16) and a rank-16 adapter: a second or more per command."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from common import generate_llama, generate_lora
-
-    d = tmp_path_factory.mktemp("medium")
-    base = generate_llama(d / "base", "0.1b")
-    lora = generate_lora(d / "lora", "0.1b", r=16)
-    return base, lora
+def writing_inputs(tmp_path_factory):
+    """The argv of every writing command, with the 4-bit and merged inputs made once; and a clean output of each."""
+    d = tmp_path_factory.mktemp("writing")
+    commands = _writing_commands(d)
+    assert sorted(commands) == sorted(WRITING)
+    return commands
 
 
-def _medium_inputs(base: Path, lora: Path) -> dict[str, Path]:
-    """Outputs of earlier commands on the medium model that later commands take as input (made once)."""
-    merged, q4 = base.parent / "merged", base.parent / "q4"
-    if not merged.exists():
-        run_cli("merge", base, lora, "-o", merged)
-    if not q4.exists():
-        run_cli("quantize", base, "-o", q4, "--nf4")
-    return {"merged": merged, "q4": q4}
-
-
-HEAVY = ["merge", "unmerge", "quantize", "dequantize", "extract", "resize", "combine", "convert"]
-
-
-@pytest.mark.parametrize("command", HEAVY)
-def test_sigkill_every_writing_command(medium, tmp_path, command):
-    """Every command that writes, killed while writing: no output or a complete one, and a clean rerun."""
-    base, lora = medium
-    made = _medium_inputs(base, lora)
-    argv = {"merge": ["merge", base, lora], "unmerge": ["unmerge", made["merged"], lora],
-            "quantize": ["quantize", base, "--nf4"], "dequantize": ["dequantize", made["q4"]],
-            "extract": ["extract", base, made["merged"], "--rank", "4", "--target-modules", "q_proj"],
-            "resize": ["resize", lora, "--rank", "4"],
-            "combine": ["combine", lora, lora, "--method", "linear", "--rank", "8"],
-            "convert": ["convert", base, "--dtype", "float32"]}[command]
-    before = tree_digest(base)
+@pytest.mark.parametrize("command", WRITING)
+def test_sigkill_every_writing_command(writing_inputs, tmp_path, command):
+    """Every command that writes, killed while writing (tensor data written, header not finalized): no output,
+    the temporary is removed by a rerun, and the rerun's output is byte for byte an uninterrupted run's."""
+    argv = writing_inputs[command]
+    inputs = [Path(a) for a in argv if isinstance(a, Path)]
+    before = {str(p): tree_digest(p) for p in inputs}
     out = tmp_path / "out"
-    start_and_kill(loratools_cmd(*argv, "-o", out), tmp_path, 0.2)
-    if out.exists() and command not in ("extract", "resize", "combine"):
-        Checkpoint(out)  # complete: every header checks out against its file
-    r = subprocess.run(loratools_cmd(*argv, "-o", out, "--force"), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    where = start_and_kill(argv, out)
+    assert where.startswith("open") and where.endswith(".safetensors"), where
+    r = run_cli(*argv, "-o", out)
     assert [x.name for x in tmp_path.iterdir()] == ["out"], "a temporary survived the rerun"
-    assert tree_digest(base) == before
+    ref = tmp_path.parent / f"{tmp_path.name}-ref"
+    run_cli(*argv, "-o", ref)
+    assert tree_digest(out) == tree_digest(ref)
+    if (out / "adapter_config.json").exists():
+        from loratools.adapter import load_adapter
+
+        assert load_adapter(out).modules
+    else:
+        assert assert_complete_or_absent(out, len(Checkpoint(ref).tensors)) == "complete"
+    assert {str(p): tree_digest(p) for p in inputs} == before
 
 
 # -- integrity: recorded input digests, checked by validate -------------------------------------------------
