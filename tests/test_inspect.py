@@ -40,6 +40,16 @@ def test_inspect_adapter_json_matches_peft(name):
     saved_base = sum(s["shape"][0] * s["shape"][1] for s in doc["saved_tensors"]) if name == "llama-embed" else 0
     assert doc["trainable_parameters"] == trainable + saved_base
     assert doc["use_dora"] == (name == "llama-dora") and doc["use_rslora"] == (name == "llama-rslora")
+    # each module's r, alpha and scale as PEFT resolves them (rank_pattern/alpha_pattern, rsLoRA)
+    from peft.tuners.lora import LoraLayer
+
+    peft_modules = {n.removeprefix("base_model.model."): m for n, m in model.named_modules()
+                    if isinstance(m, LoraLayer)}
+    ours = {m["name"]: m for m in doc["modules"]}
+    assert ours.keys() == peft_modules.keys()
+    for n, m in peft_modules.items():
+        got = (ours[n]["r"], ours[n]["alpha"], ours[n]["scale"])
+        assert got == pytest.approx((m.r["default"], m.lora_alpha["default"], m.scaling["default"]), rel=1e-12), n
 
 
 def test_inspect_table_groups_modules():
