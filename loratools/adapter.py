@@ -127,10 +127,6 @@ class Adapter:
                 + (m.bias.numel() if m.bias is not None else 0) for m in self.modules.values())
         return n + sum(t.numel() for t in self.saved.values())
 
-    @classmethod
-    def load(cls, path: str | Path) -> "Adapter":
-        return load_adapter(path)
-
 
 def is_adapter_dir(path: str | Path) -> bool:
     p = Path(path)

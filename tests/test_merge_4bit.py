@@ -81,6 +81,7 @@ def test_merge_into_fp4_gpt2_conv1d(tmp_path):
     conv1d = list(Checkpoint(q).quant_states)  # every quantized GPT-2 weight is a Conv1D one
     assert len(conv1d) == 8 and all(tuple(ref[k].shape[::-1]) == shapes[k] for k in conv1d)
     ref.update({k: ref[k].T.contiguous() for k in conv1d})
+    ref.pop("lm_head.weight", None)  # tied to wte: save_pretrained (and our merge) store it once
     same, total, worst = compare(out, ref)
     assert worst <= 1.0 and same == total
 
