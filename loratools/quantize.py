@@ -40,7 +40,7 @@ from .io import Checkpoint, TensorSpec, config_with_dtype
 from .io.output import write_checkpoint
 from .io.provenance import provenance
 from .io.safetensors_format import element_size
-from .quantized import dense_specs, quant_states, read_dense
+from .quantized import DenseView
 
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 # Longest spelling json.dumps gives a float (17 significant digits, sign, exponent): bounds the
@@ -344,7 +344,7 @@ def _weight_bytes(summary: dict) -> int:
 def dequantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, dtype: str | None = None,
                           device: str = "auto", max_shard_size: int, force: bool = False,
                           on_tensor: Callable[[str], None] | None = None) -> dict:
-    """Write the dense view of a 4-bit checkpoint (quantized.read_dense) as an ordinary checkpoint.
+    """Write the dense view of a 4-bit checkpoint (quantized.DenseView) as an ordinary checkpoint.
 
     Args:
         src: a bitsandbytes 4-bit checkpoint.
@@ -364,10 +364,9 @@ def dequantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, 
         raise InputError("not a 4-bit checkpoint (no bitsandbytes quant_state); dequantize takes the output "
                          "of `loratools quantize` or of transformers' save_pretrained with load_in_4bit", path=src)
     dev = resolve_device(device)
-    qstates = quant_states(ck)
+    view = DenseView(ck, device=str(dev))
     target = FLOAT_DTYPES[dtype] if dtype else None
-    plan = dense_specs(ck)
-    specs = [TensorSpec(n, cast_floats(d, target), s) for n, (d, s) in plan.items()]
+    specs = [TensorSpec(n, cast_floats(d, target), s) for n, (d, s) in view.specs.items()]
     config = dict(ck.config) if ck.config is not None else None
     if config is not None:
         config.pop("quantization_config", None)
@@ -375,14 +374,14 @@ def dequantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, 
             config = config_with_dtype(config, dtype)
 
     def tensors():
-        for name in plan:
-            if name in qstates:
-                t = read_dense(ck, name, device=str(dev), dtype=target).cpu()
+        for name in view.specs:
+            if view.quant_state(name) is not None:
+                t = view.read(name, dtype=target).cpu()
             else:
-                t = read_dense(ck, name)
+                t = view.read(name)
                 t = t.to(cast_floats(t.dtype, target))
             yield name, t
-        ck.close()
+        view.close()
 
     with single_threaded_torch(dev):
         summary = write_checkpoint(
@@ -390,6 +389,6 @@ def dequantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, 
             config=config, provenance=provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size},
                                                  {"checkpoint": src}),
             max_shard_size=max_shard_size, on_tensor=on_tensor)
-    summary.update({"tensors": len(specs), "dequantized_tensors": len(qstates), "device": dev.type,
+    summary.update({"tensors": len(specs), "dequantized_tensors": len(view.packed), "device": dev.type,
                     "dtype": dtype or "as quantized"})
     return summary

@@ -137,11 +137,11 @@ class DenseView:
         self.quantized = ck.is_quantized
         self.specs = dense_specs(ck)  # name -> (dtype, shape), in file order
         self.shapes = {name: shape for name, (_, shape) in self.specs.items()}
-        self._packed = set(quant_states(ck)) if self.quantized else set()
+        self.packed = set(quant_states(ck)) if self.quantized else set()  # names of the 4-bit weights
 
     def quant_state(self, name: str) -> QuantState | None:
         """The QuantState of a packed 4-bit weight (its dense values are dequantized); None for others."""
-        return quant_states(self.ck).get(name) if name in self._packed else None
+        return quant_states(self.ck).get(name) if name in self.packed else None
 
     def dtype(self, name: str) -> torch.dtype:
         """The dtype of the dense tensor: the quant_state's for a 4-bit weight, else the stored one."""
@@ -149,13 +149,13 @@ class DenseView:
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One dense tensor (`dtype` applies to a dequantized weight only; see read_dense)."""
-        return read_dense(self.ck, name, device=self.device if name in self._packed else "cpu", dtype=dtype)
+        return read_dense(self.ck, name, device=self.device if name in self.packed else "cpu", dtype=dtype)
 
     def stored_as_is(self, name: str, dtype: torch.dtype) -> bool:
         """True when the dense tensor is the stored one, in `dtype`: it can be copied file to file."""
         info = self.ck.tensors.get(name)
         return info is not None and info.dtype == dtype and tuple(info.shape) == self.specs[name][1] and \
-            name not in self._packed
+            name not in self.packed
 
     def iter_tensors(self, copy_as_is=lambda name: False) -> Iterator[tuple[str, torch.Tensor | TensorInfo]]:
         """(name, tensor) in file order; (name, TensorInfo) for the names `copy_as_is` selects, which a
