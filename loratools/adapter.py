@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,19 +40,32 @@ _FACTOR_SUFFIXES = {
 }
 
 
-def classify_key(key: str) -> tuple[str, str | None, str | None]:
-    """What a saved adapter key holds: ("factor", module, role), ("saved", base tensor name, None) for a
-    tensor stored whole, ("unknown_lora", module, None) for a LoRA kind we do not handle, or
-    ("not_peft", None, None)."""
+class KeyKind(str, Enum):
+    """What one saved adapter key holds."""
+
+    FACTOR = "factor"  # a LoRA factor of a module (A, B, bias, embedding A/B, DoRA magnitude)
+    SAVED = "saved"  # a base tensor stored whole (modules_to_save, an embedding's base layer)
+    UNKNOWN_LORA = "unknown_lora"  # a LoRA kind loratools does not handle
+    NOT_PEFT = "not_peft"  # not under PEFT's base_model.model. prefix
+
+
+class SavedKey(NamedTuple):
+    kind: KeyKind
+    name: str | None  # the module (FACTOR, UNKNOWN_LORA) or base tensor (SAVED) it belongs to
+    role: str | None  # FACTOR only: "A", "B", "bias", "emb_A", "emb_B" or "magnitude"
+
+
+def classify_key(key: str) -> SavedKey:
+    """What a saved adapter key holds (see KeyKind)."""
     if not key.startswith(PREFIX):
-        return "not_peft", None, None
+        return SavedKey(KeyKind.NOT_PEFT, None, None)
     rest = key[len(PREFIX):]
     for suffix, role in _FACTOR_SUFFIXES.items():
         if rest.endswith(suffix):
-            return "factor", rest[: -len(suffix)], role
+            return SavedKey(KeyKind.FACTOR, rest[: -len(suffix)], role)
     if ".lora_" in rest or "trainable_tokens" in rest:
-        return "unknown_lora", rest.split(".lora_")[0], None
-    return "saved", rest.replace(".base_layer.", "."), None
+        return SavedKey(KeyKind.UNKNOWN_LORA, rest.split(".lora_")[0], None)
+    return SavedKey(KeyKind.SAVED, rest.replace(".base_layer.", "."), None)
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -190,11 +204,11 @@ def load_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
                     raise FormatError(f"adapter tensor holds NaN/Inf values ({bad} of {t.numel()} elements)",
                                       path=wpath, tensor=key)
             kind, name, role = classify_key(key)
-            if kind == "not_peft":
+            if kind is KeyKind.NOT_PEFT:
                 raise FormatError(f"unexpected key (PEFT keys start with {PREFIX!r})", path=wpath, tensor=key)
-            if kind == "unknown_lora":
+            if kind is KeyKind.UNKNOWN_LORA:
                 raise UnsupportedError("unsupported LoRA tensor kind", path=wpath, tensor=key)
-            if kind == "factor":
+            if kind is KeyKind.FACTOR:
                 parts.setdefault(name, {})[role] = t
             else:
                 saved[name] = t

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import PREFIX, WEIGHTS_NAME, Adapter, LoraModule, classify_key, parse_module, read_adapter_config
+from ..adapter import PREFIX, WEIGHTS_NAME, Adapter, KeyKind, LoraModule, classify_key, parse_module, read_adapter_config
 from ..checks import HEAD_KEY, Problem, adapter_fit_problems, resolve_base_key, shape_list
 from ..dtypes import declared_dtype
 from ..errors import InputError, LoratoolsError
@@ -62,13 +62,13 @@ def adapter_from_header(path: str | Path) -> tuple[Adapter, list[Problem]]:
     saved = {}
     for key, info in infos.items():
         kind, name, role = classify_key(key)
-        if kind == "not_peft":
+        if kind is KeyKind.NOT_PEFT:
             problems.append(Problem(None, key, apath, expected=f"{PREFIX}<module>...", found=key,
                                     message=f"adapter tensor {key} does not start with {PREFIX!r} (not a PEFT key)"))
-        elif kind == "unknown_lora":
+        elif kind is KeyKind.UNKNOWN_LORA:
             problems.append(Problem(name, key, apath, expected="a LoRA factor", found=key,
                                     message=f"adapter tensor {key} is of a LoRA kind loratools does not know"))
-        elif kind == "factor":
+        elif kind is KeyKind.FACTOR:
             parts.setdefault(name, {})[role] = info
         else:
             saved[name] = _meta(info.shape)
