@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import PREFIX, WEIGHTS_NAME, Adapter, KeyKind, LoraModule, classify_key, parse_module, read_adapter_config
+from ..adapter import (PREFIX, WEIGHTS_NAME, Adapter, KeyKind, LoraModule, classify_key, parse_module,
+                       read_adapter_config)
 from ..checks import HEAD_KEY, Problem, adapter_fit_problems, resolve_base_key, shape_list
 from ..dtypes import declared_dtype
 from ..errors import InputError, LoratoolsError
