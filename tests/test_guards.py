@@ -1,0 +1,70 @@
+"""Guards added by the mutation runs of docs/claims.md: each fails on a deliberate mutation of a core path
+that the rest of the suite let through.
+
+Syncing the output's directories after the rename instead of before (same number of fsync calls, so
+tests/test_atomic.py's count passes) breaks the README's "every file and directory of an output is
+fsync'ed before the rename". Here every fsync is recorded by inode (a rename keeps inodes), so the order
+is checked: each file and directory of the output, and a --report file, was synced before the rename that
+published the output, and the parent directory after it (the rename itself made durable).
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, LLAMA, run_cli
+
+
+def _inode(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _record_syncs_and_renames(monkeypatch) -> list[tuple]:
+    """Events in order: ("fsync", inode) and ("rename", src, dst), recorded after each call succeeds."""
+    events: list[tuple] = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        real_fsync(fd)
+        events.append(("fsync", (st.st_dev, st.st_ino)))
+
+    def renamer(real):
+        def rename(src, dst, *args, **kwargs):
+            real(src, dst, *args, **kwargs)
+            events.append(("rename", Path(src), Path(dst)))
+        return rename
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", renamer(real_rename))
+    monkeypatch.setattr(os, "replace", renamer(real_replace))
+    return events
+
+
+COMMANDS = {
+    "convert-sharded": ["convert", LLAMA, "--max-shard-size", "100KB"],  # shards, index, side files
+    "merge-dora": ["merge", LLAMA, FIXTURES / "llama-dora"],  # a subdirectory (loratools-dora/)
+    "resize-report": ["resize", FIXTURES / "llama-patterns", "--rank", "3", "--report", "REPORT"],  # adapter + report
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_file_and_directory_is_synced_before_the_rename(tmp_path, monkeypatch, command):
+    report = tmp_path / "report.json"
+    argv = [report if a == "REPORT" else a for a in COMMANDS[command]]
+    out = tmp_path / "out"
+    events = _record_syncs_and_renames(monkeypatch)
+    run_cli(*argv, "-o", out)
+    publish = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == out]
+    assert len(publish) == 1, "the output was not renamed into place exactly once"
+    before = {e[1] for e in events[:publish[0]] if e[0] == "fsync"}
+    after = {e[1] for e in events[publish[0] + 1:] if e[0] == "fsync"}
+    paths = [out, *sorted(out.rglob("*"))]
+    if command == "merge-dora":
+        assert (out / "loratools-dora").is_dir()
+    if command == "resize-report":
+        paths.append(report)
+    unsynced = [str(p.relative_to(tmp_path)) for p in paths if _inode(p) not in before]
+    assert not unsynced, f"not synced before the output was renamed into place: {unsynced}"
+    assert _inode(tmp_path) in after, "the parent directory was not synced after the rename"
