@@ -46,6 +46,7 @@ from .io import check_output_path, provenance
 from .io.output import check_report_path, write_adapter_dir
 from .lora_math import stored_transposed, variant_of
 from .ranks import check_ranges, most_common_rank
+from .task_types import common_task_type
 
 log = logging.getLogger("loratools")
 
@@ -255,7 +256,8 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
     plans = plan_modules(adapters)
     lora_bias = check_bias(plans, opts.method)
     saved = carried_tensors(adapters, plans, opts.weights, warnings)
-    task_type = common_value(adapters, "task_type", warnings)
+    task_type, disagreement = common_task_type([ad.config.get("task_type") for ad in adapters])
+    warnings += [disagreement] if disagreement else []
     layer_replication = common_value(adapters, "layer_replication")
     modules_to_save = sorted({n for ad in adapters for n in (ad.config.get("modules_to_save") or [])}) or None
     dtypes = {t.dtype for ad in adapters for m in ad.modules.values() for t in (m.A, m.B)}

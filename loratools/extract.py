@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .adapter import LoraModule, adapter_config, adapter_tensors
+from .task_types import task_type_of
 from .device import resolve_device
 from .dtypes import FLOAT_DTYPES
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
@@ -407,13 +408,15 @@ def extract_checkpoint(base: str | Path, tuned: str | Path, output: str | Path, 
     carried = _carry_rest(diff, layout, selection, tuned, tuned_ck, modules_to_save, out_dtype)
     modules, saved, rows, whole_module_names = diff.modules, carried.saved, diff.rows, carried.whole_module_names
     config, tie = _adapter_config_of(modules, carried, layout, rule, alpha, base)
+    config["task_type"], task_note = task_type_of(base_ck.config)  # the base's PEFT task (task_types.py)
     tensors = adapter_tensors(modules, saved)
 
     def report_doc(summary: dict, sizes: dict[str, int]) -> dict:
         doc = _report(Path(summary["output"]), base, tuned, rows, carried.not_carried, whole_module_names, saved,
                       diff.identical, sizes[ADAPTER_WEIGHTS], diff.tuned_bytes, config, carried.use_bias, tie,
                       layout, svd, dev, dtype, summary["files"])
-        return {**doc, "bytes": summary["bytes"], "stale_removed": summary["stale_removed"]}
+        return {**doc, "bytes": summary["bytes"], "stale_removed": summary["stale_removed"],
+                "task_type": config["task_type"], "task_type_note": task_note}
 
     return write_adapter_dir(output, inputs=[base, tuned], force=force, config=config, tensors=tensors,
                              provenance=meta, report_doc=report_doc, report=report)

@@ -62,6 +62,8 @@ def command(base, tuned, output, rank, energy, sv_ratio, max_rank, target_module
                                     alpha=alpha, svd=svd, device=device, dtype=dtype, force=force,
                                     on_tensor=lambda _: advance(), report=report_file)
     show_extract_report(report)
+    if report.get("task_type_note"):
+        info(f"note: {report['task_type_note']}")
     if as_json:
         print_json(report)
 
