@@ -10,6 +10,12 @@ Saved keys (PEFT strips the adapter name):
     base_model.model.<module>.<param>                 modules_to_save: the module's full parameters
     base_model.model.<module>.base_layer.weight       a targeted embedding saved whole (save_embedding_layers)
 `<module>` is the module's name inside the model PEFT wrapped, so `<module>.weight` is the base tensor.
+
+target_parameters (LoRA on an nn.Parameter, PEFT's ParamWrapper; what `all-linear` adds on MoE models):
+    base_model.model.<module>[.base_layer]*k.lora_A.weight   [r·E, in]    (E experts of a 3-D parameter,
+    base_model.model.<module>[.base_layer]*k.lora_B.weight   [out, r·E]    E = 1 for a 2-D one, e.g. a router)
+Each targeted parameter of a module gets its own wrapper, nested: the parameter the module registers first
+is innermost (most `base_layer`s), the last one outermost (see Note: which parameter is which).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import torch
 from .errors import FormatError, InputError, UnsupportedError
 from .io.checkpoint import load_json
 from .io.safetensors_format import read_header, read_tensor
-from .lora_math import lora_scale, peft_delta, stored_transposed
+from .lora_math import expert_delta, expert_factors, lora_scale, peft_delta, stored_transposed
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -79,10 +85,15 @@ def pattern_value(patterns: dict, module: str, default):
 
 @dataclass
 class LoraModule:
-    """One adapted module's factors and the numbers PEFT derives for it."""
+    """One adapted module's (or targeted parameter's) factors and the numbers PEFT derives for it.
+
+    A target_parameters entry has `param` set, its `name` is the parameter's path (`<module>.<param>`, what
+    PEFT matches rank_pattern / alpha_pattern against, and the base tensor's key) and `saved_path` is the
+    module path its keys are saved under. kind "experts": a 3-D expert parameter, A (r·E, in), B (out, r·E);
+    a 2-D parameter (a router's weight) is kind "linear" with E = 1, merged as a Linear is."""
 
     name: str
-    kind: str  # "linear" or "embedding"
+    kind: str  # "linear", "embedding" or "experts"
     A: torch.Tensor
     B: torch.Tensor
     r: int
@@ -91,10 +102,21 @@ class LoraModule:
     fan_in_fan_out: bool = False
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    param: str | None = None  # the targeted nn.Parameter's name (target_parameters); None for a module target
+    experts: int = 1  # E
+    saved_path: str | None = None  # module path of its saved keys, with PEFT's base_layer nesting (default name)
+    # Set by a caller that knows the base: the experts are stored [E, in, out] (transformers' is_transposed,
+    # GPT-OSS). The adapter alone cannot tell: its factors are the same either way.
+    experts_transposed: bool = False
 
     @property
     def base_key(self) -> str:
-        return f"{self.name}.weight"
+        return self.name if self.param else f"{self.name}.weight"
+
+    @property
+    def key_path(self) -> str:
+        """The module path under which its factors are saved (PREFIX + key_path + ".lora_A.weight")."""
+        return self.saved_path or self.name
 
     @property
     def bias_key(self) -> str:
@@ -102,18 +124,32 @@ class LoraModule:
 
     @property
     def transposed(self) -> bool:
-        """Whether the base weight is stored as (B·A)ᵀ (Conv1D, embeddings): lora_math.stored_transposed."""
+        """Whether the base weight is stored as (B·A)ᵀ (Conv1D, embeddings, is_transposed experts)."""
+        if self.kind == "experts":
+            return self.experts_transposed
         return stored_transposed(self.kind, self.fan_in_fan_out)
 
     @property
-    def base_shape(self) -> tuple[int, int]:
-        """Shape the base weight must have for these factors ([num_embeddings, dim] for an embedding)."""
+    def base_shape(self) -> tuple[int, ...]:
+        """Shape the base weight must have for these factors ([num_embeddings, dim] for an embedding,
+        [E, out, in] for experts, [E, in, out] once marked experts_transposed)."""
         out_f, in_f = self.B.shape[0], self.A.shape[1]
-        return (in_f, out_f) if self.transposed else (out_f, in_f)
+        shape = (in_f, out_f) if self.transposed else (out_f, in_f)
+        return (self.experts, *shape) if self.kind == "experts" else shape
 
     def delta(self, weight: float = 1.0, dtype=torch.float32) -> torch.Tensor:
-        """ΔW in the base weight's layout: B @ A · scale (transposed for Conv1D and embeddings)."""
+        """ΔW in the base weight's layout: B @ A · scale (transposed for Conv1D and embeddings); per expert
+        [E, out, in] for experts (lora_math.expert_delta)."""
+        if self.kind == "experts":
+            return expert_delta(self.B.to(dtype), self.A.to(dtype), self.scale * weight, self.experts,
+                                self.transposed)
         return peft_delta(self.B.to(dtype), self.A.to(dtype), self.scale * weight, self.transposed)
+
+    def expert_factors(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_e [E, r, in], B_e [E, out, r]) for experts; ([1, r, in], [1, out, r]) for any other module."""
+        if self.kind == "experts":
+            return expert_factors(self.A.to(dtype), self.B.to(dtype), self.experts)
+        return self.A.to(dtype)[None], self.B.to(dtype)[None]
 
 
 @dataclass
@@ -165,8 +201,9 @@ def read_adapter_config(path: Path) -> dict:
             cfg[key] = {}
         if not isinstance(cfg[key], dict):
             raise FormatError(f"{key} must be an object", path=cfg_path)
-    if cfg.get("target_parameters"):
-        raise UnsupportedError("LoRA on target_parameters (nn.Parameter targets) is not supported", path=cfg_path)
+    tp = cfg.get("target_parameters")
+    if tp is not None and (not isinstance(tp, list) or not all(isinstance(t, str) and t for t in tp)):
+        raise FormatError(f"target_parameters must be a list of parameter names, found {tp!r}", path=cfg_path)
     if cfg.get("trainable_token_indices"):
         raise UnsupportedError("trainable_token_indices adapters are not supported", path=cfg_path)
     return cfg
@@ -212,22 +249,17 @@ def load_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
                 parts.setdefault(name, {})[role] = t
             else:
                 saved[name] = t
-    modules = {}
-    for name, p in parts.items():
-        modules[name] = _build_module(name, p, cfg, wpath)
-    return Adapter(path=path, config=cfg, modules=dict(sorted(modules.items())), saved=saved, dtypes=dtypes)
-
-
-def _build_module(name: str, p: dict, cfg: dict, wpath: Path) -> LoraModule:
-    m, issues = parse_module(name, p, cfg)
+    modules, issues = parse_modules(parts, cfg)
     if issues:  # load_adapter refuses at the first; validate reports them all
-        raise issues[0].error(issues[0].message, path=wpath, tensor=PREFIX + name)
-    out_features = m.B.shape[0]
-    for role, t in (("lora_magnitude_vector", m.magnitude), ("lora_B.bias", m.bias)):
-        if t is not None and tuple(t.shape) != (out_features,):
-            raise FormatError(f"{role} has shape {list(t.shape)}, expected [{out_features}]", path=wpath,
-                              tensor=PREFIX + name)
-    return m
+        path_name, issue = issues[0]
+        raise issue.error(issue.message, path=wpath, tensor=PREFIX + path_name)
+    for m in modules.values():
+        out_features = m.B.shape[0]
+        for role, t in (("lora_magnitude_vector", m.magnitude), ("lora_B.bias", m.bias)):
+            if t is not None and tuple(t.shape) != (out_features,):
+                raise FormatError(f"{role} has shape {list(t.shape)}, expected [{out_features}]", path=wpath,
+                                  tensor=PREFIX + m.key_path)
+    return Adapter(path=path, config=cfg, modules=dict(sorted(modules.items())), saved=saved, dtypes=dtypes)
 
 
 class FactorIssue(NamedTuple):
@@ -278,6 +310,162 @@ def parse_module(name: str, parts: dict[str, torch.Tensor], cfg: dict) -> tuple[
     return m, issues
 
 
+# -- target_parameters (PEFT's ParamWrapper) --------------------------------------------------------------
+
+# Note: which parameter is which.
+#     PEFT wraps the targeted parameters of one module in the order the module registers them
+#     (`named_parameters(recurse=False)`), each new wrapper around the previous one, so the first registered
+#     parameter ends up innermost: Mixtral's experts save gate_up_proj under `experts.base_layer.lora_A` and
+#     down_proj under `experts.lora_A` (measured with peft 0.21.2; target_parameters is saved as a set, in
+#     no useful order). The adapter does not record the registration order; every transformers 5 experts
+#     class registers its up-projections before down_proj (gate_up_proj, gate_proj, up_proj, then down_proj),
+#     so loratools orders a module's parameters that way and then checks the shapes: gate_up_proj's output
+#     is twice down_proj's input and its input is down_proj's output.
+_REGISTRATION_ORDER = {"gate_up_proj": 0, "w1": 1, "gate_proj": 1, "w3": 2, "up_proj": 2, "down_proj": 4, "w2": 4}
+_BASE_LAYER = ".base_layer"
+
+
+def _nesting(path: str) -> tuple[str, int]:
+    """(module, depth): `m.experts.base_layer` -> ("m.experts", 1)."""
+    depth = 0
+    while path.endswith(_BASE_LAYER):
+        path, depth = path[: -len(_BASE_LAYER)], depth + 1
+    return path, depth
+
+
+def _matches_target_modules(cfg: dict, module: str) -> bool:
+    """PEFT's check_target_module_exists for a plain name (a str is a full-match regex)."""
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str):
+        return re.fullmatch(tm, module) is not None
+    return bool(tm) and (module in tm or any(module.endswith(f".{t}") for t in tm))
+
+
+def _param_candidates(targets: list[str], module: str) -> tuple[list[str], list[str]]:
+    """Parameter names of `module` that target_parameters can mean: (named with a module path that matches,
+    bare names that match any module). PEFT matches `<module>.<param>` == or ends with `.<target>`."""
+    strong, weak = [], []
+    for t in targets:
+        mod, _, param = t.rpartition(".")
+        if not mod:
+            weak.append(param)
+        elif module == mod or module.endswith(f".{mod}"):
+            strong.append(param)
+    return list(dict.fromkeys(strong)), [p for p in dict.fromkeys(weak) if p not in strong]
+
+
+def parse_modules(parts: dict[str, dict[str, torch.Tensor]], cfg: dict
+                  ) -> tuple[dict[str, LoraModule], list[tuple[str, FactorIssue]]]:
+    """Every adapted module from the saved parts (saved module path -> role -> tensor, see classify_key;
+    "meta" tensors will do): LoraModules keyed by name, and every inconsistency as (saved module path,
+    FactorIssue). Paths of target_parameters wrappers are grouped by module and assigned their parameters
+    (Note: which parameter is which); everything else goes through parse_module."""
+    targets = list(cfg.get("target_parameters") or [])
+    groups: dict[str, dict[int, str]] = {}
+    plain = []
+    for path in parts:
+        module, depth = _nesting(path)
+        is_param = bool(targets) and (depth > 0 or (not _matches_target_modules(cfg, module)
+                                                    and any(_param_candidates(targets, module))))
+        if is_param:
+            groups.setdefault(module, {})[depth] = path
+        else:
+            plain.append(path)
+    modules: dict[str, LoraModule] = {}
+    issues: list[tuple[str, FactorIssue]] = []
+    for path in plain:
+        m, found = parse_module(path, parts[path], cfg)
+        issues += [(path, i) for i in found]
+        if m is not None:
+            modules[m.name] = m
+    for module, by_depth in sorted(groups.items()):
+        ms, found = _parse_param_module(module, by_depth, parts, cfg, targets)
+        issues += found
+        modules.update((m.name, m) for m in ms)
+    return modules, issues
+
+
+def _parse_param_module(module: str, by_depth: dict[int, str], parts: dict, cfg: dict, targets: list[str]
+                        ) -> tuple[list[LoraModule], list[tuple[str, FactorIssue]]]:
+    """The targeted parameters of one module from its nested wrappers' saved factors."""
+    levels = max(by_depth) + 1
+    first = by_depth[min(by_depth)]
+    if len(by_depth) != levels:
+        missing = [f"{module}{_BASE_LAYER * d}" for d in range(levels) if d not in by_depth]
+        return [], [(first, FactorIssue(f"the adapter has no factors for the nested target_parameters wrapper "
+                                        f"{missing[0]} (PEFT nests one per targeted parameter)",
+                                        f"{levels} nested wrappers", f"{len(by_depth)}"))]
+    strong, weak = _param_candidates(targets, module)
+    if len(strong) == levels:
+        params = strong
+    elif len(strong) + len(weak) == levels:
+        params = strong + weak
+    else:
+        found = f"{levels} wrapper(s)"
+        return [], [(first, FactorIssue(f"cannot tell which of target_parameters {sorted(targets)} the {found} of "
+                                        f"{module} adapt ({len(strong + weak)} candidate parameters: "
+                                        f"{', '.join(strong + weak) or 'none'})", f"{len(strong + weak)} wrappers",
+                                        found))]
+    order = sorted(params, key=lambda p: _REGISTRATION_ORDER.get(p, 3))  # stable: otherwise as listed
+    out, issues = [], []
+    for i, param in enumerate(order):
+        path = by_depth[levels - 1 - i]  # the first registered is innermost
+        m, found = _parse_param(module, param, path, parts[path], cfg)
+        issues += [(path, f) for f in found]
+        if m is not None:
+            out.append(m)
+    issues += [(by_depth[0], f) for f in _param_shape_issues(module, {m.param: m for m in out})]
+    return out, issues
+
+
+def _parse_param(module: str, param: str, path: str, p: dict, cfg: dict
+                 ) -> tuple[LoraModule | None, list[FactorIssue]]:
+    """One targeted parameter: A (r·E, in), B (out, r·E) with r and alpha resolved on `<module>.<param>`."""
+    name = f"{module}.{param}"
+    other = sorted(set(p) - {"A", "B"})
+    if other:
+        return None, [FactorIssue(f"target_parameters wrapper for {name} holds {other[0]} tensors (PEFT's "
+                                  f"ParamWrapper has only lora_A and lora_B)", "lora_A and lora_B", other[0])]
+    missing = [role for role in ("A", "B") if role not in p]
+    if missing:
+        return None, [FactorIssue(f"the adapter has no {_ROLE_KEYS[missing[0]]} tensor for {name}",
+                                  "lora_A.weight and lora_B.weight", f"no {_ROLE_KEYS[missing[0]]}")]
+    A, B = p["A"], p["B"]
+    if A.dim() != 2 or B.dim() != 2:
+        found = f"A {list(A.shape)}, B {list(B.shape)}"
+        return None, [FactorIssue(f"{name}: expected 2-D factors A (r·E, in), B (out, r·E); found {found}",
+                                  "2-D factors", found)]
+    r = int(pattern_value(cfg["rank_pattern"], name, cfg["r"]))
+    rows = int(A.shape[0])
+    if rows % r or B.shape[1] != rows:
+        source = "rank_pattern" if pattern_value(cfg["rank_pattern"], name, None) is not None else "r"
+        found = f"A {list(A.shape)}, B {list(B.shape)}"
+        return None, [FactorIssue(f"{name}: with r={r} ({source}) expected A (r·E, in) and B (out, r·E) for a "
+                                  f"number of experts E; found {found}", f"A [{r}·E, in], B [out, {r}·E]", found)]
+    alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
+    experts = rows // r
+    return LoraModule(name=name, kind="experts" if experts > 1 else "linear", A=A, B=B, r=r, alpha=alpha,
+                      scale=lora_scale(alpha, r, bool(cfg.get("use_rslora"))), param=param, experts=experts,
+                      saved_path=path), []
+
+
+def _param_shape_issues(module: str, by_param: dict[str, LoraModule]) -> list[FactorIssue]:
+    """One expert count per module, and gate_up_proj / down_proj shapes that fit each other."""
+    experts = {m.param: m.experts for m in by_param.values() if m.kind == "experts"}
+    if len(set(experts.values())) > 1:
+        found = ", ".join(f"{p}: {e}" for p, e in experts.items())
+        return [FactorIssue(f"{module}: its parameters' factors give different expert counts ({found}); is r or "
+                            f"rank_pattern wrong?", "one expert count", found)]
+    gu, down = by_param.get("gate_up_proj"), by_param.get("down_proj")
+    if gu is not None and down is not None and (gu.B.shape[0] != 2 * down.A.shape[1]
+                                                 or gu.A.shape[1] != down.B.shape[0]):
+        found = f"gate_up_proj {list(gu.base_shape)}, down_proj {list(down.base_shape)}"
+        return [FactorIssue(f"{module}: gate_up_proj and down_proj factors do not fit together as saved "
+                            f"(expected gate_up_proj [E, 2I, H], down_proj [E, H, I] with gate_up_proj innermost); "
+                            f"found {found}", "[E, 2I, H] and [E, H, I]", found)]
+    return []
+
+
 # -- writing ---------------------------------------------------------------------------------------------
 
 def adapter_config(*, r: int, lora_alpha: float, target_modules: list[str], base_model_name_or_path: str | None,
@@ -319,16 +507,17 @@ def adapter_tensors(modules: dict[str, LoraModule], saved: dict[str, torch.Tenso
     out = {}
     for name, m in sorted(modules.items()):
         cast = (lambda t: t.to(dtype).contiguous()) if dtype else (lambda t: t.contiguous())
+        path = m.key_path
         if m.kind == "embedding":
-            out[f"{PREFIX}{name}.lora_embedding_A"] = cast(m.A)
-            out[f"{PREFIX}{name}.lora_embedding_B"] = cast(m.B)
+            out[f"{PREFIX}{path}.lora_embedding_A"] = cast(m.A)
+            out[f"{PREFIX}{path}.lora_embedding_B"] = cast(m.B)
         else:
-            out[f"{PREFIX}{name}.lora_A.weight"] = cast(m.A)
-            out[f"{PREFIX}{name}.lora_B.weight"] = cast(m.B)
+            out[f"{PREFIX}{path}.lora_A.weight"] = cast(m.A)
+            out[f"{PREFIX}{path}.lora_B.weight"] = cast(m.B)
         if m.bias is not None:
-            out[f"{PREFIX}{name}.lora_B.bias"] = cast(m.bias)
+            out[f"{PREFIX}{path}.lora_B.bias"] = cast(m.bias)
         if m.magnitude is not None:
-            out[f"{PREFIX}{name}.lora_magnitude_vector"] = cast(m.magnitude)
+            out[f"{PREFIX}{path}.lora_magnitude_vector"] = cast(m.magnitude)
     for key, t in sorted((saved or {}).items()):
         module, param = key.rsplit(".", 1)
         # A LoRA-wrapped module saved whole (an embedding) keeps its weights under `base_layer` in PEFT.

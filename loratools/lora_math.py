@@ -79,6 +79,45 @@ class Workspace:
         return buf[:n].view(tuple(shape))
 
 
+# -- MoE experts: LoRA on a 3-D parameter (PEFT target_parameters) -------------------------------------------
+
+def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert views of PEFT's packed expert factors: A (r·E, in) -> [E, r, in], B (out, r·E) -> [E, out, r].
+
+    PEFT's ParamWrapper puts the expert index first in A's rows and last in B's columns: expert e owns
+    A[e·r:(e+1)·r] and B[:, e::E]."""
+    r = A.shape[0] // experts
+    return A.reshape(experts, r, A.shape[1]), B.reshape(B.shape[0], r, experts).permute(2, 0, 1)
+
+
+def pack_expert_factors(A_e: torch.Tensor, B_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of expert_factors: A_e [E, r, in], B_e [E, out, r] -> A (r·E, in), B (out, r·E), contiguous."""
+    E, r, n_in = A_e.shape
+    return A_e.reshape(E * r, n_in).contiguous(), B_e.permute(1, 2, 0).reshape(B_e.shape[1], r * E).contiguous()
+
+
+def expert_delta(B: torch.Tensor, A: torch.Tensor, scale: float, experts: int,
+                 transposed: bool = False) -> torch.Tensor:
+    """PEFT's ParamWrapper.get_delta_weight for a 3-D expert parameter, in B and A's dtype.
+
+    Args:
+        B: lora_B.weight, (out, r·E).
+        A: lora_A.weight, (r·E, in).
+        scale: lora_alpha / r (or / √r with rsLoRA) of this parameter, times any merge weight.
+        experts: E.
+        transposed: the base stores the experts as [E, in, out] (transformers' `is_transposed`, e.g. GPT-OSS);
+            False for [E, out, in] (Mixtral, Qwen3-MoE, OLMoE: gate_up_proj [E, 2I, H], down_proj [E, H, I]).
+
+    Returns:
+        ΔW [E, out, in] (or [E, in, out] when transposed); expert e is B[:, e::E] @ A[e·r:(e+1)·r] · scale.
+
+    The same einsum as PEFT (tuners/lora/layer.py), so in float32 the bits are PEFT's merge_and_unload delta.
+    """
+    r = A.shape[0] // experts
+    Bv, Av = B.reshape(B.shape[0], r, experts), A.reshape(experts, r, A.shape[1])
+    return torch.einsum("o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i", Bv, Av) * scale
+
+
 def lora_delta(m: "LoraModule", weight: float = 1.0, device="cpu", ws: Workspace | None = None,
                rows: slice | None = None) -> torch.Tensor:
     """weight · scale · B @ A of one module in float32 on `device`, in the base tensor's layout.
@@ -88,6 +127,9 @@ def lora_delta(m: "LoraModule", weight: float = 1.0, device="cpu", ws: Workspace
     next call)."""
     A = m.A.to(device=device, dtype=torch.float32)
     B = m.B.to(device=device, dtype=torch.float32)
+    if m.kind == "experts":  # [E, out, in] (or [E, in, out]): one einsum, no row blocks, no workspace
+        assert rows is None, "row blocks of an expert delta"
+        return expert_delta(B, A, m.scale * weight, m.experts, m.transposed)
     transposed = stored_transposed(m.kind, m.fan_in_fan_out)
     if rows is not None:
         assert not transposed, "row blocks of a transposed delta"
@@ -298,5 +340,5 @@ WEIGHT, BIAS = WeightTensor(), BiasTensor()
 
 __all__ = ["BIAS", "BLOCK_ELEMENTS", "BLOCK_ROWS", "DORA", "PLAIN_LORA", "WEIGHT", "BiasTensor", "Dora",
            "PlainLora", "Step", "WeightTensor", "Workspace", "bias_delta", "dora_factor", "dora_weight_norm",
-           "lora_delta", "lora_scale", "merge_weight", "peft_delta", "stored_transposed", "to_layout",
-           "unmerge_weight", "variant_of"]
+           "expert_delta", "expert_factors", "lora_delta", "lora_scale", "merge_weight", "pack_expert_factors",
+           "peft_delta", "stored_transposed", "to_layout", "unmerge_weight", "variant_of"]

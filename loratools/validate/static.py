@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import (PREFIX, WEIGHTS_NAME, Adapter, KeyKind, LoraModule, classify_key, parse_module,
+from ..adapter import (PREFIX, WEIGHTS_NAME, Adapter, KeyKind, classify_key, parse_modules,
                        read_adapter_config)
 from ..checks import HEAD_KEY, Problem, adapter_fit_problems, resolve_base_key, shape_list
 from ..dtypes import declared_dtype
@@ -73,14 +73,11 @@ def adapter_from_header(path: str | Path) -> tuple[Adapter, list[Problem]]:
             parts.setdefault(name, {})[role] = info
         else:
             saved[name] = _meta(info.shape)
-    modules: dict[str, LoraModule] = {}
-    for name, p in sorted(parts.items()):
-        m, issues = parse_module(name, {role: _meta(info.shape) for role, info in p.items()}, cfg)
-        problems += [Problem(name, PREFIX + name, apath, expected=i.expected, found=i.found,
-                             message=f"module {name}: {i.message}") for i in issues]
-        if m is None:
-            continue
-        modules[name] = m
+    modules, issues = parse_modules({name: {role: _meta(info.shape) for role, info in p.items()}
+                                     for name, p in sorted(parts.items())}, cfg)
+    problems += [Problem(name, PREFIX + name, apath, expected=i.expected, found=i.found,
+                         message=f"module {name}: {i.message}") for name, i in issues]
+    for name, m in modules.items():
         if cfg.get("use_dora") and m.magnitude is None and m.kind == "linear":
             problems.append(Problem(name, PREFIX + name, apath, expected="lora_magnitude_vector", found=None,
                                     message=f"module {name}: use_dora is set but the adapter has no DoRA magnitude "
@@ -95,7 +92,7 @@ def adapter_config_notes(adapter: Adapter) -> list[Problem]:
     cfg, apath = adapter.config, str(adapter.path)
     notes = []
     targets = cfg.get("target_modules")
-    stray = [n for n in adapter.modules if not _target_matches(targets, n)]
+    stray = [n for n, m in adapter.modules.items() if m.param is None and not _target_matches(targets, n)]
     if stray:
         notes.append(Problem(stray[0], None, apath, expected=f"target_modules {targets}", found=stray[0],
                              message=f"{len(stray)} adapted module(s) are not matched by target_modules, e.g. "
