@@ -268,33 +268,41 @@ def model_dir(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Loaded:
-    """AutoModelForCausalLM from a local directory's config.json, in eval mode on `device`.
+    """The class the checkpoint was saved from (config.json's architectures[0]: BertModel, T5ForConditional-
+    Generation, ...; task_types.model_class), from a local directory, in eval mode on `device`.
 
-    A 4-bit checkpoint is loaded through bitsandbytes from its own quantization_config. Tensors the
-    checkpoint lacks are initialised by transformers from the seeded RNG (so a broken candidate fails
-    the same way every run) and listed in `missing`.
+    A 4-bit checkpoint is loaded through bitsandbytes from its own quantization_config. A weight the
+    model has and the checkpoint lacks (and that is not tied to one it has) would be random: refused
+    (InputError naming it), so no random head ever enters a comparison.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .task_types import model_class
 
     d = model_dir(path)
     t0 = time.perf_counter()
     with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(d, trust_remote_code=False, local_files_only=True)
+            cls = model_class(config.to_dict())
             kwargs = dict(config=config, dtype=dtype, trust_remote_code=False, local_files_only=True,
                           output_loading_info=True)
             if device.type == "cuda":
                 kwargs["device_map"] = {"": device.index if device.index is not None else 0}
             torch.manual_seed(seed)
-            model, info = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+            model, info = cls.from_pretrained(d, **kwargs)
         except Exception as e:  # transformers raises ValueError/OSError/RuntimeError/KeyError for bad dirs
             raise InputError(f"transformers cannot load this model: {type(e).__name__}: {e}", path=d) from None
     model.eval()
     if getattr(model, "is_quantized", False):
         _unify_dense_dtype(model, dtype)
+    missing = sorted(info.get("missing_keys") or [])  # transformers lists no tied weight here
+    if missing:
+        raise InputError(f"{type(model).__name__} has {len(missing)} weight(s) this checkpoint does not store "
+                         f"and would be random (first: {missing[0]}); refusing to compare with a random head",
+                         path=d, tensor=missing[0])
     mism = info.get("mismatched_keys") or []
-    return Loaded(model=model, missing=sorted(info.get("missing_keys") or []),
-                  unexpected=sorted(info.get("unexpected_keys") or []),
+    return Loaded(model=model, missing=missing, unexpected=sorted(info.get("unexpected_keys") or []),
                   mismatched=sorted(str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in mism),
                   seconds=time.perf_counter() - t0)
 
@@ -341,6 +349,8 @@ def attach_adapters(model: torch.nn.Module, adapters: list[Path], weights: list[
                              path=adapters[0] if len(adapters) == 1 else None) from None
         if len(names) > 1:
             pm.base_model.set_adapter(names)
+    for name, path in zip(names, adapters):
+        check_attached(pm, name, path)
     for name, w in zip(names, weights):
         if w == 1.0:
             continue
@@ -351,12 +361,73 @@ def attach_adapters(model: torch.nn.Module, adapters: list[Path], weights: list[
     return pm
 
 
+def attach_mismatch(saved: dict[str, torch.Tensor], held: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(key, what is wrong) for the first difference between an adapter file's tensors (`saved`) and what
+    the PeftModel holds for it in the same saved-key format (`held`), or None when they are the same.
+
+    A file key PEFT holds nothing under is a module the adapter targets that PEFT did not wrap (another
+    model, another layout); a key PEFT holds that the file lacks is a module PEFT wrapped with its own
+    initialisation; a value that differs was not loaded."""
+    for key in sorted(saved):
+        if key not in held:
+            return key, "is in the adapter file but PEFT attached nothing for it (the module is not wrapped)"
+        if not torch.equal(saved[key].to(device=held[key].device, dtype=held[key].dtype), held[key]):
+            return key, "was not loaded: PEFT's module holds other values than the adapter file"
+    for key in sorted(held.keys() - saved.keys()):
+        return key, "PEFT wrapped this module but the adapter file has no tensor for it (it would be PEFT's own init)"
+    return None
+
+
+def check_attached(pm: torch.nn.Module, adapter_name: str, path: Path) -> None:
+    """Raise InputError unless the PeftModel holds exactly the adapter file's tensors for `adapter_name`.
+
+    Note: why not trust PeftModel.from_pretrained.
+        It loads with strict=False and only warns about missing LoRA keys: an adapter whose module
+        names are not the model's (a CAUSAL_LM adapter on a BertLMHeadModel, another key layout) loads
+        as no adapter at all, and the reference then equals the base. PEFT's own saved view of the
+        loaded model (get_peft_model_state_dict, what save_pretrained would write) must equal the file.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(path) / "adapter_model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's save-time warnings (sharded-save hints) mean nothing here
+        held = get_peft_model_state_dict(pm, adapter_name=adapter_name,
+                                         save_embedding_layers=any(k.endswith(".base_layer.weight") for k in saved))
+    bad = attach_mismatch(saved, {k: v.detach() for k, v in held.items()})
+    if bad is not None:
+        raise InputError(f"the adapter did not attach in the PEFT reference: {bad[1]}", path=path, tensor=bad[0])
+
+
+def decoder_inputs(ids: torch.Tensor, config) -> torch.Tensor:
+    """An encoder-decoder's decoder_input_ids for the batch: the ids shifted right behind the decoder start
+    token (teacher forcing, what training computes), so the decoder runs on every position."""
+    start = next((v for v in (getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None))
+                  if isinstance(v, int) and v >= 0), 0)
+    return torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
+
+
 @torch.no_grad()
 def run_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits for the batch, returned on the CPU in float32."""
+    """The model's natural output for the batch, [batch, positions, features] in float32 on the CPU.
+
+    logits where the model has a head ([b, seq, vocab]; a sequence classifier's [b, labels] as
+    [b, 1, labels]), else a bare model's last_hidden_state (BertModel; a bare encoder-decoder's is its
+    decoder's). An encoder-decoder gets `decoder_inputs`."""
     device = next(p.device for p in model.parameters())
-    out = model(input_ids=ids.to(device), use_cache=False)
-    return out.logits.detach().float().cpu()
+    config = model.config
+    kwargs = {"input_ids": ids.to(device)}
+    if getattr(config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = decoder_inputs(ids, config).to(device)
+    if getattr(config, "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    out = model(**kwargs)
+    t = getattr(out, "logits", None)
+    if t is None:
+        t = out.last_hidden_state
+    t = t.detach().float().cpu()
+    return t.unsqueeze(1) if t.dim() == 2 else t
 
 
 def free_memory() -> None:
@@ -375,6 +446,17 @@ def max_positions(config: dict | None) -> int | None:
     return None
 
 
+def usable_positions(model: torch.nn.Module, config: dict | None) -> int | None:
+    """How many positions a batch row may have: config.json's maximum, less what a learned position table
+    reserves below its padding index (RoBERTa counts positions from pad_token_id + 1: 514 rows, 512 usable)."""
+    limits = [max_positions(config)]
+    for name, mod in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(mod, torch.nn.Embedding) and mod.padding_idx is not None:
+            limits.append(mod.num_embeddings - mod.padding_idx - 1)
+    limits = [n for n in limits if n]
+    return min(limits) if limits else None
+
+
 def peak_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -384,4 +466,5 @@ def peak_memory(device: torch.device) -> int | None:
 __all__ = ["BATCH_TEXT", "Loaded", "Tolerance", "attach_adapters", "carried_fraction", "coarsest", "config_dtype",
            "device_description", "dtype_eps", "exact_tolerance", "fake_quantize_", "free_memory", "judge",
            "load_model", "logit_metrics", "make_batch", "max_positions", "model_dir", "peak_memory",
-           "quantized_tolerance", "resolve_compute_dtype", "resolve_device", "run_logits"]
+           "quantized_tolerance", "resolve_compute_dtype", "resolve_device", "run_logits", "usable_positions",
+           "attach_mismatch", "check_attached", "decoder_inputs"]

@@ -104,7 +104,7 @@ def _reference_logits(base: Checkpoint, adapter_paths: list[Path], weights: list
     run.timings["load_base"] = loaded.seconds
     model = loaded.model
     vocab = model.get_input_embeddings().num_embeddings
-    limit = fw.max_positions(base.config)
+    limit = fw.usable_positions(model, base.config)
     used_len = min(seq_len, limit) if limit else seq_len
     ids, source = fw.make_batch(fw.model_dir(base.path), vocab, batch, used_len, run.seed)
     l_base = run.logits(model, ids, "forward_base")
@@ -115,12 +115,29 @@ def _reference_logits(base: Checkpoint, adapter_paths: list[Path], weights: list
         model = fw.attach_adapters(model, adapter_paths, weights)
         l_ref = fw.run_logits(model, ids)
         run.timings["forward_adapters"] = time.perf_counter() - t0
-        comparisons.append(comparison("adapters", "base", "base + adapters (PEFT, unmerged)",
-                                      fw.logit_metrics(l_base, l_ref), None, gated=False,
-                                      note="the adapters' effect on the logits (informational)"))
+        effect = comparison("adapters", "base", "base + adapters (PEFT, unmerged)", fw.logit_metrics(l_base, l_ref),
+                            None, gated=False, note="the adapters' effect on the logits (informational)")
+        if torch.equal(l_base, l_ref) and any(w != 0 for w in weights) and _nonzero_B(adapter_paths):
+            # Note: an adapter with non-zero B that changes nothing did not attach (or is masked by one that
+            # is not the model's): a reference equal to the base would pass any merge of nothing.
+            effect.update(gated=True, passed=False,
+                          error="the PEFT reference computes exactly the base's outputs although the adapters' "
+                                "lora_B factors are non-zero: the adapters did not attach")
+        comparisons.append(effect)
     del model, loaded
     fw.free_memory()
     return ids, source, l_base, l_ref, comparisons
+
+
+def _nonzero_B(adapter_paths: list[Path]) -> bool:
+    """Whether any adapter has a non-zero lora_B (or lora_embedding_B) factor: it should change the outputs."""
+    from safetensors import safe_open
+
+    for path in adapter_paths:
+        with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
+            if any(bool(f.get_tensor(k).any()) for k in f.keys() if ".lora_B." in k or k.endswith(".lora_embedding_B")):
+                return True
+    return False
 
 
 def _quantized_reference(base: Checkpoint, quant: Checkpoint, ids: torch.Tensor, run: _Run
