@@ -1,8 +1,11 @@
 """`loratools quantize` / `dequantize` against what transformers + bitsandbytes themselves write and read.
 
-The reference for every check is the real library on this machine (CPU): a checkpoint written by
+The reference for what we write is the real library on this machine (CPU): a checkpoint written by
 `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))` + `save_pretrained`,
-and bitsandbytes' own quantize_4bit / dequantize_4bit.
+and bitsandbytes' own quantize_4bit. The reference for what we read back is the format's definition
+(`decode_definition`, pure torch, here and not in the library): bitsandbytes' CPU dequantize_4bit is wrong on
+AVX-512 CPUs for some shapes (docs/quantize.md, "Upstream defect"), so it is compared with the definition and
+trusted only where it agrees with it; where it does not, the disagreement must be the known one, and is recorded.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import io
 import json
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -57,11 +61,147 @@ def raw_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
-def bnb_dequantize(ck: Checkpoint, name: str) -> torch.Tensor:
-    """bitsandbytes' own reading of one stored 4-bit weight (as transformers' loader builds it)."""
-    stats = {k[len(name) + 1:]: ck.read(k) for k in ck.keys() if k.startswith(name + ".")}
-    state = F.QuantState.from_dict(stats, device="cpu")
-    return F.dequantize_4bit(ck.read(name), state)
+def stored_tensors(ck: Checkpoint, name: str) -> dict[str, torch.Tensor]:
+    """One quantized weight as stored: suffix ("" for the packed weight, ".absmax", ...) -> tensor."""
+    return {k[len(name):]: ck.read(k) for k in ck.keys() if k == name or k.startswith(name + ".")}
+
+
+def bnb_dequantize(stored: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """bitsandbytes' own reading of one stored 4-bit weight (QuantState.from_dict, as transformers' loader
+    builds it, then functional.dequantize_4bit), eager; `dtype` overrides the quant_state's."""
+    state = F.QuantState.from_dict({k[1:]: v for k, v in stored.items() if k}, device="cpu")
+    if dtype is not None:
+        state.dtype = dtype
+    with eager_bitsandbytes():
+        out = F.dequantize_4bit(stored[""], state)
+    # a packed weight of one row of bytes ([1, 1] for 1x2) comes back transposed (bitsandbytes takes it
+    # for a transposed one); the values are in the format's order either way
+    return out.reshape(state.shape)
+
+
+# -- the 4-bit format from its definition: the reference for every dequantization ------------------
+
+def decode_definition(stored: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode one stored weight from the format's definition alone, reading nothing but the stored tensors:
+    codes are nibbles, high nibble first, over the flat row-major index; element i belongs to block
+    i // blocksize; value = quant_map[code] * absmax[block] in float32, rounded once to the quant_state
+    dtype (or `dtype`). With double quant the absmax is itself decoded first:
+    nested_quant_map[q] * nested_absmax[j // nested_blocksize] + nested_offset, in float32."""
+    return _decode(stored, dtype, lambda shape, blocksize: torch.arange(math.prod(shape)) // blocksize)
+
+
+def avx512_kernel_model(stored: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What bitsandbytes 0.50.2's AVX-512 CPU kernel computes (csrc/cpu_ops.cpp, dequantizeBlockwise4bitCpu,
+    taken when the last dimension n is a multiple of 16): the absmax of element (row, col) is read at
+    row * (n // blocksize) + col // blocksize, as if every row began a block. That is the definition when
+    blocksize divides n, or for a single row; otherwise later rows are scaled by other blocks' absmax."""
+    def blocks(shape, blocksize):
+        n = shape[-1]
+        row, col = torch.arange(math.prod(shape) // n).unsqueeze(1), torch.arange(n).unsqueeze(0)
+        return (row * (n // blocksize) + col // blocksize).reshape(-1)
+    return _decode(stored, dtype, blocks)
+
+
+def avx512_kernel_shape(shape: tuple[int, ...], blocksize: int) -> bool:
+    """Shapes bitsandbytes sends to that kernel on an AVX-512 CPU: a last dimension that is a multiple of
+    16, blocksize < 2048. (Shape only, so that the checks read the same on every CPU.)"""
+    return shape[-1] % 16 == 0 and blocksize < 2048
+
+
+def avx512_defect_applies(shape: tuple[int, ...], blocksize: int) -> bool:
+    """Shapes on which avx512_kernel_model differs from the definition: blocksize does not divide a row
+    and there is more than one row."""
+    n, rows = shape[-1], math.prod(shape) // shape[-1]
+    return avx512_kernel_shape(shape, blocksize) and n % blocksize != 0 and rows > 1
+
+
+def stored_meta(stored: dict[str, torch.Tensor]) -> dict:
+    """The quant_state JSON of one stored weight."""
+    [key] = [k for k in stored if k.startswith(".quant_state.bitsandbytes__")]
+    meta = json.loads(bytes(stored[key].tolist()).decode())
+    assert key == ".quant_state.bitsandbytes__" + meta["quant_type"]
+    return meta
+
+
+def stored_codes(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The 4-bit codes in flat row-major order: two per byte, high nibble first."""
+    packed = stored[""].reshape(-1).view(torch.uint8)
+    return torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[:math.prod(stored_meta(stored)["shape"])].long()
+
+
+def _decode(stored, dtype, blocks) -> torch.Tensor:
+    meta = stored_meta(stored)
+    shape, blocksize = tuple(meta["shape"]), meta["blocksize"]
+    codes = stored_codes(stored)
+    absmax = stored[".absmax"].reshape(-1)
+    if "nested_offset" in meta:
+        j = torch.arange(absmax.numel())
+        absmax = (stored[".nested_quant_map"].float()[absmax.long()]
+                  * stored[".nested_absmax"].float()[j // meta["nested_blocksize"]]
+                  + torch.tensor(meta["nested_offset"], dtype=torch.float32))
+    values = stored[".quant_map"].float()[codes] * absmax.float()[blocks(shape, blocksize)]
+    return values.to(dtype or getattr(torch, meta["dtype"])).reshape(shape)
+
+
+class UpstreamDisagreement(UserWarning):
+    """bitsandbytes' dequantize_4bit disagreed with the format definition in the known way (recorded)."""
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical up to the sign of zero (FP4 code 8 is +0.0 in the stored quant_map and in bitsandbytes'
+    AVX-512 kernel, -0.0 in its scalar C and CUDA kernels, which loratools follows: bnb4bit, `Note: the
+    sign of FP4 zero`)."""
+    def canon(t):
+        return torch.where(t == 0, torch.zeros_like(t), t)
+    return a.dtype == b.dtype and a.shape == b.shape and raw_bytes(canon(a)) == raw_bytes(canon(b))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bit patterns, flat."""
+    return t.reshape(-1).view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    diff = (a.float() != b.float()).reshape(-1).nonzero().flatten()
+    if not len(diff):
+        return "no value differs"
+    return f"{len(diff)} of {a.numel()} values differ, the first at flat index {int(diff[0])}"
+
+
+def check_dequantized(stored: dict[str, torch.Tensor], ours: torch.Tensor, theirs: torch.Tensor,
+                      dtype: torch.dtype | None = None, label: str = "") -> str | None:
+    """ours must equal the definition; bitsandbytes' output (theirs) must too, down to the sign of zero
+    (ours == theirs byte for byte), unless it is the known AVX-512 behaviour on a shape it applies to: then
+    the disagreement is returned, for `record`. Any other disagreement fails."""
+    definition = decode_definition(stored, dtype)
+    assert same_values(ours, definition), f"{label}: loratools vs the format definition: " \
+        + first_difference(ours, definition)
+    shape, meta = tuple(definition.shape), stored_meta(stored)
+    blocksize = meta["blocksize"]
+    where = f"{label}: bitsandbytes' dequantize_4bit vs the format definition on {'x'.join(map(str, shape))}, " \
+        f"blocksize {blocksize}: "
+    if same_values(theirs, definition):
+        if raw_bytes(ours) == raw_bytes(theirs):
+            return None
+        # the AVX-512 kernel's FP4 table holds +0.0 for code 8, where the scalar and CUDA kernels give -0.0
+        differ = bits(ours) != bits(theirs)  # zeros only (same_values above)
+        assert avx512_kernel_shape(shape, blocksize) and meta["quant_type"] == "fp4" and \
+            bool((stored_codes(stored)[differ] == 8).all()), f"{label}: the sign of a zero differs from bitsandbytes"
+        what = where + "FP4 code 8 decoded as +0.0, where loratools writes -0.0 as bitsandbytes' other kernels do"
+    else:
+        known = avx512_defect_applies(shape, blocksize) and same_values(theirs, avx512_kernel_model(stored, dtype))
+        what = where + first_difference(theirs, definition)
+        assert known, what + " (not the known AVX-512 defect)"
+    return what
+
+
+def record(disagreements: list) -> None:
+    """One warning per test for the known upstream disagreements it met (pytest's summary lists it)."""
+    found = [d for d in disagreements if d]
+    if found:
+        warnings.warn(f"bitsandbytes' dequantize_4bit disagreed with the format definition in {len(found)} of "
+                      f"{len(disagreements)} checks, each the known AVX-512 behaviour (docs/quantize.md): "
+                      + "; ".join(found[:3]) + ("; ..." if len(found) > 3 else ""), UpstreamDisagreement)
 
 
 def load_quiet(path):
@@ -126,11 +266,14 @@ def quantize_cli(src, out, *, quant_type="nf4", double_quant=True, blocksize=64,
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_format_bytes_equal_bitsandbytes(quant_type, dtype):
-    """quantize_weight == bnb quantize_4bit (packed, absmax, maps, JSON) and our dequantization ==
-    dequantize_4bit, bit for bit, over block tails, odd sizes, zero blocks and both blocksizes."""
+    """quantize_weight == bnb quantize_4bit (packed, absmax, maps, JSON), bit for bit, over block tails, odd
+    sizes, zero blocks and both blocksizes; our dequantization == the format definition, and so is
+    bitsandbytes' dequantize_4bit except for its known AVX-512 defect (96x80, 100x64 at blocksize 128)."""
     g = torch.Generator().manual_seed(7)
-    # odd last dimensions send bitsandbytes' CPU dequantization to its torch fallback (FP4 zero sign)
-    cases = [(96, 80), (33, 64 * 5 + 10), (1, 2), (300, 256), (5, 7), (3, 67)]
+    # odd last dimensions send bitsandbytes' CPU dequantization to its torch fallback (FP4 zero sign);
+    # 96x80 and 100x64 (blocksize 128) to its AVX-512 kernel where blocksize does not divide a row
+    cases = [(96, 80), (33, 64 * 5 + 10), (1, 2), (300, 256), (5, 7), (3, 67), (100, 64)]
+    seen = []
     for shape in cases:
         for blocksize in (64, 128):
             for double_quant in (False, True):
@@ -147,12 +290,76 @@ def test_format_bytes_equal_bitsandbytes(quant_type, dtype):
                 for suffix, t in expected.items():
                     assert (t.dtype, tuple(t.shape)) == (ours[suffix].dtype, tuple(ours[suffix].shape)), suffix
                     assert raw_bytes(t) == raw_bytes(ours[suffix]), (shape, blocksize, double_quant, suffix)
-                with eager_bitsandbytes():
-                    expected_dense = F.dequantize_4bit(ref, state)
-                assert raw_bytes(expected_dense) == raw_bytes(dequantize_weight(ours, qs))
+                seen.append(check_dequantized(expected, dequantize_weight(ours, qs), bnb_dequantize(expected),
+                                              label=f"double_quant {double_quant}"))
                 if not double_quant:
                     packed, absmax = quantize_4bit(w, blocksize, quant_type)
                     assert raw_bytes(packed) == raw_bytes(ref) and raw_bytes(absmax) == raw_bytes(state.absmax)
+    record(seen)
+
+
+def test_definition_tells_right_from_wrong_when_bitsandbytes_is_wrong(monkeypatch):
+    """The reference holds on every CPU. On a machine without AVX-512, bitsandbytes' kernel defect is
+    simulated by patching functional.dequantize_4bit on a 96x80 weight: (1) corrupting elements from 128
+    on in an unexplained way fails the check; (2) corrupting them as the AVX-512 kernel does passes it,
+    recorded, and ours is still held to the definition; (3) our output corrupted so fails it."""
+    w = (torch.randn(96, 80, generator=torch.Generator().manual_seed(5)) * 0.05).half()
+    ours, qs = quantize_weight(w, quant_type="nf4", blocksize=64, double_quant=True)
+    dense = dequantize_weight(ours, qs)
+    real = F.dequantize_4bit
+
+    def corrupted(A, quant_state=None, *args, **kwargs):
+        out = real(A, quant_state, *args, **kwargs).clone()
+        out.view(-1)[128:] *= 1.5
+        return out
+
+    monkeypatch.setattr(F, "dequantize_4bit", corrupted)
+    with pytest.raises(AssertionError, match=r"not the known AVX-512 defect"):
+        check_dequantized(ours, dense, bnb_dequantize(ours))
+    monkeypatch.setattr(F, "dequantize_4bit", lambda A, quant_state=None, *a, **k: avx512_kernel_model(ours))
+    assert "96x80, blocksize 64: " in check_dequantized(ours, dense, bnb_dequantize(ours))
+    with pytest.warns(UpstreamDisagreement, match="in 1 of 2 checks.*the first at flat index 128"):
+        record([None, check_dequantized(ours, dense, bnb_dequantize(ours))])
+    monkeypatch.setattr(F, "dequantize_4bit", real)
+    wrong = dense.clone()
+    wrong.view(-1)[128:] *= 1.5
+    with pytest.raises(AssertionError, match="loratools vs the format definition: .* first at flat index 128"):
+        check_dequantized(ours, wrong, bnb_dequantize(ours))
+    with pytest.raises(AssertionError, match="loratools vs the format definition"):
+        check_dequantized(ours, avx512_kernel_model(ours), bnb_dequantize(ours))
+
+
+def test_avx512_defect_model_and_this_machine():
+    """What docs/quantize.md says the upstream kernel gets wrong, as numbers: its absmax index departs from
+    the definition's at element 128 and for 7,456 of 7,680 elements on 96x80 at blocksize 64 (96x96: 9,056
+    of 9,216; 100x64 at blocksize 128: 6,272 of 6,400); none on 100x64 at 64 or 1x7680. 33x330 would be
+    wrong too, but bitsandbytes takes its scalar loop there (330 is not a multiple of 16). And on this
+    machine bitsandbytes gives, on each of these shapes, the definition or exactly that model."""
+    def wrong_scales(shape, bs):
+        n = shape[-1]
+        row, col = torch.arange(math.prod(shape) // n).unsqueeze(1), torch.arange(n).unsqueeze(0)
+        bad = ((row * (n // bs) + col // bs) != (row * n + col) // bs).reshape(-1).nonzero().flatten()
+        return len(bad), (int(bad[0]) if len(bad) else None)
+
+    assert wrong_scales((96, 80), 64) == (7456, 128) and avx512_defect_applies((96, 80), 64)
+    assert wrong_scales((96, 96), 64) == (9056, 128) and avx512_defect_applies((96, 96), 64)
+    assert wrong_scales((100, 64), 128) == (6272, 128) and avx512_defect_applies((100, 64), 128)
+    for shape, bs in [((100, 64), 64), ((1, 7680), 64), ((96, 80), 16)]:
+        assert wrong_scales(shape, bs) == (0, None) and not avx512_defect_applies(shape, bs), shape
+    assert wrong_scales((33, 330), 64)[0] > 0 and not avx512_defect_applies((33, 330), 64)
+    g = torch.Generator().manual_seed(1)
+    for shape, bs in [((96, 80), 64), ((96, 96), 64), ((100, 64), 128), ((33, 330), 64), ((1, 7680), 64)]:
+        w = (torch.randn(shape, generator=g) * 0.05).half()
+        ours, qs = quantize_weight(w, quant_type="nf4", blocksize=bs, double_quant=False)
+        theirs, definition = bnb_dequantize(ours), decode_definition(ours)
+        if not avx512_defect_applies(shape, bs):
+            assert same_values(theirs, definition), shape
+        else:
+            assert same_values(theirs, definition) or same_values(theirs, avx512_kernel_model(ours)), shape
+            def rel(x):
+                return float((x.float() - w.float()).norm() / w.float().norm())
+            # not a rounding matter: 0.26, 0.25, 0.19 against NF4's own 0.09-0.10 (docs/quantize.md)
+            assert rel(avx512_kernel_model(ours)) > 1.8 * rel(definition), shape
 
 
 def test_double_quant_offset_follows_default_threads():
@@ -281,24 +488,26 @@ def test_skip_modules_load_as_quantized(reference, tmp_path):
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
 def test_read_dense_matches_bitsandbytes(reference, model):
-    """quantized.read_dense on a transformers-written checkpoint == bnb dequantize_4bit (Conv1D
-    weights transposed back to the dense [in, out] layout), and dense_specs == the original layout."""
+    """quantized.read_dense on a transformers-written checkpoint == the format definition and bnb's
+    dequantize_4bit (Conv1D weights transposed back to the dense [in, out] layout), and dense_specs == the
+    original layout."""
     ck = Checkpoint(reference(model, quant_type="nf4", double_quant=True, blocksize=64))
     orig = Checkpoint(FIXTURES / model)
     specs = dense_specs(ck)
     assert specs == {n: (i.dtype, i.shape) for n, i in orig.tensors.items()}
     qstates = quant_states(ck)
     assert qstates
+    seen = []
     for name, (dtype, shape) in specs.items():
         t = read_dense(ck, name)
         assert (t.dtype, tuple(t.shape)) == (dtype, shape)
         if name in qstates:
-            ref = bnb_dequantize(ck, name)
-            if ref.shape != t.shape or model == "tiny-gpt2":
-                ref = ref.t()
-            assert raw_bytes(ref.contiguous()) == raw_bytes(t), name
+            stored = stored_tensors(ck, name)
+            back = t.t().contiguous() if model == "tiny-gpt2" else t  # Conv1D: stored as the [out, in] Linear
+            seen.append(check_dequantized(stored, back, bnb_dequantize(stored), label=name))
         else:
             assert raw_bytes(t) == raw_bytes(orig.read(name)), name
+    record(seen)
 
 
 @pytest.mark.parametrize("model,dtype", [("tiny-llama", None), ("tiny-gpt2", None), ("tiny-llama", "float32")])
@@ -310,18 +519,15 @@ def test_dequantize_matches_bitsandbytes(reference, tmp_path, model, dtype):
     q, dense, orig = Checkpoint(src), Checkpoint(out), Checkpoint(FIXTURES / model)
     assert dense.quantization_config is None and not dense.is_quantized
     assert set(dense.keys()) == set(orig.keys())
-    qstates = quant_states(q)
+    qstates, seen = quant_states(q), []
     for name in orig.keys():
         t = dense.read(name)
         assert tuple(t.shape) == orig.info(name).shape
         if name in qstates:
-            stats = {k[len(name) + 1:]: q.read(k) for k in q.keys() if k.startswith(name + ".")}
-            state = F.QuantState.from_dict(stats, device="cpu")
-            if dtype:
-                state.dtype = getattr(torch, dtype)
-            ref = F.dequantize_4bit(q.read(name), state)
-            ref = ref.t().contiguous() if model == "tiny-gpt2" else ref
-            assert raw_bytes(ref) == raw_bytes(t), name
+            stored, want = stored_tensors(q, name), getattr(torch, dtype) if dtype else None
+            back = t.t().contiguous() if model == "tiny-gpt2" else t  # Conv1D: stored as the [out, in] Linear
+            seen.append(check_dequantized(stored, back, bnb_dequantize(stored, want), want, label=name))
+    record(seen)
     # the dense output loads as an ordinary model, close to the 4-bit one
     model_dense, info, _ = load_quiet(out)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
