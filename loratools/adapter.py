@@ -449,6 +449,20 @@ def _parse_param(module: str, param: str, path: str, p: dict, cfg: dict
                       saved_path=path), []
 
 
+def nest_param_targets(modules: dict[str, LoraModule]) -> None:
+    """Set saved_path of every target_parameters entry as PEFT nests them: per module, its parameters in
+    registration order (Note: which parameter is which), the first innermost. For adapters built from
+    several inputs (combine), whose union of targeted parameters decides the nesting."""
+    by_module: dict[str, list[LoraModule]] = {}
+    for m in modules.values():
+        if m.param:
+            by_module.setdefault(m.name[: -len(m.param) - 1], []).append(m)
+    for module, ms in by_module.items():
+        ms.sort(key=lambda m: _REGISTRATION_ORDER.get(m.param, 3))
+        for i, m in enumerate(ms):
+            m.saved_path = module + _BASE_LAYER * (len(ms) - 1 - i)
+
+
 def _param_shape_issues(module: str, by_param: dict[str, LoraModule]) -> list[FactorIssue]:
     """One expert count per module, and gate_up_proj / down_proj shapes that fit each other."""
     experts = {m.param: m.experts for m in by_param.values() if m.kind == "experts"}

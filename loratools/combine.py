@@ -28,6 +28,7 @@ Note: the output's shape.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -38,13 +39,14 @@ from typing import Callable
 
 import torch
 
-from .adapter import Adapter, LoraModule, adapter_config, adapter_tensors, load_adapter
+from .adapter import Adapter, LoraModule, adapter_config, adapter_tensors, load_adapter, nest_param_targets
 from .combine_methods import METHODS, CombineOptions, ModuleJob, Term, names
 from .device import resolve_device, torch_threads
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
 from .io import check_output_path, provenance
 from .io.output import check_report_path, write_adapter_dir
-from .lora_math import stored_transposed, variant_of
+from .lora_math import pack_expert_factors, stored_transposed, variant_of
+from .lowrank import truncate_experts
 from .ranks import check_ranges, most_common_rank
 from .task_types import common_task_type
 
@@ -109,8 +111,10 @@ class ModulePlan:
     name: str
     kind: str
     fan_in_fan_out: bool
-    base_shape: tuple[int, int]
+    base_shape: tuple[int, ...]
     sources: list[tuple[int, LoraModule]] = field(default_factory=list)
+    param: str | None = None  # a target_parameters entry (LoraModule.param)
+    experts: int = 1
 
     @property
     def transposed(self) -> bool:
@@ -125,10 +129,15 @@ def plan_modules(adapters: list[Adapter]) -> dict[str, ModulePlan]:
             raise UnsupportedError("DoRA adapters cannot be combined: the magnitude vector rescales W + ΔW as a "
                                    "whole, so DoRA updates do not add", path=ad.path)
         for name, m in ad.modules.items():
-            p = plans.setdefault(name, ModulePlan(name, m.kind, m.fan_in_fan_out, m.base_shape))
+            p = plans.setdefault(name, ModulePlan(name, m.kind, m.fan_in_fan_out, m.base_shape, param=m.param,
+                                                  experts=m.experts))
             first = adapters[p.sources[0][0]].path if p.sources else ad.path
             if m.kind != p.kind:
                 raise MismatchError(f"this is a {m.kind} LoRA here but a {p.kind} LoRA in {first}",
+                                    path=ad.path, tensor=name)
+            if (m.param is None) != (p.param is None):
+                raise MismatchError(f"is a {'target_parameters' if m.param else 'target_modules'} entry here but a "
+                                    f"{'target_parameters' if p.param else 'target_modules'} entry in {first}",
                                     path=ad.path, tensor=name)
             if m.base_shape != p.base_shape:
                 raise MismatchError(f"adapts a base weight of shape {list(m.base_shape)}, but {first} adapts "
@@ -219,21 +228,46 @@ def check_bias(plans: dict[str, ModulePlan], method: str) -> bool:
 
 
 def target_modules_of(adapters: list[Adapter], plans: dict[str, ModulePlan]) -> list[str]:
+    """target_modules of the output (see Note: the output's shape); target_parameters entries are not modules."""
     names: set[str] = set()
     for ad in adapters:
         t = ad.config.get("target_modules")
-        if ad.modules and (not isinstance(t, list) or ad.config.get("layers_to_transform") is not None
-                           or ad.config.get("layers_pattern") or ad.config.get("exclude_modules")):
-            return sorted(plans)
-        names.update(t or [])
+        if any(m.param is None for m in ad.modules.values()) and (
+                not isinstance(t, list) or ad.config.get("layers_to_transform") is not None
+                or ad.config.get("layers_pattern") or ad.config.get("exclude_modules")):
+            return sorted(n for n, p in plans.items() if p.param is None)
+        names.update(t if isinstance(t, list) else [])
     return sorted(names)
+
+
+def target_parameters_of(adapters: list[Adapter]) -> list[str] | None:
+    """The union of the inputs' target_parameters (PEFT loads one set for all wrappers), or None."""
+    names = sorted({t for ad in adapters for t in (ad.config.get("target_parameters") or [])})
+    return names or None
 
 
 # -- the work --------------------------------------------------------------------------------------------
 
 
 def combine_module(plan: ModulePlan, opts: CombineOptions, device: torch.device, default_rank: int):
-    """One module: (lora_B, lora_A at scale 1, bias or None, Truncation)."""
+    """One module: (lora_B, lora_A at scale 1, bias or None, Truncation).
+
+    MoE experts: the method runs on each expert's delta B_e·A_e·scale as on a module of its own (DARE masks
+    seeded by `<name>.<e>`), at one rank for the parameter (lowrank.truncate_experts), packed back into
+    PEFT's A (R·E, in), B (out, R·E)."""
+    if plan.kind == "experts":
+        factors = [m.expert_factors() for _, m in plan.sources]  # (A_e, B_e) per source
+
+        def run(e: int, criteria: dict):
+            terms = [Term(B_e[e].to(device), A_e[e].to(device), m.scale, opts.weights[i])
+                     for (i, m), (A_e, B_e) in zip(plan.sources, factors)]
+            return METHODS[opts.method].run(terms, dataclasses.replace(opts, **criteria),
+                                            ModuleJob(f"{plan.name}.{e}", False, default_rank))
+
+        tr = truncate_experts(run, plan.experts, {"rank": opts.rank, "energy": opts.energy})
+        B_e, A_e = tr.factors(1.0)
+        A, B = pack_expert_factors(A_e, B_e)
+        return B.cpu(), A.cpu(), None, tr
     terms = [Term(m.B.to(device), m.A.to(device), m.scale, opts.weights[i]) for i, m in plan.sources]
     tr = METHODS[opts.method].run(terms, opts, ModuleJob(plan.name, plan.transposed, default_rank))
     B, A = tr.factors(1.0)
@@ -273,12 +307,17 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
             B, A, bias, tr = combine_module(plan, opts, device, default_rank)
         if lora_bias and bias is None:
             bias = torch.zeros(B.shape[0])  # every module gets a lora_B.bias under lora_bias=True
+        first = plan.sources[0][1]
         modules[name] = LoraModule(name=name, kind=plan.kind, A=A, B=B, r=tr.rank, alpha=float(tr.rank), scale=1.0,
                                    fan_in_fan_out=plan.fan_in_fan_out,
-                                   bias=None if bias is None else bias.cpu())
+                                   bias=None if bias is None else bias.cpu(), param=plan.param,
+                                   experts=plan.experts, saved_path=first.saved_path)
         rows.append({"name": name, "kind": plan.kind, "sources": [i for i, _ in plan.sources],
                      "input_ranks": [m.r for _, m in plan.sources], "rank": tr.rank,
                      "retained_energy": tr.retained_energy, "rel_error": tr.rel_error, "svd": tr.method})
+        if plan.kind == "experts":
+            rows[-1] |= {"experts": plan.experts, "expert_rel_errors": [t.rel_error for t in tr.experts],
+                         "expert_delta_norms": [t.norm for t in tr.experts]}
         if release_inputs:
             for i, _ in plan.sources:
                 adapters[i].modules.pop(name, None)
@@ -286,9 +325,14 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
         if on_module:
             on_module(name)
 
+    if any(p.param for p in plans.values()) and _inconsistent_nesting(adapters):
+        nest_param_targets(modules)  # the inputs target different parameters: nest the union as PEFT would
     r = most_common_rank((m.r for m in modules.values()), default=default_rank)
     pattern = {n: m.r for n, m in modules.items() if m.r != r}
     extra = {"layer_replication": layer_replication} if layer_replication is not None else {}
+    target_parameters = target_parameters_of(adapters)
+    if target_parameters:
+        extra["target_parameters"] = target_parameters
     config = adapter_config(r=r, lora_alpha=r, target_modules=targets,
                             base_model_name_or_path=base, rank_pattern=pattern, alpha_pattern=pattern,
                             fan_in_fan_out=any(p.fan_in_fan_out for p in plans.values()), lora_bias=lora_bias,
@@ -298,6 +342,16 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
         if m.bias is not None:
             m.bias = m.bias.to(out_dtype)
     return modules, saved, config, rows, warnings
+
+
+def _inconsistent_nesting(adapters: list[Adapter]) -> bool:
+    """Whether the inputs save some targeted parameter under different nestings (they target different sets)."""
+    seen: dict[str, str] = {}
+    for ad in adapters:
+        for m in ad.modules.values():
+            if m.param and seen.setdefault(m.name, m.key_path) != m.key_path:
+                return True
+    return False
 
 
 def combine_adapters(adapters: list[str | Path], output: str | Path, *, method: str,

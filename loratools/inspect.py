@@ -11,8 +11,14 @@ JSON schema (stable; fields are only ever added):
   adapter:    {"kind": "adapter", "path", "peft_type", "task_type", "base_model", "target_modules",
                "use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save",
                "trainable_parameters", "dtypes", "bytes_on_disk",
-               "modules": [{"name", "kind", "r", "alpha", "scale", "base_shape", "dora", "bias"}],
-               "saved_tensors": [{"name", "shape"}], "provenance"}
+               "modules": [{"name", "kind", "r", "alpha", "scale", "base_shape", "dora", "bias",
+                            "parameter", "experts", "expert_delta_norms"}],
+               "saved_tensors": [{"name", "shape"}], "provenance", "target_parameters"}
+  A target_parameters entry (PEFT's LoRA on an nn.Parameter) is listed under its parameter's path
+  (`...mlp.experts.gate_up_proj`) with `parameter` set; kind "experts" for a 3-D expert tensor, with
+  `experts` (E; 1 otherwise), `base_shape` [E, out, in] (models that store experts transposed, GPT-OSS,
+  hold [E, in, out]) and `expert_delta_norms` (‖ΔW_e‖_F of each expert, null for other kinds). r, alpha
+  and scale are per parameter: PEFT gives every expert of a parameter the same.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from pathlib import Path
 
 from .adapter import WEIGHTS_NAME, is_adapter_dir, load_adapter
 from .io.checkpoint import Checkpoint
+from .lora_math import expert_delta_norms
 from .io.provenance import read_provenance
 from .io.safetensors_format import read_header
 from .quantized import is_companion
@@ -100,6 +107,9 @@ def inspect_adapter(path: str | Path) -> dict:
         "base_shape": list(m.base_shape),
         "dora": m.magnitude is not None,
         "bias": m.bias is not None,
+        "parameter": m.param,
+        "experts": m.experts,
+        "expert_delta_norms": _expert_norms(m) if m.kind == "experts" else None,
     } for m in ad.modules.values()]
     _, meta = read_header(str(Path(path) / WEIGHTS_NAME))
     tm = cfg.get("target_modules")
@@ -121,17 +131,26 @@ def inspect_adapter(path: str | Path) -> dict:
         "modules": modules,
         "saved_tensors": [{"name": k, "shape": list(t.shape)} for k, t in sorted(ad.saved.items())],
         "provenance": read_provenance(meta),
+        "target_parameters": sorted(cfg["target_parameters"]) if cfg.get("target_parameters") else None,
     }
 
 
+def _expert_norms(m) -> list[float | None]:
+    """‖ΔW_e‖_F per expert, rounded to 6 significant digits; None where not finite (inspect shows NaN/Inf)."""
+    return [float(f"{v:.6g}") if math.isfinite(v) else None
+            for v in expert_delta_norms(m.A, m.B, m.scale, m.experts).tolist()]
+
+
 def group_modules(modules: list[dict]) -> list[dict]:
-    """Collapse modules that share a leaf name (q_proj, ...) and identical r/alpha/scale into one row."""
+    """Collapse modules that share a leaf name (q_proj, ..., gate.weight for a parameter named weight) and
+    identical r/alpha/scale/experts into one row."""
     groups: dict[tuple, dict] = {}
     for m in modules:
-        leaf = m["name"].rsplit(".", 1)[-1]
-        key = (leaf, m["kind"], m["r"], m["alpha"], round(m["scale"], 9), m["dora"], m["bias"])
+        leaf = ".".join(m["name"].split(".")[-2:]) if m.get("parameter") == "weight" else m["name"].rsplit(".", 1)[-1]
+        experts = m.get("experts", 1)
+        key = (leaf, m["kind"], m["r"], m["alpha"], round(m["scale"], 9), m["dora"], m["bias"], experts)
         g = groups.setdefault(key, {"module": leaf, "kind": m["kind"], "r": m["r"], "alpha": m["alpha"],
                                     "scale": m["scale"], "count": 0, "dora": m["dora"], "bias": m["bias"],
-                                    "base_shape": m["base_shape"]})
+                                    "base_shape": m["base_shape"], "experts": experts})
         g["count"] += 1
     return list(groups.values())

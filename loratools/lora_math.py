@@ -118,6 +118,13 @@ def expert_delta(B: torch.Tensor, A: torch.Tensor, scale: float, experts: int,
     return torch.einsum("o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i", Bv, Av) * scale
 
 
+def expert_delta_norms(A: torch.Tensor, B: torch.Tensor, scale: float, experts: int) -> torch.Tensor:
+    """‖ΔW_e‖_F per expert [E] in float32, from the factors alone: ‖B_e A_e‖² = Σ (B_eᵀB_e) ⊙ (A_e A_eᵀ)."""
+    A_e, B_e = expert_factors(A.to(torch.float32), B.to(torch.float32), experts)
+    gram = (B_e.transpose(1, 2) @ B_e) * (A_e @ A_e.transpose(1, 2))
+    return gram.sum(dim=(1, 2)).clamp_min(0).sqrt() * abs(scale)
+
+
 def lora_delta(m: "LoraModule", weight: float = 1.0, device="cpu", ws: Workspace | None = None,
                rows: slice | None = None) -> torch.Tensor:
     """weight · scale · B @ A of one module in float32 on `device`, in the base tensor's layout.
@@ -340,5 +347,5 @@ WEIGHT, BIAS = WeightTensor(), BiasTensor()
 
 __all__ = ["BIAS", "BLOCK_ELEMENTS", "BLOCK_ROWS", "DORA", "PLAIN_LORA", "WEIGHT", "BiasTensor", "Dora",
            "PlainLora", "Step", "WeightTensor", "Workspace", "bias_delta", "dora_factor", "dora_weight_norm",
-           "expert_delta", "expert_factors", "lora_delta", "lora_scale", "merge_weight", "pack_expert_factors",
-           "peft_delta", "stored_transposed", "to_layout", "unmerge_weight", "variant_of"]
+           "expert_delta", "expert_delta_norms", "expert_factors", "lora_delta", "lora_scale", "merge_weight",
+           "pack_expert_factors", "peft_delta", "stored_transposed", "to_layout", "unmerge_weight", "variant_of"]

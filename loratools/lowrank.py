@@ -208,3 +208,60 @@ def truncate_factors(B: torch.Tensor, A: torch.Tensor, *, rank: int | None = Non
     retained, err = _stats(S, k, norm2)
     return Truncation(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous(), k, math.sqrt(norm2),
                       retained, err, "factored")
+
+
+# Note: one rank per expert parameter.
+#     PEFT gives all experts of a targeted parameter one r (A is (r·E, in)), so a rank chosen per expert (by
+#     --energy or --sv-ratio) becomes the parameter's rank R = the largest any expert needs, and every expert
+#     then keeps its R leading components: the file holds r·E factors' rows either way, so an expert that
+#     would have needed fewer gets a better approximation for free rather than zero padding. A fixed
+#     --rank is the same for every expert anyway.
+
+@dataclass
+class ExpertsTruncation:
+    """Per-expert truncations of one expert parameter, at one rank R (see Note: one rank per expert parameter);
+    rank, norm, retained_energy, rel_error and method as Truncation's, over the whole [E, out, in] delta."""
+
+    experts: list[Truncation]
+
+    @property
+    def rank(self) -> int:
+        return max(t.rank for t in self.experts)
+
+    @property
+    def norm(self) -> float:
+        return math.sqrt(sum(t.norm ** 2 for t in self.experts))
+
+    @property
+    def rel_error(self) -> float:
+        n2 = self.norm ** 2
+        return math.sqrt(sum((t.rel_error * t.norm) ** 2 for t in self.experts) / n2) if n2 > 0 else 0.0
+
+    @property
+    def retained_energy(self) -> float:
+        return 1.0 - self.rel_error ** 2
+
+    @property
+    def method(self) -> str:
+        return self.experts[0].method
+
+    def factors(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_e [E, out, R], A_e [E, R, in]) with B_e·A_e·scale = each expert's U·S·Vh (zero-padded to R)."""
+        R, Bs, As = self.rank, [], []
+        for t in self.experts:
+            B, A = t.factors(scale)
+            pad = R - B.shape[1]
+            Bs.append(torch.nn.functional.pad(B, (0, pad)) if pad else B)
+            As.append(torch.nn.functional.pad(A, (0, 0, 0, pad)) if pad else A)
+        return torch.stack(Bs), torch.stack(As)
+
+
+def truncate_experts(run, experts: int, criteria: dict) -> ExpertsTruncation:
+    """`run(e, criteria) -> Truncation` for each expert; where the chosen ranks differ, the experts below the
+    largest R run again with rank=R (and no other criterion), so all keep R components."""
+    trs = [run(e, criteria) for e in range(experts)]
+    R = max(t.rank for t in trs)
+    if any(t.rank != R for t in trs):
+        fixed = {k: None for k in criteria} | {"rank": R}
+        trs = [t if t.rank == R else run(e, fixed) for e, t in enumerate(trs)]
+    return ExpertsTruncation(trs)

@@ -16,37 +16,52 @@ Note: what happens to each part of an adapter.
     - embedding LoRA: the same truncation on lora_embedding_B · lora_embedding_A (its delta is that
       product transposed, which has the same singular values).
     - modules_to_save tensors and embedding base layers PEFT saved whole: copied unchanged.
+    - MoE expert parameters (target_parameters, A (r·E, in), B (out, r·E)): each expert's own delta is
+      truncated, and the rank is per parameter, the largest any expert needs (PEFT has one r per parameter;
+      lowrank's Note: one rank per expert parameter); the report lists each expert's error. Parameter
+      targets keep their names, nesting and target_parameters; their rank_pattern entries are keyed by the
+      parameter's path, which is what PEFT matches them against.
     - DoRA: refused. Its magnitude vector rescales each row by m / ‖W + ΔW‖, which depends on the full
       base weight; truncating ΔW changes every row's norm, so no adapter of lower rank keeps the meaning
       of the stored magnitudes (and the optimal-truncation guarantee is gone). Merge it instead.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .adapter import LoraModule, adapter_tensors, load_adapter
 from .errors import UnsupportedError
 from .io import check_output_path, provenance
 from .io.output import ADAPTER_WEIGHTS, check_report_path, write_adapter_dir
-from .lora_math import variant_of
-from .lowrank import truncate_factors
+from .lora_math import pack_expert_factors, variant_of
+from .lowrank import truncate_experts, truncate_factors
 from .ranks import RankRule, most_common_rank
 
 
 def resize_module(m: LoraModule, *, rank=None, energy=None, sv_ratio=None, max_rank=None):
-    """A new LoraModule (alpha = r, scale 1) holding the optimal truncation of m's B·A·scale; and stats."""
-    B = m.B.float() * m.scale
-    A = m.A.float()
-    t = truncate_factors(B, A, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank)
+    """A new LoraModule (alpha = r, scale 1) holding the optimal truncation of m's B·A·scale; and stats.
+
+    Experts: each expert's B_e·A_e·scale is truncated on its own, at one rank for the parameter
+    (lowrank.truncate_experts); the stats add each expert's relative error."""
+    criteria = {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "max_rank": max_rank}
+    A_e, B_e = m.expert_factors()
+    t = truncate_experts(lambda e, c: truncate_factors(B_e[e] * m.scale, A_e[e], **c), m.experts, criteria)
     r = t.rank
-    newB, newA = t.factors(1.0)
+    newB_e, newA_e = t.factors(1.0)
+    if m.kind == "experts":
+        newA, newB = pack_expert_factors(newA_e, newB_e)
+    else:
+        newA, newB = newA_e[0], newB_e[0]
     dtype = m.A.dtype
     bias = (m.bias.float() * m.scale).to(m.bias.dtype) if m.bias is not None else None
-    out = LoraModule(m.name, m.kind, newA.to(dtype), newB.to(dtype), r, float(r), 1.0,
-                     fan_in_fan_out=m.fan_in_fan_out, bias=bias)
+    out = replace(m, A=newA.to(dtype), B=newB.to(dtype), r=r, alpha=float(r), scale=1.0, bias=bias)
     stats = {"name": m.name, "kind": m.kind, "old_rank": m.r, "rank": r, "retained_energy": t.retained_energy,
              "rel_error": t.rel_error, "delta_norm": t.norm,
              "old_parameters": m.A.numel() + m.B.numel(), "parameters": newA.numel() + newB.numel()}
+    if m.kind == "experts":
+        stats |= {"experts": m.experts, "expert_rel_errors": [x.rel_error for x in t.experts],
+                  "expert_delta_norms": [x.norm for x in t.experts]}
     return out, stats
 
 

@@ -40,6 +40,7 @@ def command(path, as_json, all_modules):
         return
     items = [("path", doc["path"]), ("type", doc["peft_type"]), ("task", doc["task_type"]),
              ("base model", doc["base_model"]), ("target modules", doc["target_modules"]),
+             ("target parameters", doc["target_parameters"]),
              ("rsLoRA", doc["use_rslora"]), ("DoRA", doc["use_dora"]), ("lora_bias", doc["lora_bias"]),
              ("fan_in_fan_out", doc["fan_in_fan_out"]), ("modules_to_save", doc["modules_to_save"]),
              ("adapted modules", len(doc["modules"])), ("trainable parameters", doc["trainable_parameters"]),
@@ -47,14 +48,25 @@ def command(path, as_json, all_modules):
     if doc["provenance"]:
         items.append(("written by", fmt(doc["provenance"])))
     kv_table("adapter", items)
+    # MoE expert tensors (target_parameters): an experts column, and with --all-modules each one's per-expert
+    # ‖ΔW_e‖ range; tables of adapters without experts are unchanged.
+    moe = any(m["experts"] > 1 for m in doc["modules"])
     if all_modules:
-        table(None, ["module", "kind", "r", "alpha", "scale", "base shape", "DoRA", "bias"],
+        table(None, ["module", "kind", "r", "alpha", "scale", "base shape", "DoRA", "bias"]
+              + (["experts", "‖ΔW_e‖ min..max"] if moe else []),
               [[m["name"], m["kind"], m["r"], m["alpha"], m["scale"], m["base_shape"], m["dora"], m["bias"]]
-               for m in doc["modules"]])
+               + ([m["experts"], _norm_range(m["expert_delta_norms"])] if moe else []) for m in doc["modules"]])
     else:
-        table(None, ["module", "count", "kind", "r", "alpha", "scale", "DoRA", "bias"],
+        table(None, ["module", "count", "kind", "r", "alpha", "scale", "DoRA", "bias"] + (["experts"] if moe else []),
               [[g["module"], g["count"], g["kind"], g["r"], g["alpha"], g["scale"], g["dora"], g["bias"]]
-               for g in group_modules(doc["modules"])])
+               + ([g["experts"]] if moe else []) for g in group_modules(doc["modules"])])
     if doc["saved_tensors"]:
         table("saved whole (modules_to_save / embedding base layers)", ["tensor", "shape"],
               [[s["name"], s["shape"]] for s in doc["saved_tensors"]])
+
+
+def _norm_range(norms: list | None) -> str:
+    if not norms:
+        return "-"
+    finite = [v for v in norms if v is not None]
+    return f"{fmt(min(finite))}..{fmt(max(finite))}" if finite else "NaN/Inf"
