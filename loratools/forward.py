@@ -13,9 +13,12 @@ from pathlib import Path
 
 import torch
 
+from . import bnb_log
 from .device import resolve_device
 from .dtypes import FLOAT_DTYPES, declared_float_dtype
 from .errors import InputError, UsageError
+
+bnb_log.install()  # before anything here imports peft (which imports bitsandbytes): see bnb_log
 
 
 # Note: the batch text.

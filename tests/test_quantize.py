@@ -600,3 +600,39 @@ def test_pack_puts_even_elements_in_the_high_nibble():
 
     q = torch.randint(0, 16, (4096,), dtype=torch.uint8)
     assert torch.equal(_pack(q), (q[::2] << 4) | q[1::2])
+
+
+# -- bitsandbytes' import-time notice -------------------------------------------------------------
+
+def test_validate_prints_no_bitsandbytes_kernels_notice():
+    """A fresh `loratools validate` (peft imports bitsandbytes) prints no "Failed to load CPU
+    gemm_4bit_forward from kernels-community" line; on a CPU with AVX-512 BF16 and without the optional
+    `kernels` package bitsandbytes logs it at import (this one: the line showed before loratools.bnb_log)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "loratools", "validate", LLAMA, FIXTURES / "llama-lora"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "gemm_4bit_forward" not in r.stderr and "kernels" not in r.stderr, r.stderr
+
+
+def test_bnb_log_filter_drops_only_the_absent_package_notice(caplog):
+    """The filter on bitsandbytes' CPU-ops logger drops that notice when its cause is the `kernels` package
+    being absent, and nothing else: the same line with another cause, and other warnings, still show."""
+    from loratools import bnb_log
+
+    bnb_log.install()
+    bnb_log.install()
+    logger = logging.getLogger(bnb_log.LOGGER)
+    assert logger.filters.count(bnb_log._keep) == 1
+    fmt = ("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+           "`pip install kernels` and the kernels >= 0.11.1")  # bitsandbytes 0.50.2, backends/cpu/ops.py
+    absent = ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    broken = RuntimeError("kernel version mismatch")
+    with caplog.at_level(logging.WARNING, logger=bnb_log.LOGGER):
+        logger.warning(fmt, absent)
+        logger.warning(fmt, broken)
+        logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == [fmt % broken, "some other bitsandbytes warning"]
+
