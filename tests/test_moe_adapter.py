@@ -275,3 +275,11 @@ def test_wrong_rank_in_config_is_one_line(moe, tmp_path):
     assert "\n" not in line and "gate_up_proj" in line and "expert" in line
     r = run_cli("resize", bad, "-o", tmp_path / "out", "--rank", "2", expect=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_tables_show_per_expert_numbers(moe, tmp_path):
+    case = moe("mixtral")
+    r = run_cli("resize", case.adapters[0], "-o", tmp_path / "r", "--rank", "2")
+    assert "per expert" in r.stderr and "4 experts, worst #" in r.stderr
+    r = run_cli("combine", *case.adapters, "-o", tmp_path / "c", "--method", "linear", "--rank", "4")
+    assert "4 experts, worst #" in r.stderr

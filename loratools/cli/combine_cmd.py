@@ -3,7 +3,7 @@ import click
 from ..io.provenance import start_digests
 from .console import bar, info, print_json
 from .options import device_option, force_option, json_option, output_option
-from .tables import kv_table, table
+from .tables import expert_cell, kv_table, table
 from .rank_options import energy_option, rank_option
 
 
@@ -52,9 +52,11 @@ def command(adapters, output, method, weights, rank, energy, density, majority_s
     if as_json:
         print_json(doc)
         return
-    table(None, ["module", "kind", "input ranks", "rank", "retained energy", "rel. error"],
+    moe = any(m.get("experts") for m in doc["modules"])  # MoE expert tensors: per-expert errors too
+    table(None, ["module", "kind", "input ranks", "rank", "retained energy", "rel. error"]
+          + (["per expert"] if moe else []),
           [[m["name"], m["kind"], "+".join(str(r) for r in m["input_ranks"]), m["rank"], m["retained_energy"],
-            m["rel_error"]] for m in doc["modules"]])
+            m["rel_error"]] + ([expert_cell(m)] if moe else []) for m in doc["modules"]])
     kv_table(None, [("method", doc["method"]), ("weights", doc["weights"]), ("modules", len(doc["modules"])),
                     ("r", doc["r"]), ("other ranks", len(doc["rank_pattern"])),
                     ("max rel. error", doc["max_rel_error"]), ("carried whole", doc["saved_tensors"] or None)])

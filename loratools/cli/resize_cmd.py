@@ -3,7 +3,7 @@ import click
 from ..io.provenance import start_digests
 from .console import print_json
 from .options import force_option, json_option, output_option
-from .tables import human_bytes, kv_table, table
+from .tables import expert_cell, human_bytes, kv_table, table
 from .rank_options import energy_option, max_rank_option, rank_option, sv_ratio_option
 
 
@@ -34,9 +34,11 @@ def command(adapter, output, rank, energy, sv_ratio, max_rank, report_file, forc
 
     report = resize_adapter(adapter, output, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank,
                             force=force, report=report_file)
-    table("resized modules", ["module", "kind", "rank", "new rank", "retained energy", "rel. error"],
+    moe = any(m.get("experts") for m in report["modules"])  # MoE expert tensors: per-expert errors too
+    table("resized modules", ["module", "kind", "rank", "new rank", "retained energy", "rel. error"]
+          + (["per expert"] if moe else []),
           [[m["name"], m["kind"], m["old_rank"], m["rank"], m["retained_energy"], m["rel_error"]]
-           for m in report["modules"]])
+           + ([expert_cell(m)] if moe else []) for m in report["modules"]])
     t = report["totals"]
     kv_table("totals", [
         ("output", report["output"]),

@@ -49,6 +49,15 @@ def fmt(v) -> str:
     return str(v)
 
 
+def expert_cell(row: dict) -> str:
+    """A report row's per-expert errors: '-' for a plain module, else "E experts, worst #e 1.2e-03"."""
+    errs = row.get("expert_rel_errors")
+    if not errs:
+        return "-"
+    worst = max(range(len(errs)), key=errs.__getitem__)
+    return f"{len(errs)} experts, worst #{worst} {fmt(float(errs[worst]))}"
+
+
 def human_bytes(n: int) -> str:
     """1536 -> '1.50 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
