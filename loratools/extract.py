@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .adapter import LoraModule, adapter_config, adapter_tensors
-from .task_types import task_type_of
+from .task_types import adapter_task_type
 from .device import resolve_device
 from .dtypes import FLOAT_DTYPES
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
@@ -408,7 +408,7 @@ def extract_checkpoint(base: str | Path, tuned: str | Path, output: str | Path, 
     carried = _carry_rest(diff, layout, selection, tuned, tuned_ck, modules_to_save, out_dtype)
     modules, saved, rows, whole_module_names = diff.modules, carried.saved, diff.rows, carried.whole_module_names
     config, tie = _adapter_config_of(modules, carried, layout, rule, alpha, base)
-    config["task_type"], task_note = task_type_of(base_ck.config)  # the base's PEFT task (task_types.py)
+    config["task_type"], task_note = adapter_task_type(base_ck.config, modules)  # the base's PEFT task
     tensors = adapter_tensors(modules, saved)
 
     def report_doc(summary: dict, sizes: dict[str, int]) -> dict:

@@ -56,6 +56,24 @@ def task_type_of(config: dict | None) -> tuple[str | None, str | None]:
     return None, f"PEFT has no task type for {arch}: task_type left null (PEFT's plain PeftModel)"
 
 
+# PEFT's task classes add these heads to modules_to_save (peft_model.py: classifier_module_names,
+# qa_module_names) and then cannot load a LoRA on them.
+_HEADS_SAVED_WHOLE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                      "QUESTION_ANS": ("qa_outputs",)}
+
+
+def adapter_task_type(config: dict | None, lora_modules) -> tuple[str | None, str | None]:
+    """`task_type_of` for an adapter with LoRA on `lora_modules`: a classifier task whose head carries a
+    LoRA (extract of a full fine-tune moves the head too) is left null, since PEFT's class for the task
+    would replace that head by a copy saved whole and refuse the LoRA; the plain PeftModel loads it."""
+    task, note = task_type_of(config)
+    heads = sorted(m for m in lora_modules if m.rsplit(".", 1)[-1] in _HEADS_SAVED_WHOLE.get(task, ()))
+    if heads:
+        return None, (f"{task} left out of task_type: PEFT's {task} class saves {heads[0]} whole and cannot load "
+                      f"the LoRA on it; PeftModel.from_pretrained loads this adapter as a plain PeftModel")
+    return task, note
+
+
 def common_task_type(values: list[str | None]) -> tuple[str | None, str | None]:
     """(task type, disagreement) of several adapters combined: the one they share; adapters without one
     do not count. With two different ones the first is taken and `disagreement` says so in one line."""
@@ -78,4 +96,4 @@ def model_class(config: dict | None):
     return transformers.AutoModelForCausalLM
 
 
-__all__ = ["architecture", "common_task_type", "model_class", "task_type_of"]
+__all__ = ["adapter_task_type", "architecture", "common_task_type", "model_class", "task_type_of"]
