@@ -14,8 +14,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA p
 
 
 def assert_within_one_ulp(a, b):
+    """Equal key sets (a tensor missing from either side fails), each tensor within 1 ulp."""
     ref = dict(Checkpoint(b).iter_tensors())
-    for name, t in Checkpoint(a).iter_tensors():
+    ours = dict(Checkpoint(a).iter_tensors())
+    assert set(ours) == set(ref)
+    for name, t in ours.items():
         assert t.dtype == ref[name].dtype and t.shape == ref[name].shape, name
         assert float(ulp_distance(t, ref[name]).max()) <= 1.0, name
 
