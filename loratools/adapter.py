@@ -145,6 +145,16 @@ class LoraModule:
                                 self.transposed)
         return peft_delta(self.B.to(dtype), self.A.to(dtype), self.scale * weight, self.transposed)
 
+    def orient_experts(self, base_shape) -> bool:
+        """Mark experts as stored [E, in, out] when `base_shape` (the base tensor's) is that and not [E, out, in];
+        returns whether the factors fit the base tensor. No-op check for other kinds."""
+        shape = tuple(base_shape)
+        if self.kind == "experts" and shape != self.base_shape:
+            self.experts_transposed = not self.experts_transposed
+            if shape != self.base_shape:
+                self.experts_transposed = not self.experts_transposed
+        return shape == self.base_shape
+
     def expert_factors(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_e [E, r, in], B_e [E, out, r]) for experts; ([1, r, in], [1, out, r]) for any other module."""
         if self.kind == "experts":

@@ -25,6 +25,18 @@ Note: the output's shape.
     target_modules is the union of the inputs' lists of names when every input gives a plain list (those
     match exactly the union of the modules the inputs adapt); otherwise the full module names.
     Factors are written in the inputs' common float dtype (float32 when they differ).
+
+Note: MoE experts (PEFT target_parameters).
+    A targeted 3-D expert parameter is combined expert by expert: each method sees expert e's deltas
+    B_e·A_e·scale exactly as it sees a module's (so cat and linear stay exact sums, and ties / dare_* /
+    magnitude_prune prune and elect signs within each expert, as they would on per-expert Linear modules;
+    DARE masks are seeded by `<parameter>.<e>`). PEFT has one r per parameter, so the output rank of a
+    parameter is the largest any expert needs and every expert keeps that many components
+    (lowrank.truncate_experts). target_parameters is the union of the inputs'; each parameter keeps its
+    saved nesting (`...experts.base_layer.lora_A`), recomputed as PEFT nests the union when the inputs
+    target different parameters of one module. rank_pattern entries are keyed by the parameter's path,
+    which is what PEFT matches them against (PEFT 0.21 then warns that they "did not match any targeted
+    module"; its check looks at module names only, and it applies them).
 """
 from __future__ import annotations
 

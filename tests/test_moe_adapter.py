@@ -25,6 +25,9 @@ FAMILIES = {
                     layer_types=["sliding_attention", "full_attention"], sliding_window=8),
 }
 TOKENS = torch.arange(3, 23).reshape(2, 10)
+# PEFT 0.21.2 warns that every rank/alpha pattern on a target_parameters entry "did not match any targeted
+# module" (its check looks at module names only, even for the patterns it writes itself); they are applied.
+pytestmark = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match:RuntimeWarning")
 
 
 def _lora_config(family: str, seed: int):
@@ -68,10 +71,6 @@ class Case:
             self.wrappers.append(_param_wrappers(pm))
             self.merged.append(pm.merge_and_unload().state_dict())
 
-    def transposed(self, m) -> bool:
-        """GPT-OSS: the base stores the experts [E, in, out]; the adapter alone cannot tell."""
-        return m.kind == "experts" and tuple(self.base[m.base_key].shape) != tuple(m.base_shape)
-
     def peft_model(self, adapter):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -109,7 +108,9 @@ def _deltas(ad, case) -> dict:
     """Each adapted tensor's ΔW in the base's layout (float32), by base key."""
     out = {}
     for m in ad.modules.values():
-        m.experts_transposed = case.transposed(m)
+        # GPT-OSS stores the experts [E, in, out]; the adapter alone cannot tell, the base tensor can
+        assert m.orient_experts(case.base[m.base_key].shape), m.name
+        assert m.experts_transposed == (case.family == "gpt_oss" and m.kind == "experts")
         out[m.base_key] = m.delta()
     return out
 
@@ -126,6 +127,8 @@ def test_delta_is_peft_merge_bit_for_bit(moe, family):
             assert torch.equal(case.base[key] + d, merged[key]), key
         changed = {k for k in case.base if not torch.equal(case.base[k], merged[k])}
         assert changed == set(deltas)
+        m = next(m for m in ad.modules.values() if m.kind == "experts")
+        assert not copy.copy(m).orient_experts((m.experts, m.base_shape[1] + 1, m.base_shape[2]))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -283,3 +286,32 @@ def test_tables_show_per_expert_numbers(moe, tmp_path):
     assert "per expert" in r.stderr and "4 experts, worst #" in r.stderr
     r = run_cli("combine", *case.adapters, "-o", tmp_path / "c", "--method", "linear", "--rank", "4")
     assert "4 experts, worst #" in r.stderr
+
+
+def test_combine_adapters_targeting_different_parameters(moe, tmp_path):
+    """One adapter on down_proj only (no target_modules), one on everything: the output nests the union of
+    the targeted parameters as PEFT does, and PEFT loads it as the sum."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    case = moe("mixtral")
+    torch.manual_seed(3)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(case.base_dir, dtype=torch.float32),
+                        LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["down_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3)
+    only_down = tmp_path / "down"
+    pm.save_pretrained(only_down)
+    doc = json.loads(run_cli("inspect", only_down, "--json").stdout)
+    assert {m["name"].rsplit(".", 1)[1] for m in doc["modules"]} == {"down_proj"}
+    out = tmp_path / "mix"
+    run_cli("combine", only_down, case.adapters[0], "-o", out, "--method", "cat")
+    want = _deltas(load_adapter(case.adapters[0]), case)
+    for k, d in _deltas(load_adapter(only_down), case).items():
+        want[k] = want[k] + d
+    got = _peft_deltas(case, out)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
