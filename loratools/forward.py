@@ -411,12 +411,17 @@ def decoder_inputs(ids: torch.Tensor, config) -> torch.Tensor:
     return torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
 
 
-@torch.no_grad()
 def run_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The model's natural output for the batch, [batch, positions, features] in float32 on the CPU.
+    """`run_outputs`' tensor."""
+    return run_outputs(model, ids)[0]
 
-    logits where the model has a head ([b, seq, vocab]; a sequence classifier's [b, labels] as
-    [b, 1, labels]), else a bare model's last_hidden_state (BertModel; a bare encoder-decoder's is its
+
+@torch.no_grad()
+def run_outputs(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """(the model's natural output for the batch, [batch, positions, features] in float32 on the CPU, its name).
+
+    "logits" where the model has a head ([b, seq, vocab]; a sequence classifier's [b, labels] as
+    [b, 1, labels]), else a bare model's "last_hidden_state" (BertModel; a bare encoder-decoder's is its
     decoder's). An encoder-decoder gets `decoder_inputs`."""
     device = next(p.device for p in model.parameters())
     config = model.config
@@ -426,11 +431,9 @@ def run_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     if getattr(config, "use_cache", None) is not None:
         kwargs["use_cache"] = False
     out = model(**kwargs)
-    t = getattr(out, "logits", None)
-    if t is None:
-        t = out.last_hidden_state
-    t = t.detach().float().cpu()
-    return t.unsqueeze(1) if t.dim() == 2 else t
+    name = "logits" if getattr(out, "logits", None) is not None else "last_hidden_state"
+    t = getattr(out, name).detach().float().cpu()
+    return (t.unsqueeze(1) if t.dim() == 2 else t), name
 
 
 def free_memory() -> None:
@@ -469,5 +472,5 @@ def peak_memory(device: torch.device) -> int | None:
 __all__ = ["BATCH_TEXT", "Loaded", "Tolerance", "attach_adapters", "carried_fraction", "coarsest", "config_dtype",
            "device_description", "dtype_eps", "exact_tolerance", "fake_quantize_", "free_memory", "judge",
            "load_model", "logit_metrics", "make_batch", "max_positions", "model_dir", "peak_memory",
-           "quantized_tolerance", "resolve_compute_dtype", "resolve_device", "run_logits", "usable_positions",
+           "quantized_tolerance", "resolve_compute_dtype", "resolve_device", "run_logits", "run_outputs", "usable_positions",
            "attach_mismatch", "check_attached", "decoder_inputs"]

@@ -101,6 +101,7 @@ def validate(base: PathLike, adapters: Sequence[PathLike] = (), *, merged: PathL
         "seq_len": fwd["seq_len"] if fwd else seq_len,
         "seed": seed,
         "batch_source": fwd["batch_source"] if fwd else None,
+        "output": fwd["output"] if fwd else None,
         "forward_skipped": skipped,
         "problems": problems,
         "notes": notes,

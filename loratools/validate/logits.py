@@ -25,13 +25,14 @@ class _Run:
     seed: int
     say: Callable[[str], None]
     timings: dict = field(default_factory=dict)
+    output: str = "logits"  # what the models' natural output is (fw.run_outputs)
 
     def load(self, path) -> fw.Loaded:
         return fw.load_model(path, device=self.device, dtype=self.dtype, seed=self.seed)
 
     def logits(self, model, ids, timing: str) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = fw.run_logits(model, ids)
+        out, self.output = fw.run_outputs(model, ids)
         self.timings[timing] = time.perf_counter() - t0
         return out
 
@@ -93,7 +94,7 @@ def forward_checks(base: Checkpoint, adapter_paths: list[Path], weights: list[fl
             comparisons += _quantized_comparisons(base, ck, l_base, l_cand, l_qref, qref_error, dtype, atol, rtol,
                                                   loading)
     return {"comparisons": comparisons, "batch_source": source, "seq_len": ids.shape[1], "timings": run.timings,
-            "peak_gpu_bytes": fw.peak_memory(device)}
+            "peak_gpu_bytes": fw.peak_memory(device), "output": run.output}
 
 
 def _reference_logits(base: Checkpoint, adapter_paths: list[Path], weights: list[float], batch: int, seq_len: int,

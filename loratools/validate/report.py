@@ -88,7 +88,7 @@ def summary(report: dict) -> str:
         if c["name"] == "tuned":
             parts.append(f"tuned logits: carried {c['carried']:.3g} (>= {c['min_carried']:g})")
         elif "rtol" in c:
-            parts.append(f"{c['name']} logits: rel err {c['rel_err']:.2g} (<= {c['rtol']:.2g}), "
+            parts.append(f"{c['name']} {report.get('output') or 'logits'}: rel err {c['rel_err']:.2g} (<= {c['rtol']:.2g}), "
                          f"max |Δ| {c['max_abs']:.2g} (<= {c['atol']:.2g})")
     if report["forward_skipped"]:
         parts.append(f"forward passes skipped ({report['forward_skipped']})")
