@@ -161,6 +161,13 @@ def plan_modules(adapters: list[Adapter]) -> dict[str, ModulePlan]:
             p.sources.append((i, m))
     if not plans:
         raise InputError("the adapters hold no LoRA modules to combine", path=adapters[0].path)
+    for p in plans.values():  # PEFT cannot wrap a module's parameter and the module itself
+        module = p.name[: -len(p.param) - 1] if p.param else None
+        if module in plans:
+            i, j = p.sources[0][0], plans[module].sources[0][0]
+            raise MismatchError(f"{adapters[i].path} adapts parameter {p.name} (target_parameters) but "
+                                f"{adapters[j].path} adapts its module {module} (target_modules); one adapter "
+                                f"cannot hold both", path=adapters[i].path, tensor=p.name)
     layouts = {}  # fan_in_fan_out -> first adapter with such linear modules
     for p in plans.values():
         if p.kind == "linear":

@@ -315,3 +315,26 @@ def test_combine_adapters_targeting_different_parameters(moe, tmp_path):
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_combine_refuses_router_as_parameter_and_as_module(moe, tmp_path):
+    """The router as a target_parameters entry in one adapter, as a target_modules module in the other (as
+    PEFT saves a LoRA on an nn.Linear router, e.g. Qwen2-MoE's; on Mixtral PEFT itself turns target_modules
+    "gate" into target_parameters "gate.weight", so the config is edited here): PEFT cannot load both in one
+    adapter, so combine says so in one line and writes nothing."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    case = moe("mixtral")
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(case.base_dir, dtype=torch.float32),
+                        LoraConfig(r=2, lora_alpha=4, target_modules=["gate"]))
+    router = tmp_path / "router"
+    pm.save_pretrained(router)
+    cfg = json.loads((router / "adapter_config.json").read_text())
+    cfg.update(target_modules=["gate"], target_parameters=None)
+    (router / "adapter_config.json").write_text(json.dumps(cfg))
+    assert load_adapter(router).modules.keys() == {"model.layers.0.mlp.gate", "model.layers.1.mlp.gate"}
+    out = tmp_path / "mix"
+    r = run_cli("combine", case.adapters[0], router, "-o", out, "--method", "cat", expect=1)
+    assert "mlp.gate.weight" in r.stderr and "target_modules" in r.stderr and r.stderr.count("\n") == 1
+    assert not out.exists()
