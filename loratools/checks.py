@@ -25,6 +25,7 @@ from typing import Collection, Iterable
 from .adapter import Adapter, LoraModule
 from .errors import MismatchError
 from .io.checkpoint import Checkpoint
+from .key_layout import KeyLayout, explain_missing
 from .quantized import dense_shapes
 
 # Input-embedding tensor names of common causal-LM families, for tied heads.
@@ -118,13 +119,14 @@ def shape_list(s) -> list[int]:
 
 
 def module_problems(m: LoraModule, target: BaseTarget | None, shapes: dict[str, tuple], adapter_path: str,
-                    base_path: str) -> list[Problem]:
-    """Shape checks of one adapted module against its base tensor(s)."""
+                    base_path: str, why_missing: str | None = None) -> list[Problem]:
+    """Shape checks of one adapted module against its base tensor(s); `why_missing` explains a missing one."""
     where = f"module {m.name}"
     if target is None:
+        why = why_missing or "is this adapter for another model?"
         return [Problem(m.name, m.base_key, adapter_path, expected=shape_list(m.base_shape), found=None,
                         message=f"{where}: the base {base_path} has no tensor {m.base_key} (adapter expects "
-                                f"{shape_list(m.base_shape)}); is this adapter for another model?")]
+                                f"{shape_list(m.base_shape)}); {why}")]
     found = tuple(target.shape)
     expected = tuple(m.base_shape)
     out = []
@@ -159,14 +161,19 @@ def module_problems(m: LoraModule, target: BaseTarget | None, shapes: dict[str, 
     return out
 
 
-def adapter_fit_problems(base: Checkpoint, adapter: Adapter) -> list[Problem]:
-    """Everything that keeps `adapter` from applying to `base`, from headers only; [] when it fits."""
-    shapes = dense_shapes(base)
+def adapter_fit_problems(base: Checkpoint, adapter: Adapter, layout: KeyLayout | None = None) -> list[Problem]:
+    """Everything that keeps `adapter` from applying to `base`, from headers only; [] when it fits.
+
+    With `layout` (key_layout.py) the base is seen under the model's names (as PEFT names the adapter) and
+    a missing tensor is explained (a prefix/layout difference, or another model)."""
+    shapes = dense_shapes(base) if layout is None else layout.shapes
     tied = tied_embedding_key(base, shapes)
     apath, bpath = str(adapter.path), str(base.path)
     problems: list[Problem] = []
     for m in adapter.modules.values():
-        problems += module_problems(m, locate(shapes, m.base_key, tied), shapes, apath, bpath)
+        target = locate(shapes, m.base_key, tied)
+        why = explain_missing(m.base_key, layout) if target is None and layout is not None else None
+        problems += module_problems(m, target, shapes, apath, bpath, why)
     for name, t in adapter.saved.items():
         target = locate(shapes, name, tied)
         if target is None:

@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 import torch
 
 from .adapter import Adapter, load_adapter
-from .checks import HEAD_KEY
 from .device import resolve_device, torch_threads
 from .dtypes import FLOAT_DTYPES, cast_floats
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
@@ -155,7 +154,7 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
     specs = [TensorSpec(n, output_dtype(dt, dtype, dense.quantized), shape) for n, (dt, shape) in dense.specs.items()]
     if plan.untied_head_source:
         dt, shape = dense.specs[plan.untied_head_source]
-        specs.append(TensorSpec(HEAD_KEY, output_dtype(dt, dtype, dense.quantized), shape))
+        specs.append(TensorSpec(plan.untied_head_key, output_dtype(dt, dtype, dense.quantized), shape))
     out_dtype = {s.name: s.dtype for s in specs}
     readers: dict[str, list[str]] = {}  # base tensor -> the output tensors computed from it
     for s in specs:

@@ -9,19 +9,28 @@ Note: tied output embeddings.
     reload, and PEFT warns about it. We keep what the adapted model computes: the output gets an
     explicit `lm_head.weight` (the head as the adapter sees it) and `tie_word_embeddings: false`.
     An adapter made with `ensure_weight_tying` changes both the same way, so the model stays tied.
+
+Note: model names and stored names.
+    Adapters name the model transformers 5 builds; the plan is keyed by the checkpoint's stored names, so
+    the output keeps the user's layout. key_layout.py maps one to the other: a renamed prefix (LLaVA's
+    `language_model.model.` is the model's `model.language_model.`), or a slice of a fused expert
+    parameter (Mixtral's `experts.e.w1` is `mlp.experts.gate_up_proj[e, :I]`, w3 its `[e, I:]`). A LoRA step
+    on a slice is the expert's own factors cut to those rows (`expert_part`), a Linear LoRA whose product
+    has the bits of those rows of PEFT's einsum (tests/test_moe_merge.py checks it against merge_and_unload).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .adapter import Adapter
-from .checks import HEAD_KEY, adapter_fit_problems, dense_shapes, first_problem_error, locate, \
+from .adapter import Adapter, LoraModule
+from .checks import HEAD_KEY, BaseTarget, adapter_fit_problems, dense_shapes, first_problem_error, locate, \
     resolve_base_key, tied_embedding_key
-from .errors import MismatchError
+from .errors import MismatchError, UnsupportedError
 from .io import Checkpoint
-from .lora_math import BIAS, WEIGHT, BiasTensor, Step, WeightTensor
+from .key_layout import KeyLayout, Part, key_layout
+from .lora_math import BIAS, WEIGHT, BiasTensor, Step, WeightTensor, expert_factors
 
 MODULES_TO_SAVE = "modules_to_save"  # a module the adapter saves whole, trained in full
 BASE_LAYER = "base_layer"  # the embedding base layer PEFT saves beside embedding LoRA (save_embedding_layers)
@@ -54,6 +63,7 @@ class MergePlan:
     tensors: dict[str, TensorPlan]
     untied_head_source: str | None  # the embedding a new explicit lm_head.weight is read from
     dora_steps: int
+    untied_head_key: str = HEAD_KEY  # the stored name of that new head (the checkpoint's layout)
 
 
 def _saved_kind(adapter: Adapter, name: str) -> str:
@@ -61,47 +71,83 @@ def _saved_kind(adapter: Adapter, name: str) -> str:
     return BASE_LAYER if name.rsplit(".", 1)[0] in adapter.modules else MODULES_TO_SAVE
 
 
+def base_layout(base: Checkpoint) -> KeyLayout:
+    """The base's tensors under the model's names (key_layout.py), from its dense view's shapes."""
+    return key_layout(base.config, dense_shapes(base))
+
+
+def mark_transposed_experts(adapters: list[Adapter], layout: KeyLayout) -> None:
+    """Tell expert modules whose base stores [E, in, out] (GPT-OSS) so: their adapter cannot know it."""
+    for ad in adapters:
+        for m in ad.modules.values():
+            if m.kind == "experts":
+                m.experts_transposed = m.base_key in layout.transposed
+
+
 def build_plan(base: Checkpoint, adapters: list[Adapter], weights: list[float], *, untie: bool = True) -> MergePlan:
     """Map every adapter tensor onto the base; refuse (MismatchError) before anything is written.
 
     `untie=False` (unmerge) keeps a tied head tied: its steps apply to the shared embedding."""
+    layout = base_layout(base)
+    mark_transposed_experts(adapters, layout)
     for ad in adapters:
-        err = first_problem_error(adapter_fit_problems(base, ad))
+        err = first_problem_error(adapter_fit_problems(base, ad, layout))
         if err is not None:
             raise err
-    shapes = dense_shapes(base)
+    shapes = layout.shapes
     tied = tied_embedding_key(base, shapes)
     plans: dict[str, TensorPlan] = {}
     for i, (ad, w) in enumerate(zip(adapters, weights)):
-        _plan_adapter(plans, shapes, tied, adapters, i, w)
+        _plan_adapter(plans, shapes, layout, tied, adapters, i, w)
     _refuse_replaced_and_adapted(plans, adapters)
-    untied_from = _plan_tied_head(plans, tied, adapters, untie) if tied is not None else None
+    head = layout.stored_name(HEAD_KEY)
+    untied_from = _plan_tied_head(plans, layout.stored_name(tied), head, adapters, untie) if tied is not None else None
     dora_steps = sum(1 for p in plans.values() if not p.is_bias for s in p.steps if s.dora)
-    return MergePlan(dict(sorted(plans.items())), untied_from, dora_steps)
+    return MergePlan(dict(sorted(plans.items())), untied_from, dora_steps, head)
 
 
 def _plan_for(plans: dict[str, TensorPlan], key: str, source: str) -> TensorPlan:
     return plans.setdefault(key, TensorPlan(key, source))
 
 
-def _plan_adapter(plans: dict[str, TensorPlan], shapes: dict, tied: str | None, adapters: list[Adapter], i: int,
-                  weight: float) -> None:
+def _stored(layout: KeyLayout, target: BaseTarget) -> list[tuple[str, str, Part | None]]:
+    """(stored key, stored source, part of a fused parameter or None) for each stored tensor of a target."""
+    if target.tied_to is not None:
+        return [(layout.stored_name(target.key), layout.stored_name(target.tied_to), None)]
+    return [(p.stored, p.stored, None if p.whole else p) for p in layout.params[target.key]]
+
+
+def expert_part(m: LoraModule, part: Part) -> LoraModule:
+    """The LoRA of one stored slice of a fused expert parameter: expert e's factors (lora_math.expert_factors),
+    B cut to the slice's rows; a Linear LoRA on the stored [rows, in] tensor."""
+    if m.kind != "experts" or m.experts_transposed:
+        raise UnsupportedError(f"{m.name} is stored as slices ({part.stored} is {part.describe()}); LoRA on such "
+                               f"a slice is supported for [E, out, in] expert parameters only", tensor=part.stored)
+    A_e, B_e = expert_factors(m.A, m.B, m.experts)
+    B = B_e[part.expert] if part.rows is None else B_e[part.expert][slice(*part.rows)]
+    return replace(m, name=part.stored.removesuffix(".weight"), kind="linear", A=A_e[part.expert], B=B,
+                   param=None, experts=1)
+
+
+def _plan_adapter(plans: dict[str, TensorPlan], shapes: dict, layout: KeyLayout, tied: str | None,
+                  adapters: list[Adapter], i: int, weight: float) -> None:
     """Add adapter i's saved tensors (replacements) and LoRA steps (weights and lora_bias) to the plans."""
     ad = adapters[i]
     for name, t in ad.saved.items():
-        target = locate(shapes, name, tied)
-        p = _plan_for(plans, target.key, target.tied_to or target.key)
-        if p.replacement is not None and not torch.equal(p.replacement, t.to(p.replacement.dtype)):
-            raise MismatchError(f"adapters {adapters[p.replacement_adapter_index].path} and {ad.path} both replace "
-                                f"this tensor whole (modules_to_save) with different values; merge them one at a "
-                                f"time", path=ad.path, tensor=target.key)
-        if p.replacement is None:
-            p.replace_with(t, _saved_kind(ad, name), i)
+        for key, source, part in _stored(layout, locate(shapes, name, tied)):
+            t_part = t if part is None else t[part.index]
+            p = _plan_for(plans, key, source)
+            if p.replacement is not None and not torch.equal(p.replacement, t_part.to(p.replacement.dtype)):
+                raise MismatchError(f"adapters {adapters[p.replacement_adapter_index].path} and {ad.path} both "
+                                    f"replace this tensor whole (modules_to_save) with different values; merge them "
+                                    f"one at a time", path=ad.path, tensor=key)
+            if p.replacement is None:
+                p.replace_with(t_part, _saved_kind(ad, name), i)
     for m in ad.modules.values():
-        target = locate(shapes, m.base_key, tied)
-        _plan_for(plans, target.key, target.tied_to or target.key).steps.append(Step(m, weight, i))
+        for key, source, part in _stored(layout, locate(shapes, m.base_key, tied)):
+            _plan_for(plans, key, source).steps.append(Step(m if part is None else expert_part(m, part), weight, i))
         if m.bias is not None:
-            bias_key = resolve_base_key(shapes, m.bias_key)
+            bias_key = layout.stored_name(resolve_base_key(shapes, m.bias_key))
             bp = _plan_for(plans, bias_key, bias_key)
             bp.part = BIAS
             bp.steps.append(Step(m, weight, i))
@@ -118,21 +164,23 @@ def _refuse_replaced_and_adapted(plans: dict[str, TensorPlan], adapters: list[Ad
                                 path=adapters[owner].path, tensor=p.key)
 
 
-def _plan_tied_head(plans: dict[str, TensorPlan], tied: str, adapters: list[Adapter], untie: bool) -> str | None:
+def _plan_tied_head(plans: dict[str, TensorPlan], tied: str, head_key: str, adapters: list[Adapter],
+                    untie: bool) -> str | None:
     """Untie a head the adapters change apart from its embedding (see the module note), or send the head's
-    changes to the shared embedding. Returns the embedding an untied head is read from, or None."""
-    head, emb = plans.get(HEAD_KEY), plans.get(tied)
+    changes to the shared embedding. Returns the embedding an untied head is read from, or None.
+    `tied` and `head_key` are stored names."""
+    head, emb = plans.get(head_key), plans.get(tied)
     keeps_tying = not untie or all(ad.config.get("ensure_weight_tying") for ad in adapters)
     if (head is not None or (emb is not None and (emb.steps or emb.replacement_kind == MODULES_TO_SAVE))) \
             and not keeps_tying:
         if head is None:
-            head = _plan_for(plans, HEAD_KEY, tied)
+            head = _plan_for(plans, head_key, tied)
         if emb is not None and emb.replacement_kind == BASE_LAYER and head.replacement is None:
             # PEFT loads a saved embedding base layer into the parameter the head shares.
             head.replace_with(emb.replacement, BASE_LAYER, emb.replacement_adapter_index)
         return tied
     if head is not None:  # kept tied: the head's changes go to the shared embedding
-        plans.pop(HEAD_KEY)
+        plans.pop(head_key)
         target = _plan_for(plans, tied, tied)
         # With ensure_weight_tying PEFT saves the head's LoRA as a transposed copy of the embedding's
         # (lora_A = B_embᵀ, lora_B = A_embᵀ): the same ΔW, which the shared tensor must get once.
@@ -144,4 +192,5 @@ def _plan_tied_head(plans: dict[str, TensorPlan], tied: str, adapters: list[Adap
     return None
 
 
-__all__ = ["BASE_LAYER", "MODULES_TO_SAVE", "MergePlan", "Step", "TensorPlan", "build_plan"]
+__all__ = ["BASE_LAYER", "MODULES_TO_SAVE", "MergePlan", "Step", "TensorPlan", "base_layout", "build_plan",
+           "expert_part", "mark_transposed_experts"]

@@ -1,0 +1,145 @@
+"""Checkpoint-touching commands on layouts transformers 5 converts at load: Mixtral (per-expert `w1/w2/w3` and
+`block_sparse_moe.gate` on disk; fused `mlp.experts.gate_up_proj` / `down_proj` and `mlp.gate` in the model PEFT
+wraps) and LLaVA (`language_model.model.` on disk, `model.language_model.` in the model).
+
+Tiny models are built from configs and saved with `save_pretrained` (the original layout), once per session, in
+bfloat16 so that rounding is exercised; adapters are made the default way (`target_modules="all-linear"`, which on
+Mixtral makes PEFT 0.21 add target_parameters for the experts and the router) with every factor non-zero.
+References are the libraries' own: PEFT's merge_and_unload on the float32 base, saved by transformers (which writes
+the original layout back) after one rounding; transformers' own 4-bit load + save; PeftModel.from_pretrained.
+"""
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from loratools.io import Checkpoint
+
+TOKENS = torch.arange(3, 23).reshape(2, 10)
+DTYPE = torch.bfloat16
+# PEFT 0.21.2 warns that the rank/alpha patterns it writes for target_parameters "did not match"; they apply.
+pytestmark = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match:RuntimeWarning")
+
+
+def _config(family: str):
+    from transformers import AutoConfig, LlavaConfig
+
+    text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=64, eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    if family == "mixtral":
+        return AutoConfig.for_model("mixtral", num_local_experts=4, num_experts_per_tok=2, **text)
+    vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16)
+    return LlavaConfig(text_config=dict(model_type="llama", **text), vision_config=vision, image_token_index=63)
+
+
+def _model_class(family: str):
+    import transformers
+
+    return transformers.MixtralForCausalLM if family == "mixtral" else transformers.LlavaForConditionalGeneration
+
+
+class Case:
+    """A tiny base saved in bfloat16 (original layout), a default PEFT adapter on it, PEFT's merge of it."""
+
+    def __init__(self, family: str, root):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = _model_class(family)(_config(family)).to(DTYPE).eval()
+        self.family, self.base = family, root / "base"
+        model.save_pretrained(self.base)
+        base32 = self.load(self.base)
+        torch.manual_seed(1)
+        pm = get_peft_model(copy.deepcopy(base32), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        with torch.no_grad():  # B is zero at init
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.3)
+        self.adapter = root / "adapter"
+        pm.save_pretrained(self.adapter)
+        self.adapter_config = json.loads((self.adapter / "adapter_config.json").read_text())
+        with torch.no_grad():
+            self.peft_logits = pm.eval()(input_ids=TOKENS).logits
+        # PEFT's merge in float32, rounded once, written by transformers (its original layout)
+        self.reference = root / "peft-merged"
+        pm.merge_and_unload().to(DTYPE).save_pretrained(self.reference)
+
+    def load(self, path, **kw):
+        return _model_class(self.family).from_pretrained(path, dtype=torch.float32, **kw)
+
+
+@pytest.fixture(scope="session")
+def cases(tmp_path_factory):
+    made = {}
+
+    def get(family: str) -> Case:
+        if family not in made:
+            made[family] = Case(family, tmp_path_factory.mktemp(family))
+        return made[family]
+    return get
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    ck = Checkpoint(path)
+    return {k: ck.read(k) for k in ck.keys()}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llava"])
+def test_merge_equals_peft_and_loads(cases, tmp_path, family):
+    case = cases(family)
+    if family == "mixtral":  # PEFT's default: target_parameters on the experts and the router
+        assert set(case.adapter_config["target_parameters"]) == {"gate_up_proj", "down_proj", "gate.weight"}
+    out = tmp_path / "merged"
+    run_cli("merge", case.base, case.adapter, "-o", out)
+    ours, ref, base = _tensors(out), _tensors(case.reference), _tensors(case.base)
+    assert list(ours) == list(base)  # the stored layout, kept
+    assert set(ours) == set(ref)
+    changed = [k for k in ref if not torch.equal(ref[k], base[k])]
+    assert len(changed) > 0.5 * sum(1 for k in ref if k.endswith(".weight") and ref[k].dim() == 2)
+    if family == "mixtral":  # every expert's w1, w2, w3 and the router moved
+        assert {k.rsplit(".", 2)[-2] for k in changed if ".experts." in k} == {"w1", "w2", "w3"}
+        assert any("block_sparse_moe.gate" in k for k in changed)
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
+    model, info = case.load(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        got = model.eval()(input_ids=TOKENS).logits
+    torch.testing.assert_close(got, case.peft_logits, atol=0.05, rtol=0.05)  # bf16 rounding of the weights
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llava"])
+def test_unmerge_within_rounding(cases, tmp_path, family):
+    case = cases(family)
+    merged, back = tmp_path / "merged", tmp_path / "back"
+    run_cli("merge", case.base, case.adapter, "-o", merged)
+    run_cli("unmerge", merged, case.adapter, "-o", back)
+    base, ours, mer = _tensors(case.base), _tensors(back), _tensors(merged)
+    assert list(ours) == list(base)
+    for k, w in base.items():
+        # |W' - W| <= ulp(merged) + ulp(W') (design.md, Rounding): bf16 spacing is 2^-7 of the magnitude
+        bound = (mer[k].float().abs() + ours[k].float().abs()) * 2.0 ** -7 + 1e-30
+        assert bool(((ours[k].float() - w.float()).abs() <= bound).all()), k
+
+
+def test_wrong_prefix_is_named(cases, tmp_path):
+    """An adapter whose names differ from the model's by a prefix is refused with that said, not as another
+    model; a module really absent says so."""
+    from safetensors.torch import load_file, save_file
+
+    case = cases("llava")
+    bad = tmp_path / "adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps(case.adapter_config))
+    t = load_file(case.adapter / "adapter_model.safetensors")
+    save_file({k.replace("model.language_model.", "model.text.", 1): v for k, v in t.items()},
+              bad / "adapter_model.safetensors")
+    r = run_cli("merge", case.base, bad, "-o", tmp_path / "o", expect=1)
+    assert "prefix difference" in r.stderr and "'language_model' where the adapter has 'text'" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+    save_file({k.replace("q_proj", "qq_proj"): v for k, v in t.items()}, bad / "adapter_model.safetensors")
+    r = run_cli("merge", case.base, bad, "-o", tmp_path / "o", expect=1)
+    assert "for another model" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
