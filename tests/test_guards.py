@@ -1,11 +1,5 @@
 """Guards added by the mutation runs of docs/claims.md: each fails on a deliberate mutation of a core path
-that the rest of the suite let through.
-
-Syncing the output's directories after the rename instead of before (same number of fsync calls, so
-tests/test_atomic.py's count passes) breaks the README's "every file and directory of an output is
-fsync'ed before the rename". Here every fsync is recorded by inode (a rename keeps inodes), so the order
-is checked: each file and directory of the output, and a --report file, was synced before the rename that
-published the output, and the parent directory after it (the rename itself made durable).
+that the rest of the suite let through (e3, e4 there).
 """
 import os
 from pathlib import Path
@@ -51,6 +45,10 @@ COMMANDS = {
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_file_and_directory_is_synced_before_the_rename(tmp_path, monkeypatch, command):
+    """README: every file and directory of an output is fsync'ed before the rename. Syncing the directories
+    after the rename instead (the same number of fsync calls, so test_atomic's count passes) fails here:
+    every fsync is recorded by inode (a rename keeps inodes), so the order is checked for each file and
+    directory of the output and a --report file; the parent directory is synced after the rename."""
     report = tmp_path / "report.json"
     argv = [report if a == "REPORT" else a for a in COMMANDS[command]]
     out = tmp_path / "out"
@@ -68,3 +66,28 @@ def test_every_file_and_directory_is_synced_before_the_rename(tmp_path, monkeypa
     unsynced = [str(p.relative_to(tmp_path)) for p in paths if _inode(p) not in before]
     assert not unsynced, f"not synced before the output was renamed into place: {unsynced}"
     assert _inode(tmp_path) in after, "the parent directory was not synced after the rename"
+
+
+def test_killed_force_replace_keeps_the_previous_output_and_the_next_run_restores_it(tmp_path):
+    """README: `--force` replaces an output only after the new one is complete, and a kill at any point
+    leaves no OUT or the complete previous one. Killed between moving the old output aside and renaming the
+    new one in, the previous output must survive whole in its `.OUT.loratools-old-…` sibling, and the next
+    run must put it back (and say so) rather than delete it as a stale temporary. Deleting it instead
+    passed every other test (mutation e4 of docs/claims.md)."""
+    from test_hardening import start_and_kill
+    from conftest import tree_digest
+
+    out = tmp_path / "out"
+    run_cli("convert", LLAMA, "-o", out)
+    previous = tree_digest(out)
+    argv = ["convert", LLAMA, "--dtype", "bfloat16", "--force"]
+    where = start_and_kill(argv, out, pause_at=10**6)  # paused at the rename that publishes the new output
+    assert where.startswith("rename"), where
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".out.loratools-old-")]
+    assert len(aside) == 1 and tree_digest(aside[0]) == previous, "the previous output did not survive the kill"
+    r = run_cli(*argv, "-o", out)
+    assert f"restored {out} from {aside[0]}" in r.stderr, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    fresh = tmp_path.parent / f"{tmp_path.name}-fresh"
+    run_cli(*argv[:-1], "-o", fresh)
+    assert tree_digest(out) == tree_digest(fresh)  # then replaced by the complete new output
