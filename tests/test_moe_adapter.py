@@ -115,6 +115,24 @@ def _deltas(ad, case) -> dict:
     return out
 
 
+def test_expert_layout_of_the_packed_factors():
+    """Expert e owns A[e·r:(e+1)·r] and B[:, e::E]; pack_expert_factors inverts expert_factors."""
+    from loratools.lora_math import expert_delta, expert_factors, pack_expert_factors
+
+    g = torch.Generator().manual_seed(0)
+    E, r, n_out, n_in = 3, 2, 5, 7
+    A, B = torch.randn(r * E, n_in, generator=g), torch.randn(n_out, r * E, generator=g)
+    d = expert_delta(B, A, 0.5, E)
+    dt = expert_delta(B, A, 0.5, E, transposed=True)
+    for e in range(E):
+        want = B[:, e::E] @ A[e * r:(e + 1) * r] * 0.5
+        torch.testing.assert_close(d[e], want)
+        torch.testing.assert_close(dt[e], want.T)
+    A_e, B_e = expert_factors(A, B, E)
+    A2, B2 = pack_expert_factors(A_e, B_e)
+    assert torch.equal(A2, A) and torch.equal(B2, B)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_delta_is_peft_merge_bit_for_bit(moe, family):
     case = moe(family)
