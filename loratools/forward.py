@@ -348,8 +348,8 @@ def attach_adapters(model: torch.nn.Module, adapters: list[Path], weights: list[
             for name, path in zip(names[1:], adapters[1:]):
                 pm.load_adapter(str(path), adapter_name=name, is_trainable=False)
         except Exception as e:
-            raise InputError(f"PEFT cannot load this adapter onto the base: {type(e).__name__}: {e}",
-                             path=adapters[0] if len(adapters) == 1 else None) from None
+            raise InputError(f"PEFT cannot load this adapter onto the base: {type(e).__name__}: {e}"
+                             + task_type_hint(model, adapters), path=adapters[0] if len(adapters) == 1 else None) from None
         if len(names) > 1:
             pm.base_model.set_adapter(names)
     for name, path in zip(names, adapters):
@@ -362,6 +362,36 @@ def attach_adapters(model: torch.nn.Module, adapters: list[Path], weights: list[
                 mod.scaling[name] *= w
     pm.eval()
     return pm
+
+
+def task_type_hint(model: torch.nn.Module, adapters: list[Path]) -> str:
+    """'' or why PEFT's class for an adapter's task_type does not fit the model (a CAUSAL_LM adapter on a
+    BertModel: PeftModelForCausalLM needs prepare_inputs_for_generation)."""
+    import json
+
+    from .task_types import task_type_of
+
+    want, _ = task_type_of(model.config.to_dict())
+    for path in adapters:
+        try:
+            have = json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type")
+        except (OSError, ValueError):
+            continue
+        if have and have != want:
+            return (f" (its task_type is {have}, the model is {type(model).__name__}, whose PEFT task type is "
+                    f"{want}: set task_type to {json.dumps(want)} in {Path(path) / 'adapter_config.json'})")
+    return ""
+
+
+def layout_hint(module: str, model_modules) -> str:
+    """Whether an adapter's module name that the model lacks is a prefix difference, and which, or no
+    module of the model at all (an adapter for another model)."""
+    for m in model_modules:
+        if m and module.endswith("." + m):
+            return f"; the model has it as {m}: the adapter adds the prefix {module[:-len(m)]!r}"
+        if module and m.endswith("." + module):
+            return f"; the model has it as {m}: the adapter lacks the prefix {m[:-len(module)]!r}"
+    return "; the model has no module of that name under any prefix (an adapter for another model?)"
 
 
 def attach_mismatch(saved: dict[str, torch.Tensor], held: dict[str, torch.Tensor]) -> tuple[str, str] | None:
@@ -400,7 +430,13 @@ def check_attached(pm: torch.nn.Module, adapter_name: str, path: Path) -> None:
                                          save_embedding_layers=any(k.endswith(".base_layer.weight") for k in saved))
     bad = attach_mismatch(saved, {k: v.detach() for k, v in held.items()})
     if bad is not None:
-        raise InputError(f"the adapter did not attach in the PEFT reference: {bad[1]}", path=path, tensor=bad[0])
+        hint = ""
+        if bad[0] not in held:
+            key = bad[0].removeprefix("base_model.model.")
+            module = key.split(".lora_")[0] if ".lora_" in key else key.rsplit(".", 1)[0]
+            hint = layout_hint(module, [n for n, _ in pm.get_base_model().named_modules()])
+        raise InputError(f"the adapter did not attach in the PEFT reference: {bad[1]}{hint}", path=path,
+                         tensor=bad[0])
 
 
 def decoder_inputs(ids: torch.Tensor, config) -> torch.Tensor:

@@ -262,9 +262,28 @@ def test_validate_fails_loudly_when_the_adapter_does_not_attach(zoo, tmp_path, m
     bad = _misnamed_adapter(fam, tmp_path / "misnamed")
     res = run_cli("validate", fam.base, bad, "--merged", fam.merged, expect=1)
     line = res.stderr.strip().splitlines()[-1]
-    assert "did not attach" in line and "bert.encoder" in line, line
+    assert "did not attach" in line and "bert.encoder" in line and "adds the prefix 'bert.'" in line, line
     # the second net: without the key check, the reference equals the base and that alone fails
     monkeypatch.setattr(fw, "check_attached", lambda *a, **k: None)
     report = validate(fam.base, [bad], merged=fam.merged, device="cpu", batch=2, seq_len=16)
     assert not report["passed"]
     assert any("did not attach" in p["message"] for p in report["problems"]), report["problems"]
+
+
+def test_a_causal_lm_adapter_on_a_bare_encoder_is_named(zoo, tmp_path):
+    """What loratools < issue 15 wrote for every model: PEFT's CausalLM class on a BertModel fails; the line
+    says which task type the model needs."""
+    fam = zoo("bert")
+    bad = tmp_path / "causal"
+    shutil.copytree(fam.adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "task_type": "CAUSAL_LM"}))
+    line = run_cli("validate", fam.base, bad, expect=1).stderr.strip().splitlines()[-1]
+    assert "prepare_inputs_for_generation" in line and 'set task_type to "FEATURE_EXTRACTION"' in line, line
+
+
+def test_layout_hint():
+    mods = ["", "bert", "bert.encoder.layer.0.output.dense", "classifier"]
+    assert "lacks the prefix 'bert.'" in fw.layout_hint("encoder.layer.0.output.dense", mods)
+    assert "adds the prefix 'model.'" in fw.layout_hint("model.classifier", mods)
+    assert "another model" in fw.layout_hint("transformer.h.0.attn.c_attn", mods)

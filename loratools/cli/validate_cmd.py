@@ -100,7 +100,7 @@ def show(report: dict) -> None:
             verdict = (verdict + " " if verdict else "") + ("ok" if c["passed"] else "FAIL")
             rows.append([c["name"], c["reference"], c["candidate"], c["max_abs"], c["rel_err"], c["cosine"], c["top1"],
                          allowed, verdict])
-        table("logits", ["comparison", "reference", "candidate", "max |Δlogit|", "rel err", "cosine", "top-1 agree",
+        table(report.get("output") or "logits", ["comparison", "reference", "candidate", "max |Δlogit|", "rel err", "cosine", "top-1 agree",
                          "allowed", "verdict"], rows)
     t = report["tensors"]
     if "merged" in t:
