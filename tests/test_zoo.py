@@ -1,0 +1,286 @@
+"""The zoo (tests/zoo.py): every command, through the CLI, on tiny models of each transformers family, held to
+the libraries' own results (PEFT's merge in float32 rounded once, PEFT's loaded layers and logits,
+transformers' own 4-bit save). Each model and adapter is built once per session; outputs one command makes
+(the merge) are shared with the commands that take them (unmerge, validate, extract).
+
+Test ids are `test_<command>[<family>]`: `python tests/zoo.py` turns a run into docs/architectures.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli
+from test_merge import round_trip_stats
+from zoo import FAMILIES, Zoo, quiet
+
+ALL = list(FAMILIES)
+DORA = [f for f in ALL if FAMILIES[f].dora]
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """LORATOOLS_ZOO_CACHE keeps the built models between sessions (they are deterministic)."""
+    cache = os.environ.get("LORATOOLS_ZOO_CACHE")
+    return Zoo(Path(cache) if cache else tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def outputs(tmp_path_factory):
+    """CLI outputs shared between tests: made once per (family, command, inputs)."""
+    made: dict = {}
+    root = tmp_path_factory.mktemp("zoo-out")
+
+    def get(case, command: str, *args, extra=()):
+        key = (case.name, command, tuple(map(str, args)), tuple(map(str, extra)))
+        if key not in made:
+            out = root / f"{case.name}-{command}-{len(made)}"
+            run_cli(command, *args, "-o", out, *extra)
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+def merged(outputs, case, adapter):
+    return outputs(case, "merge", case.base, adapter, extra=("--device", "cpu"))
+
+
+def peft_layers(pm) -> dict[str, tuple]:
+    """PEFT's LoRA layers by module name: (r, alpha, scaling, use_dora) of adapter `a0`."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for n, mod in pm.named_modules():
+        if isinstance(mod, LoraLayer) and "a0" in mod.r:
+            out[n.removeprefix("base_model.model.")] = (mod.r["a0"], mod.lora_alpha["a0"], mod.scaling["a0"],
+                                                       bool(mod.use_dora["a0"]))
+    return out
+
+
+def compare_bits(ours_dir: Path, ref: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Bit-identical elements / elements; the tensor names must be the same as transformers saves."""
+    from loratools.io import Checkpoint
+
+    ours = dict(Checkpoint(ours_dir).iter_tensors())
+    assert ours.keys() == ref.keys(), sorted(ours.keys() ^ ref.keys())
+    same = total = 0
+    for name, t in ours.items():
+        r = ref[name]
+        assert (t.dtype, t.shape) == (r.dtype, r.shape), name
+        same += int((t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+                     == r.view(torch.int16 if r.element_size() == 2 else torch.int32)).sum())
+        total += t.numel()
+    return same, total
+
+
+def assert_loads_as_saved(pm, adapter_dir: Path, name="a0"):
+    """PEFT loaded every tensor of the adapter file into a layer and nothing else: its own saved view of the
+    loaded model is the file, key for key and value for value (a module PEFT skipped would be missing)."""
+    from peft.utils import get_peft_model_state_dict
+
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    view = get_peft_model_state_dict(pm, adapter_name=name)
+    assert view.keys() == saved.keys(), sorted(view.keys() ^ saved.keys())
+    for k, v in saved.items():
+        assert torch.equal(view[k].to(v.dtype).cpu(), v), k
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# -- inspect -------------------------------------------------------------------------------------------------
+
+def check_inspect(case, adapter, dora: bool):
+    doc = json.loads(run_cli("inspect", adapter, "--json").stdout)
+    ours = {m["name"]: m for m in doc["modules"]}
+    theirs = peft_layers(case.peft([adapter])[0])
+    assert ours.keys() == theirs.keys(), sorted(ours.keys() ^ theirs.keys())
+    for name, (r, alpha, scaling, use_dora) in theirs.items():
+        m = ours[name]
+        assert (m["r"], m["alpha"], bool(m["dora"])) == (r, alpha, use_dora), name
+        assert m["scale"] == pytest.approx(scaling, rel=1e-12), name
+        assert use_dora == dora
+    return len(ours)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_inspect(zoo, family, record_property):
+    n = check_inspect(zoo.get(family), zoo.get(family).adapter, dora=False)
+    record_property("note", f"{n} modules")
+
+
+# -- merge ---------------------------------------------------------------------------------------------------
+
+def check_merge(zoo, outputs, family, adapter_attr):
+    case = zoo.get(family)
+    adapter = getattr(case, adapter_attr)
+    out = merged(outputs, case, adapter)
+    same, total = compare_bits(out, case.peft_merged(adapter))
+    assert same == total, f"{total - same} of {total} elements differ from PEFT's float32 merge rounded once"
+    return case, out, total
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_merge(zoo, outputs, family, record_property):
+    case, out, total = check_merge(zoo, outputs, family, "adapter")
+    # loaded by transformers (no missing/unexpected keys), it computes what the unmerged PEFT model computes,
+    # up to the rounding of the merged weights
+    with quiet():
+        from transformers import AutoModelForCausalLM  # noqa: F401  (model_class is resolved by the row)
+        from zoo import auto_class
+
+        ours, info = auto_class(case.family.model_class).from_pretrained(out, dtype=torch.float32,
+                                                                         output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    want = case.peft_logits([case.adapter])
+    base = case.logits(case.load_base(torch.float32))
+    err, effect = float((case.logits(ours.eval()) - want).abs().max()), float((base - want).abs().max())
+    assert effect > 0.05 * float(want.abs().max())  # the adapter moves the logits: the check can fail
+    assert err <= 0.02 * effect, (err, effect)
+    record_property("note", f"{total} elements bit-identical; max |Δlogit| vs unmerged PEFT {err:.1e} "
+                            f"(adapter moves them {effect:.2f})")
+
+
+# -- unmerge -------------------------------------------------------------------------------------------------
+
+def check_round_trip(outputs, case, adapter):
+    out = merged(outputs, case, adapter)
+    back = outputs(case, "unmerge", out, adapter)
+    s = round_trip_stats(case.base, out, back)
+    assert s["total"] > 0 and s["bound"] == s["total"], s  # |W' - W| <= ulp(merged) + ulp(W') everywhere
+    assert s["fine_one_ulp"] == s["fine"], s  # 1 ulp of W wherever the merged value is no coarser than W
+    return s
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_unmerge(zoo, outputs, family, record_property):
+    s = check_round_trip(outputs, zoo.get(family), zoo.get(family).adapter)
+    record_property("note", f"{s['exact'] / s['total']:.0%} of changed elements bit-exact, "
+                            f"{s['one_ulp'] / s['total']:.0%} within 1 ulp")
+
+
+# -- validate ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ALL)
+def test_validate(zoo, outputs, family, tmp_path, record_property):
+    case = zoo.get(family)
+    out = merged(outputs, case, case.adapter)
+    opts = ("--batch", "2", "--seq-len", "12")
+    run_cli("validate", case.base, case.adapter, "--merged", out, *opts)
+    # one module's ΔW scaled 1.5x: failed, and that tensor named
+    module = sorted(json.loads(run_cli("inspect", case.adapter, "--json").stdout)["modules"],
+                    key=lambda m: m["name"])[0]["name"]
+    key = f"{module}.weight"
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    [shard] = [p for p in bad.glob("*.safetensors")]
+    tensors = load_file(shard)
+    from loratools.io import Checkpoint
+
+    w = Checkpoint(case.base).read(key).float()
+    tensors[key] = (w + 1.5 * (tensors[key].float() - w)).to(tensors[key].dtype)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    r = run_cli("validate", case.base, case.adapter, "--merged", bad, "--static-only", expect=1)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and key in last and "1.5x" in last, last
+    record_property("note", f"1.5x on {key} named")
+
+
+# -- quantize ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ALL)
+def test_quantize(zoo, family, tmp_path, record_property):
+    from test_quantize import eager_bitsandbytes, load_quiet, raw_bytes, transformers_quantize
+
+    from loratools.io import Checkpoint
+
+    case = zoo.get(family)
+    out = tmp_path / "q"
+    if not case.family.quantizes:
+        with eager_bitsandbytes():
+            ref = transformers_quantize(case.base, tmp_path / "hf")
+        model, _, _ = load_quiet(ref)
+        assert not [m for m in model.modules() if "4bit" in type(m).__name__]  # transformers left it dense
+        r = run_cli("quantize", case.base, "-o", out, "--nf4", expect=1)
+        line = r.stderr.strip()
+        assert "\n" not in line and "no weight to quantize" in line and not out.exists(), line
+        record_property("note", "transformers' 4-bit load quantizes no weight; refused in one line, nothing written")
+        return
+    run_cli("quantize", case.base, "-o", out, "--nf4")
+    with eager_bitsandbytes():
+        ref = transformers_quantize(case.base, tmp_path / "hf")
+        ours_ck, ref_ck = Checkpoint(out), Checkpoint(ref)
+        assert set(ours_ck.keys()) == set(ref_ck.keys()), sorted(set(ours_ck.keys()) ^ set(ref_ck.keys()))
+        for name in ref_ck.keys():
+            assert raw_bytes(ours_ck.read(name)) == raw_bytes(ref_ck.read(name)), name
+        ours, info, log = load_quiet(out)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        assert ours.is_loaded_in_4bit
+        theirs, _, _ = load_quiet(ref)
+        with torch.no_grad():
+            ids = __import__("zoo").tokens(case.vocab)
+            assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    packed = sum(1 for k in ref_ck.keys() if k.endswith(".weight.quant_state.bitsandbytes__nf4"))
+    assert packed > 0
+    record_property("note", f"{packed} linear weights quantized, bytes equal to transformers'")
+
+
+# -- extract -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ALL)
+def test_extract(zoo, outputs, family, record_property):
+    """From PEFT's merge (ours is bit-identical to it) back to a rank-4 adapter: PEFT loads every tensor,
+    and the adapter it gives acts as the one that made the merge. The tuned weights are rounded to the
+    stored dtype, so the reference is the merged checkpoint itself: the extracted adapter must be as close
+    to it as the original adapter is (both differ from it only by that rounding)."""
+    case = zoo.get(family)
+    tuned = merged(outputs, case, case.adapter)
+    ex = outputs(case, "extract", case.base, tuned, extra=("--rank", "4"))
+    cfg = json.loads((ex / "adapter_config.json").read_text())
+    pm, names = case.peft([ex])
+    assert_loads_as_saved(pm, ex)
+    got = case.logits(pm)
+    tuned_logits = case.logits(case.load_base(torch.float32, path=tuned))
+    orig = case.peft_logits([case.adapter])
+    err_orig = float((orig - tuned_logits).abs().max())
+    err = float((got - tuned_logits).abs().max())
+    effect = float((case.logits(case.load_base(torch.float32)) - tuned_logits).abs().max())
+    assert err <= max(2 * err_orig, 1e-3 * effect), (err, err_orig, effect)
+    assert cfg["task_type"] == "CAUSAL_LM"
+    record_property("note", f"max |Δlogit| vs tuned {err:.1e} (the adapter itself: {err_orig:.1e})")
+
+
+# -- combine -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ALL)
+def test_combine(zoo, outputs, family, record_property):
+    case = zoo.get(family)
+    w = (0.7, -0.4)
+    out = outputs(case, "combine", case.adapter, case.adapter2,
+                  extra=("--method", "cat", "--weight", w[0], "--weight", w[1]))
+    pm, _ = case.peft([out])
+    assert_loads_as_saved(pm, out)
+    got = case.logits(pm)
+    want = case.peft_logits([case.adapter, case.adapter2], list(w))
+    err = rel_err(got, want)
+    assert err <= 1e-5, err
+    record_property("note", f"max rel |Δlogit| vs PEFT with both adapters {err:.1e}")
+
+
+# -- DoRA ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", DORA)
+def test_dora(zoo, outputs, family, record_property):
+    case = zoo.get(family)
+    check_inspect(case, case.dora, dora=True)
+    _, _, total = check_merge(zoo, outputs, family, "dora")
+    s = check_round_trip(outputs, case, case.dora)
+    record_property("note", f"{total} elements bit-identical; round trip {s['exact'] / s['total']:.0%} bit-exact")

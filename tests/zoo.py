@@ -1,0 +1,329 @@
+"""The model zoo: tiny random models of each transformers family, with PEFT adapters made the default way.
+
+Each family is one row of FAMILIES: the transformers `model_type`, the config fields that make it tiny, the
+class a user loads it with, the dtype it is saved in and which adapters PEFT makes on it. `Zoo.get(name)`
+builds the row once (seeded, offline, `save_pretrained`) into a cache directory and returns a `Case` that
+holds the saved paths and computes PEFT's references lazily (each at most once per session):
+
+  - `adapter`: LoraConfig(target_modules="all-linear", init_lora_weights=False) — every factor random, so B is
+    non-zero as after training; `adapter2`: a second one (other rank, other seed) for combine;
+  - `dora`: the same with use_dora=True, where the family's row says PEFT allows it.
+
+Other families (MoE, encoders, seq2seq, vision-language) are added as rows: a new `model_class` or extra
+config fields need nothing else here; a family that needs its own PEFT arguments sets `lora_kwargs`.
+
+`python tests/zoo.py` regenerates docs/architectures.md from a run of tests/test_zoo.py (see `main`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Common tiny shape (hidden 64: bitsandbytes' CPU 4-bit matmul needs in_features >= its blocksize, 64); a row overrides what its family names differently or needs.
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    model_type: str
+    config: dict                  # fields on top of TINY (None removes a TINY field the family lacks)
+    model_class: str = "AutoModelForCausalLM"
+    dtype: torch.dtype = torch.float16
+    dora: bool = True             # PEFT builds DoRA on every module all-linear picks
+    quantizes: bool = True        # transformers' 4-bit load replaces some weight (exact nn.Linear / Conv1D)
+    needs: str = ""               # what the family needed of loratools (docs/architectures.md)
+    lora_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def make_config(self):
+        from transformers import AutoConfig
+
+        fields = {k: v for k, v in {**TINY, **self.config}.items() if v is not None}
+        return AutoConfig.for_model(self.model_type, **fields)
+
+
+_NO_GQA = dict(num_key_value_heads=None)
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", {}, needs="nothing (the reference layout)"),
+    "mistral": Family("mistral", dict(sliding_window=16), dtype=torch.bfloat16, needs="nothing"),
+    "qwen2": Family("qwen2", {}, dtype=torch.bfloat16,
+                    needs="nothing (q/k/v carry biases, untouched by LoRA)"),
+    "qwen3": Family("qwen3", dict(head_dim=16), needs="nothing (q_norm/k_norm are not linear)"),
+    "gemma2": Family("gemma2", dict(head_dim=16, sliding_window=16), dtype=torch.bfloat16,
+                     needs="nothing (tied embeddings: lm_head is not stored)"),
+    "gemma3_text": Family("gemma3_text", dict(head_dim=16, sliding_window=16), dtype=torch.bfloat16,
+                          needs="nothing (tied embeddings: lm_head is not stored)"),
+    "phi3": Family("phi3", dict(pad_token_id=0), needs="nothing (fused qkv_proj and gate_up_proj are plain "
+                                                       "linears to LoRA)"),
+    "gpt_neox": Family("gpt_neox", _NO_GQA, needs="nothing (fused query_key_value)"),
+    "gpt2": Family("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, hidden_size=None,
+                                intermediate_size=None, num_hidden_layers=None, num_attention_heads=None,
+                                num_key_value_heads=None, max_position_embeddings=None),
+                   dtype=torch.bfloat16, dora=True,
+                   needs="nothing (Conv1D weights stored [in, out]: fan_in_fan_out)"),
+    "opt": Family("opt", dict(ffn_dim=128, word_embed_proj_dim=64, intermediate_size=None,
+                              num_key_value_heads=None), needs="nothing"),
+    "falcon": Family("falcon", dict(num_kv_heads=None, new_decoder_architecture=False, multi_query=True,
+                                    intermediate_size=None, num_key_value_heads=None),
+                     dtype=torch.bfloat16, quantizes=False,
+                     needs="nothing (multi-query fused query_key_value); its FalconLinear is a subclass of "
+                           "nn.Linear, which transformers' 4-bit load leaves dense, so there is nothing to "
+                           "quantize and `quantize` says so"),
+}
+
+
+def tokens(vocab: int, n: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab, (2, n), generator=g)
+
+
+def auto_class(name: str):
+    import transformers
+
+    return getattr(transformers, name)
+
+
+@contextlib.contextmanager
+def quiet():
+    """transformers and PEFT warn about tied weights and missing generation configs on tiny models."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class Case:
+    """One family, built: base checkpoint and adapters on disk, PEFT's references on demand."""
+
+    def __init__(self, name: str, root: Path):
+        self.name, self.family, self.root = name, FAMILIES[name], Path(root)
+        self.base = self.root / "base"
+        self.adapter, self.adapter2 = self.root / "lora", self.root / "lora2"
+        self.dora = self.root / "dora" if self.family.dora else None
+        self._memo: dict = {}
+        if not (self.root / "done").exists():
+            self._build()
+
+    # -- building ------------------------------------------------------------------------------------
+    def _build(self):
+        from peft import LoraConfig, get_peft_model
+
+        fam = self.family
+        self.root.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        model = auto_class(fam.model_class).from_config(fam.make_config()).eval()
+        with quiet():
+            model.to(fam.dtype).save_pretrained(self.base)
+        model = self.load_base(torch.float32)  # what the adapters are made on: the stored weights
+        specs = [(self.adapter, 1, dict(r=4, lora_alpha=8)), (self.adapter2, 2, dict(r=2, lora_alpha=3))]
+        if self.dora:
+            specs.append((self.dora, 3, dict(r=4, lora_alpha=8, use_dora=True)))
+        for path, seed, kw in specs:
+            torch.manual_seed(seed)
+            cfg = LoraConfig(target_modules="all-linear", init_lora_weights=False, **kw, **fam.lora_kwargs)
+            pm = get_peft_model(copy.deepcopy(model), cfg)
+            with torch.no_grad():  # init_lora_weights=False: kaiming A and B; keep ΔW near |W| (std 0.02)
+                for n, p in pm.named_parameters():
+                    if "lora_A" in n or "lora_B" in n:
+                        p.normal_(0, 0.08)
+            with quiet():
+                pm.save_pretrained(path)
+        (self.root / "done").write_text("ok")
+
+    # -- models and references -----------------------------------------------------------------------
+    def load_base(self, dtype=None, path=None):
+        with quiet():
+            m = auto_class(self.family.model_class).from_pretrained(path or self.base,
+                                                                    dtype=dtype or self.family.dtype)
+        return m.eval()
+
+    def peft(self, adapters, weights=None, dtype=torch.float32):
+        """PeftModel on the base (float32 by default) with `adapters` active, scaled by `weights`."""
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        model = self.load_base(dtype)
+        names = [f"a{i}" for i in range(len(adapters))]
+        with quiet():
+            pm = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+            for a, n in zip(adapters[1:], names[1:]):
+                pm.load_adapter(a, adapter_name=n)
+        pm.base_model.set_adapter(names)
+        for mod in pm.modules():
+            if isinstance(mod, LoraLayer) and weights:
+                for n, w in zip(names, weights):
+                    mod.set_scale(n, w)
+        return pm.eval(), names
+
+    def peft_merged(self, adapter) -> dict[str, torch.Tensor]:
+        """PEFT's merge_and_unload computed in float32, rounded once to the stored dtype, saved by transformers
+        (so tied aliases are dropped as transformers drops them) and read back."""
+        from loratools.io import Checkpoint
+
+        key = ("merged", str(adapter))
+        if key not in self._memo:
+            pm, names = self.peft([adapter])
+            with quiet(), tempfile.TemporaryDirectory() as d:
+                pm.merge_and_unload(adapter_names=names).to(self.family.dtype).save_pretrained(d)
+                self._memo[key] = {k: v.clone() for k, v in Checkpoint(d).iter_tensors()}
+        return self._memo[key]
+
+    def logits(self, model) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=tokens(self.vocab)).logits.float()
+
+    def peft_logits(self, adapters, weights=None) -> torch.Tensor:
+        key = ("logits", tuple(map(str, adapters)), tuple(weights or ()))
+        if key not in self._memo:
+            self._memo[key] = self.logits(self.peft(adapters, weights)[0])
+        return self._memo[key]
+
+    @property
+    def vocab(self) -> int:
+        cfg = json.loads((self.base / "config.json").read_text())
+        return cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
+
+    def model_class_name(self) -> str:
+        return json.loads((self.base / "config.json").read_text())["architectures"][0]
+
+
+class Zoo:
+    """Cases by family name, built at most once per cache directory."""
+
+    def __init__(self, root: Path):
+        self.root, self.cases = Path(root), {}
+
+    def get(self, name: str) -> Case:
+        if name not in self.cases:
+            self.cases[name] = Case(name, self.root / name)
+        return self.cases[name]
+
+
+# -- docs/architectures.md ----------------------------------------------------------------------------------
+
+COMMANDS = ["inspect", "merge", "unmerge", "validate", "quantize", "extract", "combine", "dora"]
+DOC = ROOT / "docs" / "architectures.md"
+
+
+def results_from_junit(path: Path) -> dict[str, dict[str, tuple[str, str]]]:
+    """{family: {command: (outcome, note)}} from a junit XML of tests/test_zoo.py (test ids
+    `test_<command>[<family>]`, notes recorded with record_property('note', ...))."""
+    import xml.etree.ElementTree as ET
+
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        name = tc.get("name", "")
+        if "[" not in name or not name.startswith("test_"):
+            continue
+        command, family = name[5:name.index("[")], name[name.index("[") + 1:-1]
+        outcome = "pass"
+        for tag in ("failure", "error"):
+            if tc.find(tag) is not None:
+                outcome = "FAIL"
+        skipped = tc.find("skipped")
+        if skipped is not None:
+            outcome = "xfail" if skipped.get("type") == "pytest.xfail" else "skip"
+        note = "; ".join(p.get("value", "") for p in tc.iter("property") if p.get("name") == "note")
+        if outcome in ("skip", "xfail") and skipped is not None:
+            note = (skipped.get("message") or "").removeprefix("Skipped: ")
+        out.setdefault(family, {})[command] = (outcome, note)
+    return out
+
+
+def render(results, classes: dict[str, str]) -> str:
+    mark = {"pass": "✓", "FAIL": "✗ fails", "skip": "—", "xfail": "✗ known bug"}
+    lines = [
+        "# Supported architectures",
+        "",
+        "What each command gives on each model family, measured on tiny random models built from the",
+        "families' transformers configs (tests/zoo.py, tests/test_zoo.py) with PEFT adapters made the default",
+        "way: `LoraConfig(target_modules=\"all-linear\")`, every factor non-zero, and DoRA where PEFT allows it.",
+        "This page is generated; regenerate it (about 2 minutes on 2 cores) with",
+        "",
+        "```bash",
+        "python tests/zoo.py            # runs tests/test_zoo.py and rewrites docs/architectures.md",
+        "```",
+        "",
+        "What a ✓ means, per column (the references are the libraries' own):",
+        "",
+        "- **inspect**: r, alpha and scale of every module equal those of PEFT's loaded LoRA layers.",
+        "- **merge**: every tensor bit-identical to PEFT's `merge_and_unload()` computed in float32 and rounded",
+        "  once to the stored dtype, same tensor names as transformers saves; the merged checkpoint loaded in",
+        "  transformers gives the unmerged PEFT model's logits within the rounding of the weights.",
+        "- **unmerge**: merge then unmerge gives the base back: untouched tensors bit for bit, changed ones within",
+        "  ulp(merged) + ulp(W′) (docs/merge.md).",
+        "- **validate**: passes the correct merge; fails (exit 1) a merge with one module's ΔW scaled 1.5x and",
+        "  names that tensor.",
+        "- **quantize**: `--nf4` output byte-identical to transformers' own 4-bit save and loads in transformers",
+        "  with that 4-bit model's logits.",
+        "- **extract**: from PEFT's merged model, at the adapter's rank: PEFT loads the output with no missing or",
+        "  unexpected keys and it gives the adapter's logits.",
+        "- **combine**: `--method cat` of two adapters with weights: PEFT loads the output and it gives the",
+        "  logits of PEFT with both adapters active at those weights.",
+        "- **dora**: a DoRA adapter: inspect, merge bit-identical to PEFT's float32 merge, unmerge within the bound.",
+        "",
+        "| family | model class | " + " | ".join(COMMANDS) + " | what the family needed |",
+        "| --- | --- | " + " | ".join("---" for _ in COMMANDS) + " | --- |",
+    ]
+    notes = []
+    for fam, row in results.items():
+        cells = []
+        for c in COMMANDS:
+            outcome, note = row.get(c, ("skip", "not run"))
+            cell = mark.get(outcome, outcome)
+            if note and outcome != "pass":
+                notes.append(f"- {fam} / {c}: {note}")
+            cells.append(cell)
+        needs = FAMILIES[fam].needs if fam in FAMILIES else ""
+        lines.append(f"| {fam} | `{classes.get(fam, '')}` | " + " | ".join(cells) + f" | {needs} |")
+    if notes:
+        lines += ["", "Notes:", ""] + notes
+    measured = [f"- {fam} / {c}: {n}" for fam, row in results.items() for c, (o, n) in row.items()
+                if o == "pass" and n]
+    if measured:
+        lines += ["", "Measured (from the same run):", ""] + measured
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """Run tests/test_zoo.py with a junit report and write docs/architectures.md from it."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as d:
+        junit = Path(d) / "zoo.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_zoo.py"), f"--junitxml={junit}",
+               "-o", "junit_family=xunit1", *(argv or [])]
+        subprocess.run(cmd, cwd=ROOT, check=False)
+        results = results_from_junit(junit)
+    classes = {}
+    for fam in results:
+        if fam in FAMILIES:
+            f = FAMILIES[fam]
+            classes[fam] = f.make_config().architectures[0] if f.make_config().architectures else \
+                _class_name(f)
+    DOC.write_text(render(results, classes))
+    print(f"wrote {DOC.relative_to(ROOT)}")
+    return 0
+
+
+def _class_name(f: Family) -> str:
+    """The concrete class `model_class` builds for this family (what config.json's architectures names)."""
+    with torch.device("meta"):
+        return type(auto_class(f.model_class).from_config(f.make_config())).__name__
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    raise SystemExit(main(sys.argv[1:]))
