@@ -10,7 +10,10 @@ Which weights are quantized (Note: selection).
     GPT-2 `Conv1D` of the model class named in config.json (hf_layout.py), except transformers'
     default skips (tied weights, the output embedding, the module of the last parameter) and
     `_keep_in_fp32_modules`; `--skip-modules` adds patterns to those defaults. Biases, norms and
-    embeddings stay dense.
+    embeddings stay dense, and so do MoE expert tensors (3-D parameters of no nn.Linear: transformers +
+    bitsandbytes leave them dense, and write Mixtral's back per expert) and routers that are not an
+    nn.Linear. Stored names are matched to the model's modules through key_layout.py (LLaVA's
+    `language_model.model.` is the model's `model.language_model.`); the output keeps the stored names.
 Note: the written skip list.
     At load time a non-null `llm_int8_skip_modules` REPLACES transformers' defaults (so `lm_head`
     would be expected 4-bit unless listed). With no `--skip-modules` we write null, as transformers
@@ -40,6 +43,7 @@ from .io import Checkpoint, TensorSpec, config_with_dtype
 from .io.output import write_checkpoint
 from .io.provenance import provenance
 from .io.safetensors_format import element_size
+from .key_layout import identity_layout, key_layout
 from .quantized import DenseView
 
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -147,10 +151,10 @@ def plan_quantization(ck: Checkpoint, skip_modules: list[str] | None) -> QuantPl
                  and not any(k in n.rsplit(".", 2)[-2] for k in _FALLBACK_DENSE)}
     patterns = defaults + list(layout.keep_in_fp32) + (user or [])
     targets, skipped = {}, []
-    for module, kind in kinds.items():
-        name = module + ".weight"
-        info = ck.tensors.get(name)
-        if info is None or not info.dtype.is_floating_point or len(info.shape) != 2:
+    for name, module in _stored_modules(ck, layout.source).items():
+        kind = kinds.get(module)
+        info = ck.tensors[name]
+        if kind is None or not info.dtype.is_floating_point or len(info.shape) != 2:
             continue
         if should_convert(module, patterns):
             targets[name] = kind
@@ -162,6 +166,17 @@ def plan_quantization(ck: Checkpoint, skip_modules: list[str] | None) -> QuantPl
     dtype = FLOAT_DTYPES.get(layout.dtype) if layout.dtype else None
     skip_list = sorted(set(defaults + user)) if user else None
     return QuantPlan(targets, skip_list, dtype, layout.source, sorted(skipped))
+
+
+def _stored_modules(ck: Checkpoint, source: str) -> dict[str, str]:
+    """Stored weight name -> the module transformers builds it into (key_layout.py: LLaVA's stored
+    `language_model.model.layers.0.mlp.up_proj.weight` is `model.language_model.layers.0.mlp.up_proj`), for
+    every stored `.weight` that is a whole model parameter. A slice of a fused expert parameter is no
+    module's weight: transformers keeps those 3-D parameters dense, and so do we."""
+    layout = key_layout(ck.config, {n: i.shape for n, i in ck.tensors.items()}) if source == "transformers" \
+        else identity_layout({n: i.shape for n, i in ck.tensors.items()})
+    return {name: p.param.removesuffix(".weight") for name, p in layout.parts.items()
+            if p.whole and name.endswith(".weight") and p.param.endswith(".weight")}
 
 
 def quantization_config(*, quant_type: str, double_quant: bool, compute_dtype: str,

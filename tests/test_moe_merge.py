@@ -143,3 +143,55 @@ def test_wrong_prefix_is_named(cases, tmp_path):
     save_file({k.replace("q_proj", "qq_proj"): v for k, v in t.items()}, bad / "adapter_model.safetensors")
     r = run_cli("merge", case.base, bad, "-o", tmp_path / "o", expect=1)
     assert "for another model" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# -- 4 bits ---------------------------------------------------------------------------------------------
+
+def _transformers_4bit(case: Case, dst):
+    """What a user gets from transformers + bitsandbytes: load_in_4bit (nf4, double quant), save_pretrained."""
+    from transformers import BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    _model_class(case.family).from_pretrained(case.base, quantization_config=cfg).save_pretrained(dst)
+    return dst
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llava"])
+def test_quantize_equals_transformers_4bit_save(cases, tmp_path, family):
+    """Byte for byte what transformers writes: LLaVA's language model, projector and vision tower Linears in
+    4 bits under their stored names; Mixtral's experts and router dense, per expert, as transformers leaves them."""
+    case = cases(family)
+    ref = Checkpoint(_transformers_4bit(case, tmp_path / "ref"))
+    out = tmp_path / "q"
+    run_cli("quantize", case.base, "-o", out, "--nf4")
+    ours = Checkpoint(out)
+    assert set(ours.keys()) == set(ref.keys())
+    packed = {k for k in ref.keys() if k.endswith(".absmax")}
+    assert len(packed) == (8 if family == "mixtral" else 22)
+    for k in ref.keys():
+        a, b = ref.read(k), ours.read(k)
+        assert (a.dtype, a.shape) == (b.dtype, b.shape) and _raw(a) == _raw(b), k
+    assert ours.quantization_config == ref.quantization_config
+
+
+def test_merge_into_4bit_mixtral_equals_peft_on_dequantized(cases, tmp_path):
+    """QLoRA on Mixtral: merge into the 4-bit base = PEFT's merge_and_unload (float32, rounded once) on the base
+    bitsandbytes dequantizes; the dense experts and router take their slices of the expert/router LoRA."""
+    from peft import PeftModel
+
+    case = cases("mixtral")
+    q, dense, out = tmp_path / "q", tmp_path / "dense", tmp_path / "merged"
+    run_cli("quantize", case.base, "-o", q, "--nf4")
+    run_cli("dequantize", q, "-o", dense)
+    run_cli("merge", q, case.adapter, "-o", out, "--dtype", "bfloat16")
+    pm = PeftModel.from_pretrained(case.load(dense), case.adapter)
+    pm.merge_and_unload().to(DTYPE).save_pretrained(tmp_path / "ref")
+    ours, ref = _tensors(out), _tensors(tmp_path / "ref")
+    assert set(ours) == set(ref)
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
