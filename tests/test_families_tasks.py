@@ -188,7 +188,8 @@ def test_validate_passes_the_merge_and_names_a_scaled_module(zoo, name, tmp_path
     scaled, module = _scaled_adapter(fam, tmp_path / "scaled")
     bad_merged = tmp_path / "bad-merged"
     run_cli("merge", fam.base, scaled, "-o", bad_merged, "--device", "cpu")
-    bad = validate(fam.base, [fam.adapter], merged=bad_merged, device="cpu", batch=2, seq_len=16)
+    # the tensor checks name the module (the forward passes, gated above, are skipped to save CI time)
+    bad = validate(fam.base, [fam.adapter], merged=bad_merged, device="cpu", static_only=True)
     assert not bad["passed"]
     assert any(p.get("module") == module or module in p["message"] for p in bad["problems"]), bad["problems"]
 
