@@ -14,12 +14,14 @@ from typing import Callable
 
 import torch
 
-from .adapter import LoraModule, adapter_config, adapter_tensors
+from .adapter import LoraModule, adapter_config, adapter_tensors, nest_param_targets
 from .task_types import adapter_task_type
 from .device import resolve_device
 from .dtypes import FLOAT_DTYPES
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
+from .expert_extract import ExpertDelta, lowrank_experts
 from .hf_layout import meta_model
+from .key_layout import KeyLayout, Part, identity_layout, key_layout
 from .io import Checkpoint, check_output_path, provenance
 from .io.output import ADAPTER_WEIGHTS, check_report_path, write_adapter_dir
 from .lora_math import stored_transposed, to_layout
@@ -39,6 +41,7 @@ LINEAR_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                  "dense_4h_to_h", "fc1", "fc2", "out_proj", "query", "key", "value", "wq", "wk", "wv", "wo",
                  "w1", "w2", "w3", "fc_in", "fc_out", "Wqkv", "out_proj", "in_proj", "x_proj", "dt_proj"}
 SEED = 0
+PARAM_KINDS = ("experts", "router")  # LoRA on a parameter (PEFT target_parameters), not on a module
 
 
 # -- pure tensor functions -------------------------------------------------------------------------------
@@ -99,8 +102,14 @@ class TensorRole:
     key: str  # tensor name in the checkpoints
     module: str  # module name as PEFT sees it (in the model class of config.json)
     param: str  # "weight", "bias", ...
-    kind: str  # "linear" | "conv1d" | "embedding" | "head" | "other"
+    kind: str  # "linear" | "conv1d" | "embedding" | "head" | "experts" | "router" | "other"
     module_type: str  # class name, or "?" when guessed from names
+    part: Part | None = None  # "experts": where this stored tensor sits in the fused parameter
+
+    @property
+    def param_name(self) -> str:
+        """`<module>.<param>`: the model's name of the parameter (PEFT's target_parameters entry)."""
+        return f"{self.module}.{self.param}"
 
 
 @dataclass
@@ -113,6 +122,7 @@ class CheckpointRoles:
     input_embedding: str | None
     model_type: str | None
     head: str | None = None  # output head module name (tied or not)
+    keys: KeyLayout | None = None  # stored names <-> the model's (key_layout.py)
 
 
 # Note: what can be a LoRA target, and in which layout.
@@ -133,6 +143,10 @@ def _module_kind(module) -> str:
         return "embedding"
     if isinstance(module, torch.nn.Linear):
         return "linear"
+    if type(module).__name__.endswith("Router"):
+        # transformers 5's MoE routers (MixtralTopKRouter, ...) hold a plain [experts, hidden] weight; PEFT
+        # adapts it as a target_parameters entry (`mlp.gate.weight`), as all-linear does
+        return "router"
     return "other"
 
 
@@ -174,8 +188,10 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Chec
     """
     config = ck.config or {}
     model_type = config.get("model_type")
-    if use_model_class is None:
-        use_model_class = not _names_suffice(ck)
+    shapes = {k: tuple(i.shape) for k, i in ck.tensors.items()}
+    keys = key_layout(config, shapes) if config else identity_layout(shapes)
+    if use_model_class is None:  # a layout transformers converts (renamed prefixes, fused experts) needs the model
+        use_model_class = keys.renamed or not _names_suffice(ck)
     model = meta_model(config) if config and use_model_class else None
     roles: dict[str, TensorRole] = {}
     mods: dict[str, object] = {}
@@ -190,7 +206,13 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Chec
         emb = by_id.get(id(inp)) if inp is not None else None
         prefix = getattr(model, "base_model_prefix", None) or None
     for key, info in ck.tensors.items():
-        module, _, param = key.rpartition(".")
+        part = keys.parts[key]
+        module, _, param = part.param.rpartition(".")
+        if not part.whole:  # a slice of a fused expert parameter (Mixtral's experts.e.w1)
+            m = mods.get(module)
+            roles[key] = TensorRole(key, module, param, "experts" if m is not None else "other",
+                                    type(m).__name__ if m is not None else "?", part)
+            continue
         name = module
         if mods and module not in mods and prefix and f"{prefix}.{module}" in mods:
             name = f"{prefix}.{module}"  # a checkpoint saved from the backbone alone (e.g. gpt2's h.0...)
@@ -202,9 +224,11 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Chec
             w = ck.tensors.get(f"{module}.weight")
             kind = _kind_from_names(module, model_type) if w is not None and len(w.shape) == 2 else "other"
             mtype = "?"
-        if param != "weight" or len(info.shape) != 2:
+        if name in mods and _experts_param(mods[name], param, info.shape):
+            kind = "experts"
+        elif param != "weight" or len(info.shape) != 2:
             kind = "other" if kind not in ("linear", "conv1d", "head") or param != "bias" else "bias"
-        roles[key] = TensorRole(key, name, param, kind, mtype)
+        roles[key] = TensorRole(key, name, param, kind, mtype, part if kind == "experts" else None)
     if emb is None:
         emb = next((r.module for r in roles.values() if r.kind == "embedding"
                     and r.module.rsplit(".", 1)[-1] in INPUT_EMBEDDING_LEAVES), None)
@@ -225,7 +249,14 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Chec
         source = "names (every 2-D weight has a standard Linear/embedding name)"
     if head is None and tie:
         head = "lm_head"
-    return CheckpointRoles(roles, source, tie and not has_head, emb, model_type, head)
+    return CheckpointRoles(roles, source, tie and not has_head, emb, model_type, head, keys)
+
+
+def _experts_param(module, param: str, shape) -> bool:
+    """A 3-D parameter of a transformers 5 experts module stored whole (GPT-OSS, or a checkpoint saved in the
+    fused layout): PEFT's target_parameters, truncated per expert."""
+    return len(shape) == 3 and type(module).__name__.endswith("Experts") and param in dict(
+        module.named_parameters(recurse=False))
 
 
 # -- checks before any tensor is read -----------------------------------------------------------------------
@@ -273,14 +304,15 @@ class TargetSelection:
 
 def plan_targets(layout: CheckpointRoles, *, target_modules=None, include_embeddings: bool = False) -> TargetSelection:
     roles = layout.roles
-    lora_kinds = ("linear", "conv1d", "embedding", "head")
+    lora_kinds = ("linear", "conv1d", "embedding", "head", "experts", "router")
     candidates = {k: r for k, r in roles.items() if r.kind in lora_kinds}
     targets, excluded = {}, {}
     conv = any(r.kind == "conv1d" for r in candidates.values())
     for key, r in candidates.items():
         if r.kind in ("embedding", "head") and not include_embeddings:
             excluded[key] = f"{'embedding' if r.kind == 'embedding' else 'output head'}: add --include-embeddings"
-        elif target_modules and not module_matches(r.module, target_modules):
+        elif target_modules and not (module_matches(r.module, target_modules) or
+                                     (r.kind in PARAM_KINDS and module_matches(r.param_name, target_modules))):
             excluded[key] = "not selected by --target-modules"
         elif r.kind == "head" and conv:
             # PEFT sets fan_in_fan_out per module, but the adapter config holds one flag for all modules
@@ -409,6 +441,7 @@ def extract_checkpoint(base: str | Path, tuned: str | Path, output: str | Path, 
     modules, saved, rows, whole_module_names = diff.modules, carried.saved, diff.rows, carried.whole_module_names
     config, tie = _adapter_config_of(modules, carried, layout, rule, alpha, base)
     config["task_type"], task_note = adapter_task_type(base_ck.config, modules)  # the base's PEFT task
+    nest_param_targets(modules)  # target_parameters keys nest as PEFT saves them (experts.base_layer.lora_A)
     tensors = adapter_tensors(modules, saved)
 
     def report_doc(summary: dict, sizes: dict[str, int]) -> dict:
@@ -430,26 +463,40 @@ def _difference(base_ck: Checkpoint, tuned_ck: Checkpoint, layout: "CheckpointRo
     found = _Difference()
     roles = layout.roles
     planned_modules = {r.module for r in selection.targets.values()}
+    experts = _expert_deltas(layout, selection)
     try:
         for key, b in base_ck.iter_tensors():
             t = tuned_ck.read(key)
             if on_tensor:
                 on_tensor(key)
+            role = roles[key]
+            if role.kind == "experts" and key in selection.targets:
+                acc = experts[role.param_name]
+                acc.tuned_bytes += tuned_ck.info(key).nbytes
+                found.identical += bool(torch.equal(b.float(), t.float()))
+                if acc.add(role.part, b, t, dev) and acc.changed:
+                    made = lowrank_experts(acc, rule, alpha=alpha, method=svd, out_dtype=out_dtype, seed=SEED)
+                    found.modules[acc.name] = made.module
+                    found.tuned_bytes += acc.tuned_bytes
+                    found.rows.append(made.row)
+                if acc.seen == acc.slices:
+                    acc.delta = None
+                continue
             if torch.equal(b, t) if b.dtype == t.dtype else torch.equal(b.float(), t.float()):
                 found.identical += 1
                 continue
-            role = roles[key]
             if key in selection.targets:
                 delta = t.to(dev, torch.float32).sub_(b.to(dev, torch.float32))
                 B, A, r, a, stats = lowrank_module(delta, role.kind, rule, alpha=alpha, method=svd,
                                                    out_dtype=out_dtype)
                 del delta
                 kind, fan_in_fan_out = lora_kind_of(role.kind)
-                found.modules[role.module] = LoraModule(role.module, kind, A, B, r, a, a / r,
-                                                        fan_in_fan_out=fan_in_fan_out)
+                name = role.param_name if role.kind == "router" else role.module
+                found.modules[name] = LoraModule(name, kind, A, B, r, a, a / r, fan_in_fan_out=fan_in_fan_out,
+                                                 param=role.param if role.kind == "router" else None)
                 m, n = tuned_ck.info(key).shape
                 found.tuned_bytes += tuned_ck.info(key).nbytes
-                found.rows.append({"name": role.module, "kind": role.kind, "shape": [m, n], "rank": r, "alpha": a,
+                found.rows.append({"name": name, "kind": role.kind, "shape": [m, n], "rank": r, "alpha": a,
                                    **stats, "parameters": r * (m + n), "delta_parameters": m * n})
             else:
                 if role.param == "bias" and role.module in planned_modules and keep_bias_deltas:
@@ -460,6 +507,19 @@ def _difference(base_ck: Checkpoint, tuned_ck: Checkpoint, layout: "CheckpointRo
         base_ck.close()
         tuned_ck.close()
     return found
+
+
+def _expert_deltas(layout: "CheckpointRoles", selection: "TargetSelection") -> dict[str, ExpertDelta]:
+    """One gatherer per targeted fused expert parameter (expert_extract.py)."""
+    keys = layout.keys
+    out: dict[str, ExpertDelta] = {}
+    for key, r in selection.targets.items():
+        if r.kind == "experts":
+            name = r.param_name
+            if name not in out:
+                slices = sum(1 for p in keys.parts.values() if p.param == name)
+                out[name] = ExpertDelta(name, keys.shapes[name], name in keys.transposed, slices)
+    return out
 
 
 # Note: tensors LoRA cannot carry.
@@ -536,7 +596,8 @@ def _adapter_config_of(modules: dict[str, LoraModule], carried: _Carried, layout
     rank_pattern = {n: r for n, r in ranks.items() if r != r0}
     alpha_pattern = {n: r for n, r in rank_pattern.items()} if alpha is None else {}
     tie = layout.tied_head and any(m.kind == "embedding" and n == layout.input_embedding for n, m in modules.items())
-    names = list(modules)
+    names = [n for n, m in modules.items() if not m.param]
+    params = sorted(n for n, m in modules.items() if m.param)
     if tie and layout.head:
         # PEFT recognises a tied target by the leaf names embed_tokens / lm_head only; naming the head makes
         # it tie the head's LoRA to the embedding's (GPT-2's wte is not on its list). No head tensors are
@@ -546,7 +607,8 @@ def _adapter_config_of(modules: dict[str, LoraModule], carried: _Carried, layout
         r=r0, lora_alpha=float(r0) if alpha is None else alpha, target_modules=names,
         base_model_name_or_path=str(base), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values()), lora_bias=carried.use_bias,
-        modules_to_save=carried.whole_module_names or None, **({"ensure_weight_tying": True} if tie else {}))
+        modules_to_save=carried.whole_module_names or None, **({"ensure_weight_tying": True} if tie else {}),
+        **({"target_parameters": params} if params else {}))
     return config, tie
 
 
@@ -554,6 +616,8 @@ def _lora_bias_blocker(modules: dict[str, LoraModule], roles) -> str | None:
     """Why PEFT's lora_bias cannot carry the targeted modules' bias changes, or None when it can."""
     if any(m.kind == "embedding" for m in modules.values()):
         return "bias of a LoRA-targeted module: PEFT's lora_bias cannot be combined with an embedding target"
+    if any(m.param for m in modules.values()):
+        return "bias of a LoRA-targeted module: PEFT's lora_bias cannot be combined with target_parameters"
     with_bias = {r.module for r in roles.values() if r.param == "bias"}
     lacking = sorted(n for n in modules if n not in with_bias)
     if lacking:

@@ -128,7 +128,10 @@ def _cached(config_json: str, shapes: tuple) -> KeyLayout:
     from .hf_layout import meta_model
 
     shapes = dict(shapes)
-    model = meta_model(json.loads(config_json))
+    config = json.loads(config_json)
+    if not _may_convert(config, shapes):
+        return identity_layout(shapes)
+    model = meta_model(config)
     if model is None:
         return identity_layout(shapes)
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -168,6 +171,35 @@ def _cached(config_json: str, shapes: tuple) -> KeyLayout:
     ordered = {k: parts[k] for k in shapes}  # stored order
     return KeyLayout(ordered, out_shapes, "transformers", transposed, unconverted,
                      _reverse=_reverse_renamer(renamings, converters))
+
+
+def _identities(config: dict) -> set[str]:
+    """Names transformers looks conversions up by: architectures, every (sub-)config's model_type and its
+    base model class."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    out = set(config.get("architectures") or [])
+    stack = [config]
+    while stack:
+        c = stack.pop()
+        if isinstance(c.get("model_type"), str):
+            out.add(c["model_type"])
+            cls = MODEL_MAPPING_NAMES.get(c["model_type"])
+            out.update([cls] if isinstance(cls, str) else list(cls or ()))
+        stack += [v for v in c.values() if isinstance(v, dict)]
+    return out
+
+
+def _may_convert(config: dict, shapes: Mapping[str, tuple]) -> bool:
+    """False when transformers has no conversion for this model and its legacy renamings change no key: then
+    the names are the model's as stored, and no model class needs building (seconds of imports)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import apply_renamings
+
+    if any(get_checkpoint_conversion_mapping(t) for t in _identities(config)):
+        return True
+    legacy = get_checkpoint_conversion_mapping("legacy") or []
+    return any(apply_renamings(k, legacy) != k for k in shapes)
 
 
 def _fuse(param: str, n_patterns: int, by_pattern: dict[int, list[str]], shapes: Mapping[str, tuple], model_shape: tuple,

@@ -195,3 +195,47 @@ def test_merge_into_4bit_mixtral_equals_peft_on_dequantized(cases, tmp_path):
     assert set(ours) == set(ref)
     for k in ref:
         assert torch.equal(ours[k], ref[k]), k
+
+
+# -- extract --------------------------------------------------------------------------------------------
+
+def _tuned(case: Case, root):
+    """A full fine-tune of the base: every weight moved (experts, router, attention, vision tower), saved by
+    transformers in the original layout."""
+    model = case.load(case.base)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in n and "lm_head" not in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    path = root / "tuned"
+    model.to(DTYPE).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llava"])
+def test_extract_loads_in_peft_and_acts_as_the_delta(cases, tmp_path, family):
+    """Full-rank extraction: PEFT loads every saved tensor (its own saved view of the loaded model equals the
+    file), under the names of the model transformers builds (Mixtral: target_parameters on the fused experts
+    and the router), and the PEFT model's weights are TUNED's."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    case = cases(family)
+    tuned, out = _tuned(case, tmp_path), tmp_path / "extracted"
+    run_cli("extract", case.base, tuned, "-o", out, "--rank", "32")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    saved = load_file(out / "adapter_model.safetensors")
+    if family == "mixtral":
+        assert sorted(p.rsplit(".", 1)[-1] if "experts" in p else p.split("mlp.")[-1]
+                      for p in cfg["target_parameters"])[:3] == ["down_proj", "down_proj", "gate.weight"]
+        assert not any("block_sparse_moe" in k or ".w1" in k for k in [*saved, *cfg["target_modules"]])
+    else:
+        assert all(k.startswith("base_model.model.model.") for k in saved)
+    pm = PeftModel.from_pretrained(case.load(case.base), out)
+    view = get_peft_model_state_dict(pm)
+    assert set(view) == set(saved) and all(torch.equal(view[k], saved[k]) for k in saved)
+    merged = pm.merge_and_unload().state_dict()
+    want = case.load(tuned).state_dict()
+    for k, w in want.items():
+        torch.testing.assert_close(merged[k], w, atol=2e-5, rtol=0, msg=k)
