@@ -91,3 +91,32 @@ def test_killed_force_replace_keeps_the_previous_output_and_the_next_run_restore
     fresh = tmp_path.parent / f"{tmp_path.name}-fresh"
     run_cli(*argv[:-1], "-o", fresh)
     assert tree_digest(out) == tree_digest(fresh)  # then replaced by the complete new output
+
+
+def test_a_tensor_saved_whole_by_one_adapter_and_adapted_by_another_is_refused(tmp_path):
+    """docs/merge.md and docs/combine.md: one adapter replacing a tensor whole (modules_to_save) while another
+    puts LoRA on it is refused, in either order, in one line, nothing written. Dropping merge's refusal
+    (plan.py) passed every other test (mutation c3 of docs/claims.md): no fixture puts LoRA on lm_head."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32)
+        pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"], init_lora_weights=False))
+        head = tmp_path / "head-lora"
+        pm.save_pretrained(head, save_embedding_layers=False)  # LoRA on lm_head only, no saved copy of it
+    mts = FIXTURES / "llama-mts"  # saves lm_head whole
+    out = tmp_path / "out"
+    for argv, needle in ((["merge", LLAMA, mts, head], "adapts it with LoRA"),
+                         (["merge", LLAMA, head, mts], "adapts it with LoRA"),
+                         (["combine", mts, head, "--method", "cat"], "adapted with LoRA")):
+        r = run_cli(*argv, "-o", out, expect=1)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "lm_head.weight" in lines[0] and "modules_to_save" in lines[0], r.stderr
+        assert needle in lines[0], lines[0]
+        assert [p.name for p in tmp_path.iterdir()] == ["head-lora"], "something was written"
