@@ -6,11 +6,14 @@ builds the row once (seeded, offline, `save_pretrained`) into a cache directory 
 holds the saved paths and computes PEFT's references lazily (each at most once per session):
 
   - `adapter`: LoraConfig(target_modules="all-linear", init_lora_weights=False) — every factor random, so B is
-    non-zero as after training; `adapter2`: a second one (other rank, other seed) for combine;
+    non-zero as after training; `adapter2`: a second one (other seed, rsLoRA, rank_pattern and
+    alpha_pattern on one module kind each), for inspect and combine;
   - `dora`: the same with use_dora=True, where the family's row says PEFT allows it.
 
 Other families (MoE, encoders, seq2seq, vision-language) are added as rows: a new `model_class` or extra
-config fields need nothing else here; a family that needs its own PEFT arguments sets `lora_kwargs`.
+config fields need nothing else here; a family that needs its own PEFT arguments sets `lora_kwargs`, a
+seq2seq one `seq2seq=True`, and a command the zoo cannot run on it goes in `not_run` with the reason (the
+test skips with it and docs/architectures.md shows it).
 
 `python tests/zoo.py` regenerates docs/architectures.md from a run of tests/test_zoo.py (see `main`).
 """
@@ -46,6 +49,15 @@ class Family:
     quantizes: bool = True        # transformers' 4-bit load replaces some weight (exact nn.Linear / Conv1D)
     needs: str = ""               # what the family needed of loratools (docs/architectures.md)
     lora_kwargs: dict = dataclasses.field(default_factory=dict)
+    seq2seq: bool = False         # forward passes also get decoder_input_ids
+    not_run: dict = dataclasses.field(default_factory=dict)  # command -> why the zoo does not run it here
+
+    def skip(self, command: str):
+        """pytest.skip with the row's reason where the zoo does not run `command` on this family."""
+        if command in self.not_run:
+            import pytest
+
+            pytest.skip(self.not_run[command])
 
     def make_config(self):
         from transformers import AutoConfig
@@ -78,9 +90,9 @@ FAMILIES: dict[str, Family] = {
     "falcon": Family("falcon", dict(num_kv_heads=None, new_decoder_architecture=False, multi_query=True,
                                     intermediate_size=None, num_key_value_heads=None),
                      dtype=torch.bfloat16, quantizes=False,
-                     needs="nothing (multi-query fused query_key_value); its FalconLinear is a subclass of "
-                           "nn.Linear, which transformers' 4-bit load leaves dense, so there is nothing to "
-                           "quantize and `quantize` says so"),
+                     needs="nothing (multi-query fused query_key_value); transformers' 4-bit load leaves "
+                           "FalconLinear (an nn.Linear subclass) dense, so `quantize` says there is nothing to "
+                           "quantize"),
 }
 
 
@@ -118,6 +130,7 @@ class Case:
     # -- building ------------------------------------------------------------------------------------
     def _build(self):
         from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
 
         fam = self.family
         self.root.mkdir(parents=True, exist_ok=True)
@@ -126,13 +139,20 @@ class Case:
         with quiet():
             model.to(fam.dtype).save_pretrained(self.base)
         model = self.load_base(torch.float32)  # what the adapters are made on: the stored weights
-        specs = [(self.adapter, 1, dict(r=4, lora_alpha=8)), (self.adapter2, 2, dict(r=2, lora_alpha=3))]
+        specs = [(self.adapter, 1, dict(r=4, lora_alpha=8)),
+                 (self.adapter2, 2, dict(r=2, lora_alpha=3, use_rslora=True, patterns=True))]
         if self.dora:
             specs.append((self.dora, 3, dict(r=4, lora_alpha=8, use_dora=True)))
+        suffixes: list[str] = []
         for path, seed, kw in specs:
+            if kw.pop("patterns", False):  # per-module r and alpha, resolved by PEFT on the name's end
+                kw.update(rank_pattern={suffixes[-1]: 3}, alpha_pattern={suffixes[0]: 5})
             torch.manual_seed(seed)
             cfg = LoraConfig(target_modules="all-linear", init_lora_weights=False, **kw, **fam.lora_kwargs)
-            pm = get_peft_model(copy.deepcopy(model), cfg)
+            with quiet():
+                pm = get_peft_model(copy.deepcopy(model), cfg)
+            suffixes = suffixes or sorted({n.rsplit(".", 1)[-1] for n, m in pm.named_modules()
+                                           if isinstance(m, LoraLayer)})
             with torch.no_grad():  # init_lora_weights=False: kaiming A and B; keep ΔW near |W| (std 0.02)
                 for n, p in pm.named_parameters():
                     if "lora_A" in n or "lora_B" in n:
@@ -180,8 +200,12 @@ class Case:
         return self._memo[key]
 
     def logits(self, model) -> torch.Tensor:
+        """The model's natural output on the zoo's batch: logits, or a bare model's last hidden states."""
+        ids = tokens(self.vocab)
+        extra = dict(decoder_input_ids=ids) if self.family.seq2seq else {}
         with torch.no_grad():
-            return model(input_ids=tokens(self.vocab)).logits.float()
+            out = model(input_ids=ids, **extra)
+        return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()
 
     def peft_logits(self, adapters, weights=None) -> torch.Tensor:
         key = ("logits", tuple(map(str, adapters)), tuple(weights or ()))
@@ -212,7 +236,7 @@ class Zoo:
 
 # -- docs/architectures.md ----------------------------------------------------------------------------------
 
-COMMANDS = ["inspect", "merge", "unmerge", "validate", "quantize", "extract", "combine", "dora"]
+COMMANDS = ["inspect", "merge", "unmerge", "validate", "quantize", "extract", "combine", "dora", "refusal"]
 DOC = ROOT / "docs" / "architectures.md"
 
 
@@ -227,22 +251,26 @@ def results_from_junit(path: Path) -> dict[str, dict[str, tuple[str, str]]]:
         if "[" not in name or not name.startswith("test_"):
             continue
         command, family = name[5:name.index("[")], name[name.index("[") + 1:-1]
-        outcome = "pass"
+        outcome, failed = "pass", ""
         for tag in ("failure", "error"):
             if tc.find(tag) is not None:
-                outcome = "FAIL"
+                outcome, failed = "FAIL", (tc.find(tag).get("message") or "").splitlines()[0][:200]
         skipped = tc.find("skipped")
         if skipped is not None:
             outcome = "xfail" if skipped.get("type") == "pytest.xfail" else "skip"
-        note = "; ".join(p.get("value", "") for p in tc.iter("property") if p.get("name") == "note")
+        props = {p.get("name"): p.get("value", "") for p in tc.iter("property")}
+        note = failed or props.get("note", "")
         if outcome in ("skip", "xfail") and skipped is not None:
             note = (skipped.get("message") or "").removeprefix("Skipped: ")
+        if outcome == "pass" and "cell" in props:  # a passing test of an expected refusal, say so
+            outcome = props["cell"]
         out.setdefault(family, {})[command] = (outcome, note)
     return out
 
 
 def render(results, classes: dict[str, str]) -> str:
     mark = {"pass": "✓", "FAIL": "✗ fails", "skip": "—", "xfail": "✗ known bug"}
+    per_family: list[str] = []
     lines = [
         "# Supported architectures",
         "",
@@ -272,27 +300,40 @@ def render(results, classes: dict[str, str]) -> str:
         "- **combine**: `--method cat` of two adapters with weights: PEFT loads the output and it gives the",
         "  logits of PEFT with both adapters active at those weights.",
         "- **dora**: a DoRA adapter: inspect, merge bit-identical to PEFT's float32 merge, unmerge within the bound.",
+        "- **refusal**: another family's adapter on this base: one line naming a module, exit 1, nothing written.",
         "",
-        "| family | model class | " + " | ".join(COMMANDS) + " | what the family needed |",
-        "| --- | --- | " + " | ".join("---" for _ in COMMANDS) + " | --- |",
+        "| family | model class | saved as | " + " | ".join(COMMANDS) + " | what the family needed |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in COMMANDS) + " | --- |",
     ]
-    notes = []
+    notes, measured = [], []
     for fam, row in results.items():
         cells = []
         for c in COMMANDS:
-            outcome, note = row.get(c, ("skip", "not run"))
-            cell = mark.get(outcome, outcome)
-            if note and outcome != "pass":
-                notes.append(f"- {fam} / {c}: {note}")
-            cells.append(cell)
-        needs = FAMILIES[fam].needs if fam in FAMILIES else ""
-        lines.append(f"| {fam} | `{classes.get(fam, '')}` | " + " | ".join(cells) + f" | {needs} |")
-    if notes:
-        lines += ["", "Notes:", ""] + notes
-    measured = [f"- {fam} / {c}: {n}" for fam, row in results.items() for c, (o, n) in row.items()
-                if o == "pass" and n]
-    if measured:
-        lines += ["", "Measured (from the same run):", ""] + measured
+            outcome, note = row.get(c, ("skip", ""))
+            cells.append(mark.get(outcome, outcome))
+            if note:
+                (measured if outcome == "pass" else notes).append(f"{c}: {note}")
+        f = FAMILIES.get(fam)
+        dtype = str(f.dtype).removeprefix("torch.") if f else ""
+        lines.append(f"| {fam} | `{classes.get(fam, '')}` | {dtype} | " + " | ".join(cells)
+                     + f" | {f.needs if f else ''} |")
+        if measured or notes:
+            per_family.append(f"- **{fam}**: " + "; ".join(notes + measured) + ".")
+        notes, measured = [], []
+    if per_family:
+        lines += ["", "Per family, from the same run (what failed or was not run first, then the measurements):",
+                  ""] + per_family
+    lines += [
+        "",
+        "## Adding a family",
+        "",
+        "A family is one row of `FAMILIES` in tests/zoo.py: its transformers `model_type`, the config fields that",
+        "make it tiny, the class it is loaded with (`model_class`), the dtype it is saved in, whether PEFT builds",
+        "DoRA on it, and what it needed. Every test of tests/test_zoo.py then runs on it; a command the zoo",
+        "cannot run on a family goes in the row's `not_run` with the reason, which shows here as —. Then",
+        "regenerate this page. MoE adapters (PEFT `target_parameters`) on Mixtral, Qwen3-MoE, OLMoE and GPT-OSS",
+        "are tested against PEFT in tests/test_moe_adapter.py.",
+    ]
     return "\n".join(lines) + "\n"
 
 
