@@ -418,12 +418,20 @@ def check_attached(pm: torch.nn.Module, adapter_name: str, path: Path) -> None:
         It loads with strict=False and only warns about missing LoRA keys: an adapter whose module
         names are not the model's (a CAUSAL_LM adapter on a BertLMHeadModel, another key layout) loads
         as no adapter at all, and the reference then equals the base. PEFT's own saved view of the
-        loaded model (get_peft_model_state_dict, what save_pretrained would write) must equal the file.
+        loaded model (get_peft_model_state_dict, what save_pretrained would write) must equal the file,
+        its keys converted as PEFT converts them on load (transformers 5's renamed and fused layouts).
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     saved = load_file(str(Path(path) / "adapter_model.safetensors"))
+    try:  # PEFT renames an adapter's keys as transformers 5 renames the checkpoint's (LLaVA, MoE experts)
+        from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+    except ImportError:  # a PEFT without the conversion loads the names as they are
+        convert_peft_adapter_state_dict_for_transformers = None
+    if convert_peft_adapter_state_dict_for_transformers is not None and hasattr(pm.config, "model_type"):
+        saved = convert_peft_adapter_state_dict_for_transformers(
+            model=pm, peft_config=pm.peft_config[adapter_name], adapter_state_dict=saved, adapter_name=adapter_name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's save-time warnings (sharded-save hints) mean nothing here
         held = get_peft_model_state_dict(pm, adapter_name=adapter_name,

@@ -288,3 +288,28 @@ def test_layout_hint():
     assert "lacks the prefix 'bert.'" in fw.layout_hint("encoder.layer.0.output.dense", mods)
     assert "adds the prefix 'model.'" in fw.layout_hint("model.classifier", mods)
     assert "another model" in fw.layout_hint("transformer.h.0.attn.c_attn", mods)
+
+
+def test_attach_check_accepts_what_peft_converts_on_load(tmp_path):
+    """No false alarm: an adapter keyed by LLaVA's original layout (`language_model.model.layers`, as on the
+    Hub) is renamed by PEFT on load as transformers 5 renames the checkpoint; the check converts alike."""
+    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=2, vocab_size=128)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    with fw.quiet_transformers():
+        model = transformers.LlavaForConditionalGeneration(
+            transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=127)).eval()
+        get_peft_model(model, LoraConfig(target_modules=["o_proj"], init_lora_weights=False)).save_pretrained(
+            tmp_path / "new")
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    tensors = load_file(tmp_path / "new" / "adapter_model.safetensors")
+    old = {k.replace(".model.language_model.", ".language_model.model."): v for k, v in tensors.items()}
+    assert old.keys() != tensors.keys()
+    save_file(old, tmp_path / "old" / "adapter_model.safetensors")
+    for layout in ("new", "old"):
+        model = transformers.LlavaForConditionalGeneration(model.config).eval()
+        pm = fw.attach_adapters(model, [tmp_path / layout], [1.0])  # raises when it did not attach
+        held = pm.base_model.model.model.language_model.layers[0].self_attn.o_proj.lora_B["adapter0"].weight
+        assert torch.equal(held, tensors["base_model.model.model.language_model.layers.0.self_attn.o_proj.lora_B.weight"])
