@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -37,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+BUILD_VERSION = 1  # bump when Case._build changes what it writes (cached builds are keyed by it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +234,9 @@ class Zoo:
 
     def get(self, name: str) -> Case:
         if name not in self.cases:
-            self.cases[name] = Case(name, self.root / name)
+            # the row's digest in the directory name: a changed row never reuses a stale cached build
+            digest = hashlib.sha256(repr((TINY, FAMILIES[name], BUILD_VERSION)).encode()).hexdigest()[:10]
+            self.cases[name] = Case(name, self.root / f"{name}-{digest}")
         return self.cases[name]
 
 
