@@ -466,7 +466,8 @@ def run_outputs(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor
 
     "logits" where the model has a head ([b, seq, vocab]; a sequence classifier's [b, labels] as
     [b, 1, labels]), else a bare model's "last_hidden_state" (BertModel; a bare encoder-decoder's is its
-    decoder's). An encoder-decoder gets `decoder_inputs`."""
+    decoder's), else a question-answering model's "start_logits+end_logits" ([b, seq, 2]). An
+    encoder-decoder gets `decoder_inputs`. A model that cannot run on token ids alone is an InputError."""
     device = next(p.device for p in model.parameters())
     config = model.config
     kwargs = {"input_ids": ids.to(device)}
@@ -474,10 +475,20 @@ def run_outputs(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor
         kwargs["decoder_input_ids"] = decoder_inputs(ids, config).to(device)
     if getattr(config, "use_cache", None) is not None:
         kwargs["use_cache"] = False
-    out = model(**kwargs)
-    name = "logits" if getattr(out, "logits", None) is not None else "last_hidden_state"
-    t = getattr(out, name).detach().float().cpu()
-    return (t.unsqueeze(1) if t.dim() == 2 else t), name
+    try:
+        out = model(**kwargs)
+    except Exception as e:  # a model that needs more than token ids (Whisper's input_features, ...)
+        raise InputError(f"{type(getattr(model, 'get_base_model', lambda: model)()).__name__} cannot run on a batch "
+                         f"of token ids: {type(e).__name__}: {e}") from None
+    for name in ("logits", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            t = getattr(out, name).detach().float().cpu()
+            return (t.unsqueeze(1) if t.dim() == 2 else t), name
+    # question answering: start_logits and end_logits, [b, seq] each, compared as [b, seq, 2]
+    parts = {k: v for k, v in out.items() if torch.is_tensor(v) and v.is_floating_point() and v.dim() == 2}
+    if not parts or len({v.shape for v in parts.values()}) != 1:
+        raise InputError(f"no output to compare: {type(model).__name__} returns {', '.join(out.keys())}")
+    return torch.stack([v.detach().float().cpu() for v in parts.values()], dim=-1), "+".join(parts)
 
 
 def free_memory() -> None:

@@ -313,3 +313,18 @@ def test_attach_check_accepts_what_peft_converts_on_load(tmp_path):
         pm = fw.attach_adapters(model, [tmp_path / layout], [1.0])  # raises when it did not attach
         held = pm.base_model.model.model.language_model.layers[0].self_attn.o_proj.lora_B["adapter0"].weight
         assert torch.equal(held, tensors["base_model.model.model.language_model.layers.0.self_attn.o_proj.lora_B.weight"])
+
+
+@pytest.mark.parametrize("arch, output, shape", [
+    ("BertForTokenClassification", "logits", [2, 16, 2]),
+    ("BertForQuestionAnswering", "start_logits+end_logits", [2, 16, 2]),
+])
+def test_natural_outputs_of_other_heads(tmp_path, arch, output, shape):
+    torch.manual_seed(0)
+    with fw.quiet_transformers():
+        getattr(transformers, arch)(transformers.BertConfig(**ENC)).save_pretrained(tmp_path / "m")
+    loaded = fw.load_model(tmp_path / "m", device=torch.device("cpu"), dtype=torch.float32)
+    assert type(loaded.model).__name__ == arch
+    t, name = fw.run_outputs(loaded.model, ids())
+    assert (name, list(t.shape)) == (output, shape)
+    assert validate(tmp_path / "m", device="cpu", batch=2, seq_len=16)["output"] == output
