@@ -129,8 +129,8 @@ def _cached(config_json: str, shapes: tuple) -> KeyLayout:
 
     shapes = dict(shapes)
     config = json.loads(config_json)
-    if not _may_convert(config, shapes):
-        return identity_layout(shapes)
+    if not _may_convert(config, shapes) and not any(len(s) == 3 for s in shapes.values()):
+        return identity_layout(shapes)  # (a 3-D tensor may be fused experts: whether transposed needs the model)
     model = meta_model(config)
     if model is None:
         return identity_layout(shapes)
