@@ -137,6 +137,10 @@ def test_inspect(zoo, family, record_property):
     case = zoo.get(family)
     n = check_inspect(case, case.adapter, dora=False)
     check_inspect(case, case.adapter2, dora=False)  # rsLoRA, rank_pattern, alpha_pattern
+    doc = json.loads(run_cli("inspect", case.base, "--json").stdout)
+    model = case.load_base()
+    assert (doc["architecture"], doc["model_type"]) == (type(model).__name__, model.config.model_type)
+    assert doc["parameters"] == model.num_parameters()  # tied weights stored and counted once
     record_property("note", f"{n} LoRA modules")
 
 
@@ -330,3 +334,13 @@ def test_refusal(zoo, family, tmp_path, record_property):
              if n in line]
     assert named, line
     record_property("note", f"{other.name}'s adapter refused, naming {named[0]}")
+
+
+def test_docs_table_lists_every_family():
+    """docs/architectures.md is generated from this test (python tests/zoo.py): a row added to the zoo
+    without regenerating it is caught here."""
+    from zoo import DOC
+
+    rows = {line.split("|")[1].strip() for line in DOC.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| family") and not line.startswith("| ---")}
+    assert rows == set(FAMILIES), sorted(rows ^ set(FAMILIES))

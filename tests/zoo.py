@@ -34,7 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Common tiny shape (hidden 64: bitsandbytes' CPU 4-bit matmul needs in_features >= its blocksize, 64); a row overrides what its family names differently or needs.
+# Common tiny shape; a row overrides what its family names differently or needs. Hidden 64, not 32:
+# bitsandbytes' CPU 4-bit matmul fails on in_features below its blocksize (64).
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
