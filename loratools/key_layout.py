@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Iterable, Mapping
 
 from .errors import FormatError
@@ -66,7 +66,7 @@ class KeyLayout:
     unconverted: dict[str, str] = field(default_factory=dict)  # stored name -> why it kept its name
     _reverse: object = None  # stored_name() for model names with no stored tensor
 
-    @property
+    @cached_property
     def params(self) -> dict[str, list[Part]]:
         """Model parameter -> its stored parts, in order."""
         out: dict[str, list[Part]] = {}
@@ -82,9 +82,9 @@ class KeyLayout:
     def stored_name(self, param: str) -> str:
         """The stored name of a whole model parameter (for a tensor the file lacks, e.g. an untied head:
         transformers' reverse renaming)."""
-        for p in self.parts.values():
-            if p.param == param and p.whole:
-                return p.stored
+        parts = self.params.get(param)
+        if parts and parts[0].whole:
+            return parts[0].stored
         return self._reverse(param) if self._reverse is not None else param
 
     def renames(self) -> list[tuple[str, str]]:

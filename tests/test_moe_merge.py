@@ -213,17 +213,19 @@ def _tuned(case: Case, root):
     return path
 
 
-@pytest.mark.parametrize("family", ["mixtral", "llava"])
-def test_extract_loads_in_peft_and_acts_as_the_delta(cases, tmp_path, family):
-    """Full-rank extraction: PEFT loads every saved tensor (its own saved view of the loaded model equals the
-    file), under the names of the model transformers builds (Mixtral: target_parameters on the fused experts
-    and the router), and the PEFT model's weights are TUNED's."""
+@pytest.mark.parametrize("family,ranks", [("mixtral", ["--rank", "32"]), ("llava", ["--rank", "32"]),
+                                          ("mixtral", ["--energy", "0.7"])])
+def test_extract_loads_in_peft_and_acts_as_the_delta(cases, tmp_path, family, ranks):
+    """PEFT loads every saved tensor (its own saved view of the loaded model equals the file), under the names
+    of the model transformers builds (Mixtral: target_parameters on the fused experts and the router; per-
+    parameter ranks in rank_pattern under those names); at full rank the PEFT model's weights are TUNED's."""
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
 
     case = cases(family)
     tuned, out = _tuned(case, tmp_path), tmp_path / "extracted"
-    run_cli("extract", case.base, tuned, "-o", out, "--rank", "32")
+    report = run_cli("extract", case.base, tuned, "-o", out, *ranks, "--json")
+    rows = {r["name"]: r for r in json.loads(report.stdout)["modules"]}
     cfg = json.loads((out / "adapter_config.json").read_text())
     saved = load_file(out / "adapter_model.safetensors")
     if family == "mixtral":
@@ -232,9 +234,16 @@ def test_extract_loads_in_peft_and_acts_as_the_delta(cases, tmp_path, family):
         assert not any("block_sparse_moe" in k or ".w1" in k for k in [*saved, *cfg["target_modules"]])
     else:
         assert all(k.startswith("base_model.model.model.") for k in saved)
+    if family == "mixtral":  # per-expert numbers in the report
+        gu = rows["model.layers.0.mlp.experts.gate_up_proj"]
+        assert gu["experts"] == 4 and len(gu["expert_rel_errors"]) == 4
+    if ranks[0] == "--energy":
+        assert cfg["rank_pattern"] and all(".mlp." in k or "self_attn" in k for k in cfg["rank_pattern"])
     pm = PeftModel.from_pretrained(case.load(case.base), out)
     view = get_peft_model_state_dict(pm)
     assert set(view) == set(saved) and all(torch.equal(view[k], saved[k]) for k in saved)
+    if ranks[0] == "--energy":
+        return
     merged = pm.merge_and_unload().state_dict()
     want = case.load(tuned).state_dict()
     for k, w in want.items():
