@@ -279,7 +279,7 @@ def test_extract(zoo, outputs, family, record_property):
     err = float((got - tuned_logits).abs().max())
     effect = float((case.logits(case.load_base(torch.float32)) - tuned_logits).abs().max())
     assert err <= max(2 * err_orig, 1e-3 * effect), (err, err_orig, effect)
-    assert cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["task_type"] == case.family.task_type
     record_property("note", f"max |Δlogit| vs tuned {err:.1e} (the adapter itself: {err_orig:.1e})")
 
 
@@ -294,6 +294,7 @@ def test_combine(zoo, outputs, family, record_property):
                   extra=("--method", "cat", "--weight", w[0], "--weight", w[1]))
     pm, _ = case.peft([out])
     assert_loads_as_saved(pm, out)
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == case.family.task_type
     got = case.logits(pm)
     want = case.peft_logits([case.adapter, case.adapter2], list(w))
     err = rel_err(got, want)

@@ -49,6 +49,7 @@ class Family:
     model_type: str
     config: dict                  # fields on top of TINY (None removes a TINY field the family lacks)
     model_class: str = "AutoModelForCausalLM"
+    task_type: str | None = "CAUSAL_LM"  # PEFT's task type a user gives for this class
     dtype: torch.dtype = torch.float16
     dora: bool = True             # PEFT builds DoRA on every module all-linear picks
     quantizes: bool = True        # transformers' 4-bit load replaces some weight (exact nn.Linear / Conv1D)
@@ -153,7 +154,8 @@ class Case:
             if kw.pop("patterns", False):  # per-module r and alpha, resolved by PEFT on the name's end
                 kw.update(rank_pattern={suffixes[-1]: 3}, alpha_pattern={suffixes[0]: 5})
             torch.manual_seed(seed)
-            cfg = LoraConfig(target_modules="all-linear", init_lora_weights=False, **kw, **fam.lora_kwargs)
+            cfg = LoraConfig(target_modules="all-linear", init_lora_weights=False, task_type=fam.task_type,
+                             **kw, **fam.lora_kwargs)
             with quiet():
                 pm = get_peft_model(copy.deepcopy(model), cfg)
             suffixes = suffixes or sorted({n.rsplit(".", 1)[-1] for n, m in pm.named_modules()
