@@ -168,14 +168,15 @@ def adapter_fit_problems(base: Checkpoint, adapter: Adapter, layout: KeyLayout |
     a missing tensor is explained (a prefix/layout difference, or another model)."""
     shapes = dense_shapes(base) if layout is None else layout.shapes
     tied = tied_embedding_key(base, shapes)
+    lookup = shapes if layout is None else layout.lookup  # model names, then stored ones
     apath, bpath = str(adapter.path), str(base.path)
     problems: list[Problem] = []
     for m in adapter.modules.values():
-        target = locate(shapes, m.base_key, tied)
+        target = locate(lookup, m.base_key, tied)
         why = explain_missing(m.base_key, layout) if target is None and layout is not None else None
-        problems += module_problems(m, target, shapes, apath, bpath, why)
+        problems += module_problems(m, target, lookup, apath, bpath, why)
     for name, t in adapter.saved.items():
-        target = locate(shapes, name, tied)
+        target = locate(lookup, name, tied)
         if target is None:
             problems.append(Problem(name.rsplit(".", 1)[0], name, apath, expected=shape_list(t.shape), found=None,
                                     message=f"saved tensor {name} (modules_to_save) {shape_list(t.shape)} has no "

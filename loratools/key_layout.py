@@ -62,6 +62,7 @@ class KeyLayout:
     parts: dict[str, Part]  # stored name -> its part, in stored order
     shapes: dict[str, tuple[int, ...]]  # model parameter -> shape as the model holds it
     source: str  # "transformers" (its conversions were asked) or "identity" (no config / no model class)
+    stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # stored name -> shape
     transposed: frozenset[str] = frozenset()  # fused expert parameters stored [E, in, out] (is_transposed)
     unconverted: dict[str, str] = field(default_factory=dict)  # stored name -> why it kept its name
     _reverse: object = None  # stored_name() for model names with no stored tensor
@@ -73,6 +74,14 @@ class KeyLayout:
         for p in self.parts.values():
             out.setdefault(p.param, []).append(p)
         return out
+
+    @cached_property
+    def lookup(self) -> dict[str, tuple[int, ...]]:
+        """Model names, and the stored names that differ from them (each a whole stored tensor): where an
+        adapter's name is looked up. An adapter trained on the layout as stored (transformers 4: LLaVA's
+        `language_model.model.`, Mixtral's per-expert `w1` Linears) names stored tensors; one trained on
+        transformers 5 names the model's."""
+        return {**self.shapes, **{k: s for k, s in self.stored_shapes.items() if k not in self.shapes}}
 
     @property
     def renamed(self) -> bool:
@@ -110,8 +119,10 @@ def _difference(a: str, b: str) -> tuple[str, str]:
     return ".".join(xa), ".".join(xb)
 
 
-def identity_layout(shapes: Mapping[str, tuple]) -> KeyLayout:
-    return KeyLayout({k: Part(k, k) for k in shapes}, {k: tuple(s) for k, s in shapes.items()}, "identity")
+def identity_layout(shapes: Mapping[str, tuple], source: str = "identity") -> KeyLayout:
+    """Every stored name taken as the model's."""
+    shapes = {k: tuple(s) for k, s in shapes.items()}
+    return KeyLayout({k: Part(k, k) for k in shapes}, shapes, source, shapes)
 
 
 def key_layout(config: dict | None, shapes: Mapping[str, tuple]) -> KeyLayout:
@@ -130,7 +141,9 @@ def _cached(config_json: str, shapes: tuple) -> KeyLayout:
     shapes = dict(shapes)
     config = json.loads(config_json)
     if not _may_convert(config, shapes) and not any(len(s) == 3 for s in shapes.values()):
-        return identity_layout(shapes)  # (a 3-D tensor may be fused experts: whether transposed needs the model)
+        # transformers loads these names as they are (a 3-D tensor may be fused experts: whether they are
+        # stored transposed needs the model)
+        return identity_layout(shapes, "transformers")
     model = meta_model(config)
     if model is None:
         return identity_layout(shapes)
@@ -169,8 +182,8 @@ def _cached(config_json: str, shapes: tuple) -> KeyLayout:
     transposed = frozenset(f"{n}.{p}" for n, m in model.named_modules() if getattr(m, "is_transposed", False)
                            for p, _ in m.named_parameters(recurse=False))
     ordered = {k: parts[k] for k in shapes}  # stored order
-    return KeyLayout(ordered, out_shapes, "transformers", transposed, unconverted,
-                     _reverse=_reverse_renamer(renamings, converters))
+    return KeyLayout(ordered, out_shapes, "transformers", {k: tuple(s) for k, s in shapes.items()}, transposed,
+                     unconverted, _reverse=_reverse_renamer(renamings, converters))
 
 
 def _identities(config: dict) -> set[str]:
@@ -267,7 +280,8 @@ def explain_missing(name: str, layout: KeyLayout, min_depth: int = 3) -> str:
     if layout.source == "identity" and any("." in k for k in layout.parts):
         return ("no tensor ends like it; without a config.json transformers can build, the checkpoint's names "
                 "are taken as stored, so a layout that transformers converts on load is not followed")
-    return "no tensor of the checkpoint ends like it: the adapter is for another model"
+    return "no tensor of the checkpoint ends like it (not a prefix or layout difference): is this adapter for " \
+           "another model?"
 
 
 def stored_names(layout: KeyLayout, params: Iterable[str]) -> list[str]:

@@ -94,8 +94,8 @@ def build_plan(base: Checkpoint, adapters: list[Adapter], weights: list[float], 
         err = first_problem_error(adapter_fit_problems(base, ad, layout))
         if err is not None:
             raise err
-    shapes = layout.shapes
-    tied = tied_embedding_key(base, shapes)
+    tied = tied_embedding_key(base, layout.shapes)
+    shapes = layout.lookup  # an adapter names the model's parameters, or (trained on transformers 4) the stored ones
     plans: dict[str, TensorPlan] = {}
     for i, (ad, w) in enumerate(zip(adapters, weights)):
         _plan_adapter(plans, shapes, layout, tied, adapters, i, w)
@@ -114,6 +114,8 @@ def _stored(layout: KeyLayout, target: BaseTarget) -> list[tuple[str, str, Part 
     """(stored key, stored source, part of a fused parameter or None) for each stored tensor of a target."""
     if target.tied_to is not None:
         return [(layout.stored_name(target.key), layout.stored_name(target.tied_to), None)]
+    if target.key not in layout.params:  # a stored name (see KeyLayout.lookup)
+        return [(target.key, target.key, None)]
     return [(p.stored, p.stored, None if p.whole else p) for p in layout.params[target.key]]
 
 
@@ -147,7 +149,8 @@ def _plan_adapter(plans: dict[str, TensorPlan], shapes: dict, layout: KeyLayout,
         for key, source, part in _stored(layout, locate(shapes, m.base_key, tied)):
             _plan_for(plans, key, source).steps.append(Step(m if part is None else expert_part(m, part), weight, i))
         if m.bias is not None:
-            bias_key = layout.stored_name(resolve_base_key(shapes, m.bias_key))
+            bias_key = resolve_base_key(shapes, m.bias_key)
+            bias_key = layout.stored_name(bias_key) if bias_key in layout.params else bias_key
             bp = _plan_for(plans, bias_key, bias_key)
             bp.part = BIAS
             bp.steps.append(Step(m, weight, i))

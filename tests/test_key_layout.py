@@ -93,7 +93,7 @@ def test_identity_without_conversion_builds_no_model(monkeypatch):
     monkeypatch.setattr(hf, "meta_model", lambda *a, **k: pytest.fail("model class built"))
     ck = Checkpoint(LLAMA)
     layout = key_layout(dict(ck.config, _probe=1), {k: tuple(i.shape) for k, i in ck.tensors.items()})
-    assert layout.source == "identity" and all(p.stored == p.param and p.whole for p in layout.parts.values())
+    assert layout.source == "transformers" and all(p.stored == p.param and p.whole for p in layout.parts.values())
 
 
 def test_missing_expert_is_a_format_error(saved):

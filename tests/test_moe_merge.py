@@ -248,3 +248,35 @@ def test_extract_loads_in_peft_and_acts_as_the_delta(cases, tmp_path, family, ra
     want = case.load(tuned).state_dict()
     for k, w in want.items():
         torch.testing.assert_close(merged[k], w, atol=2e-5, rtol=0, msg=k)
+
+
+def test_adapter_named_after_the_stored_layout_merges_as_peft_loads_it(cases, tmp_path):
+    """An adapter trained on transformers 4 names Mixtral's per-expert Linears (`block_sparse_moe.experts.e.w1`),
+    as the checkpoint stores them; PEFT 0.21 converts it onto transformers 5's fused experts at load. merge
+    finds those stored names too and equals PEFT's merge of it."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    case = cases("mixtral")
+    base = Checkpoint(case.base)
+    torch.manual_seed(3)
+    factors = {}
+    for k, info in base.tensors.items():
+        if any(x in k for x in (".w1.", ".w2.", ".w3.", "q_proj")):
+            module, (n_out, n_in) = k.removesuffix(".weight"), info.shape
+            factors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(4, n_in) * 0.3
+            factors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(n_out, 4) * 0.3
+    adapter = tmp_path / "v4"
+    adapter.mkdir()
+    save_file(factors, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["w1", "w2", "w3", "q_proj"],
+         "task_type": "CAUSAL_LM", "base_model_name_or_path": None}))
+    run_cli("merge", case.base, adapter, "-o", tmp_path / "merged")
+    PeftModel.from_pretrained(case.load(case.base), adapter).merge_and_unload().to(DTYPE).save_pretrained(
+        tmp_path / "ref")
+    ours, ref = _tensors(tmp_path / "merged"), _tensors(tmp_path / "ref")
+    assert set(ours) == set(ref)
+    assert sum(not torch.equal(ref[k], v) for k, v in _tensors(case.base).items()) == 2 * (4 * 3 + 1)
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
