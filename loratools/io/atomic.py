@@ -62,6 +62,8 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathL
             raise OutputError("output already exists (use --force to replace it once the new one is complete)",
                               path=output)
     parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"{parent} is not a directory", path=output)
     if not parent.is_dir():
         raise OutputError(f"parent directory {parent} does not exist", path=output)
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -119,6 +121,7 @@ class AtomicOutput:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        moved_old = published = False
         try:
             for sub in sorted(p for p in self.tmp.rglob("*") if p.is_dir()):
                 _fsync_dir(sub, self.durability)
@@ -127,13 +130,18 @@ class AtomicOutput:
                 if not self.force:  # appeared while we were working
                     raise OutputError("output appeared while writing; not replaced", path=self.out)
                 os.rename(self.out, self.old)
+                moved_old = True
             os.rename(self.tmp, self.out)
+            published = True
             _fsync_dir(self.out.parent, self.durability)
-        except OSError as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise OutputError(f"could not move the finished output into place: {e.strerror}", path=self.out) from None
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        except BaseException as e:
+            if not published:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                if moved_old:  # --force replaces only once the new output is in place: put the old one back
+                    _restore(self.old, self.out)
+            if isinstance(e, OSError):
+                raise OutputError(f"could not move the finished output into place: {e.strerror}",
+                                  path=self.out) from None
             raise
         if self.old.exists() or self.old.is_symlink():
             if self.old.is_dir() and not self.old.is_symlink():
@@ -141,6 +149,13 @@ class AtomicOutput:
             else:
                 self.old.unlink()
         return False
+
+
+def _restore(old: Path, out: Path):
+    try:
+        os.rename(old, out)
+    except OSError as e:  # the only copy stays where clean_stale restores it from on the next run
+        log.warning("could not put the previous output back from %s: %s", old, e.strerror)
 
 
 def _fsync_dir(path: Path, durability: Durability):
