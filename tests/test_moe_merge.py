@@ -179,12 +179,14 @@ def test_quantize_equals_transformers_4bit_save(cases, tmp_path, family):
     assert ours.quantization_config == ref.quantization_config
 
 
-def test_merge_into_4bit_mixtral_equals_peft_on_dequantized(cases, tmp_path):
-    """QLoRA on Mixtral: merge into the 4-bit base = PEFT's merge_and_unload (float32, rounded once) on the base
-    bitsandbytes dequantizes; the dense experts and router take their slices of the expert/router LoRA."""
+@pytest.mark.parametrize("family", ["mixtral", "llava"])
+def test_merge_into_4bit_equals_peft_on_dequantized(cases, tmp_path, family):
+    """QLoRA: merge into the 4-bit base = PEFT's merge_and_unload (float32, rounded once) on the base
+    bitsandbytes dequantizes; Mixtral's dense experts and router take their slices of the expert/router LoRA,
+    LLaVA's 4-bit language model, projector and vision tower their modules' LoRA under the stored names."""
     from peft import PeftModel
 
-    case = cases("mixtral")
+    case = cases(family)
     q, dense, out = tmp_path / "q", tmp_path / "dense", tmp_path / "merged"
     run_cli("quantize", case.base, "-o", q, "--nf4")
     run_cli("dequantize", q, "-o", dense)
