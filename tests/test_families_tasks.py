@@ -328,3 +328,30 @@ def test_natural_outputs_of_other_heads(tmp_path, arch, output, shape):
     t, name = fw.run_outputs(loaded.model, ids())
     assert (name, list(t.shape)) == (output, shape)
     assert validate(tmp_path / "m", device="cpu", batch=2, seq_len=16)["output"] == output
+
+
+def test_validate_sees_the_base_under_the_models_names(tmp_path):
+    """validate's fit check reads the base through key_layout, as merge does: a Mixtral saved per expert
+    (`block_sparse_moe.experts.N.w1`) with PEFT's all-linear adapter (target_parameters on the fused
+    `mlp.experts`) passes its correct merge and names each expert tensor a 1.5x B changes."""
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=2, vocab_size=128, num_local_experts=2, num_experts_per_tok=2,
+                                     max_position_embeddings=64)
+    with fw.quiet_transformers():
+        transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "base")
+        model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "base")
+        get_peft_model(model, LoraConfig(target_modules="all-linear", init_lora_weights=False, r=4)).save_pretrained(
+            tmp_path / "adapter")
+    assert any("block_sparse_moe.experts.0.w1" in k for k in Checkpoint(tmp_path / "base").tensors)
+    run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "merged", "--device", "cpu")
+    good = validate(tmp_path / "base", [tmp_path / "adapter"], merged=tmp_path / "merged", batch=2, seq_len=16)
+    assert good["passed"], good["problems"]
+    shutil.copytree(tmp_path / "adapter", tmp_path / "scaled")
+    tensors = load_file(tmp_path / "scaled" / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if ".mlp.experts." in k and k.endswith("lora_B.weight"))
+    save_file({**tensors, key: tensors[key] * 1.5}, tmp_path / "scaled" / "adapter_model.safetensors")
+    run_cli("merge", tmp_path / "base", tmp_path / "scaled", "-o", tmp_path / "bad", "--device", "cpu")
+    bad = validate(tmp_path / "base", [tmp_path / "adapter"], merged=tmp_path / "bad", static_only=True)
+    named = {p["tensor"] for p in bad["problems"] if "1.5x" in p["message"]}
+    assert named and all(".block_sparse_moe.experts." in t for t in named), bad["problems"]
