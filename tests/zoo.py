@@ -99,6 +99,9 @@ FAMILIES: dict[str, Family] = {
                      needs="nothing (multi-query fused query_key_value); transformers' 4-bit load leaves "
                            "FalconLinear (an nn.Linear subclass) dense, so `quantize` says there is nothing to "
                            "quantize"),
+    "falcon_new": Family("falcon", dict(num_kv_heads=2, new_decoder_architecture=True, intermediate_size=None,
+                                        num_key_value_heads=None), quantizes=False,
+                         needs="nothing (Falcon-40B/180B layout: grouped fused query_key_value); 4-bit as falcon"),
 }
 
 
