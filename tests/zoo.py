@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         junit = Path(d) / "zoo.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_zoo.py"), f"--junitxml={junit}",
-               "-o", "junit_family=xunit1", *(argv or [])]
+               "-o", "junit_family=xunit1", "-k", "not docs_table",  # that test checks the page being written *(argv or [])]
         subprocess.run(cmd, cwd=ROOT, check=False)
         results = results_from_junit(junit)
     classes = {}
