@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FIXTURES, base_of, run_cli, tree_digest
 from loratools.adapter import adapter_tensors, load_adapter, write_adapter
-from loratools.combine_methods import Term, module_seed, task_merge
+from loratools.combine_methods import METHODS, Term, module_seed, task_merge
 
 # different ranks, rsLoRA, rank/alpha patterns, overlapping and disjoint modules
 LLAMA_MIX = (["llama-lora", "llama-rslora", "llama-patterns"], [0.5, -1.0, 2.0])
@@ -27,17 +27,22 @@ def source_path(name, tmp_path=None):
     return tmp_path / name if tmp_path is not None and (tmp_path / name).exists() else FIXTURES / name
 
 
-def make_gpt2_twin(tmp_path):
-    """A second plain fan_in_fan_out adapter on the gpt2-lora modules, with other factors (no lora_bias)."""
-    src = load_adapter(FIXTURES / "gpt2-lora")
-    g = torch.Generator().manual_seed(5)
+def make_twin(tmp_path, name: str, twin: str, seed: int = 5):
+    """A second adapter with `name`'s modules, config and saved tensors and other factors (no lora_bias)."""
+    src = load_adapter(FIXTURES / name)
+    g = torch.Generator().manual_seed(seed)
     for m in src.modules.values():
         m.A = (m.A.flip(0) + 0.05 * torch.randn(m.A.shape, generator=g)).contiguous()
         m.B = (0.7 * m.B.roll(1, dims=1) + 0.02 * torch.randn(m.B.shape, generator=g)).contiguous()
-    out = tmp_path / "gpt2-twin"
+    out = tmp_path / twin
     out.mkdir()
     write_adapter(out, src.config, adapter_tensors(src.modules, src.saved))
     return out
+
+
+def make_gpt2_twin(tmp_path):
+    """A second plain fan_in_fan_out adapter on the gpt2-lora modules, with other factors (no lora_bias)."""
+    return make_twin(tmp_path, "gpt2-lora", "gpt2-twin")
 
 
 def peft_stack(paths, weights=None, extra=()):
@@ -229,28 +234,57 @@ def test_task_arithmetic_equals_peft_merge_utils(task_inputs, method, sign):
     assert checked >= 14
 
 
-def test_task_arithmetic_output_through_peft(tmp_path):
-    """Full-rank output (no truncation loss): the adapter PEFT loads carries merge_utils' result
-    (plain linears, embeddings and fan_in_fan_out layouts)."""
+GPT2_TWIN_MIX = (["gpt2-lora", "gpt2-twin"], [1.0, -0.6])
+EMBED_TWIN_MIX = (["llama-embed", "llama-embed-twin"], [0.8, 0.5])  # both adapt embed_tokens and q_proj
+E2E_CASES = [("ties", LLAMA_MIX), ("dare_ties", EMBED_TWIN_MIX), ("dare_ties", GPT2_TWIN_MIX),
+             ("magnitude_prune", LLAMA_MIX), ("dare_linear", EMBED_TWIN_MIX), ("dare_linear", GPT2_TWIN_MIX)]
+
+
+@pytest.mark.parametrize("method,mix", E2E_CASES, ids=[f"{m}-{x[0][-1]}" for m, x in E2E_CASES])
+def test_task_arithmetic_output_through_peft(tmp_path, method, mix):
+    """Full-rank output (no truncation loss), through the CLI: the adapter PeftModel.from_pretrained loads
+    carries merge_utils' result for every module (plain linears, embeddings and fan_in_fan_out layouts): its
+    deltas, its merged weights and its logits are those of base + merge_utils(PEFT's deltas).
+
+    Seeds: the DARE masks are drawn per module from a CPU generator seeded with module_seed(--seed, name),
+    so PEFT's dare_* on one module's deltas right after torch.manual_seed(module_seed(...)) draws the same
+    Bernoulli masks from the global generator (bit-equality in test_task_arithmetic_equals_peft_merge_utils)."""
+    names, weights = mix
     make_gpt2_twin(tmp_path)
-    for method, (names, weights) in [("ties", LLAMA_MIX), ("dare_ties", EMBED_MIX),
-                                     ("dare_ties", (["gpt2-lora", "gpt2-twin"], [1.0, -0.6]))]:
-        out, doc = combine(tmp_path, names, f"{method}-{names[0]}", "--method", method, "--density", 0.5,
-                           "--rank", 64, "--majority-sign", "frequency", *weight_args(weights),
-                           *(["--seed", 3] if method == "dare_ties" else []))
-        paths = [source_path(n, tmp_path) for n in names]
-        _, layers = peft_stack(paths, extra=[out])
-        for name, layer in layers.items():
-            srcs = sources_of(layer, len(names))
-            if len(srcs) < 2:
-                continue
-            torch.manual_seed(module_seed(3, name))
-            ref = PEFT_FN[method]([layer.get_delta_weight(a) for a in srcs],
-                                  torch.tensor([weights[int(a[1:])] for a in srcs]), 0.5,
-                                  majority_sign_method="frequency")
-            torch.testing.assert_close(layer.get_delta_weight("x0"), ref, rtol=1e-4,
-                                       atol=1e-5 * float(ref.abs().max()), msg=name)
-        assert max(m["rel_error"] for m in doc["modules"]) < 1e-5
+    make_twin(tmp_path, "llama-embed", "llama-embed-twin", seed=6)
+    spec = METHODS[method]
+    args = (["--majority-sign", "frequency"] if spec.elects_sign else []) + (["--seed", 3] if spec.random_masks else [])
+    out, doc = combine(tmp_path, names, f"{method}-out", "--method", method, "--density", 0.5, "--rank", 64,
+                       *weight_args(weights), *args)
+    assert max(m["rel_error"] for m in doc["modules"]) < 1e-5  # lossless: the comparison below is the method's
+    paths = [source_path(n, tmp_path) for n in names]
+    _, layers = peft_stack(paths, extra=[out])
+    kw = {"majority_sign_method": "frequency"} if spec.elects_sign else {}
+    refs = {}
+    for name, layer in layers.items():
+        srcs = sources_of(layer, len(names))
+        torch.manual_seed(module_seed(3, name))
+        refs[name] = PEFT_FN[method]([layer.get_delta_weight(a).detach() for a in srcs],
+                                     torch.tensor([weights[int(a[1:])] for a in srcs]), 0.5, **kw)
+        torch.testing.assert_close(layer.get_delta_weight("x0"), refs[name], rtol=1e-4,
+                                   atol=1e-5 * float(refs[name].abs().max()), msg=name)
+    if "embed" in names[0]:
+        assert "model.embed_tokens" in refs and len(sources_of(layers["model.embed_tokens"], 2)) == 2
+
+    # PeftModel.from_pretrained on the output alone: logits, then merged weights, against base + references
+    base_dir = base_of(names[0])
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    expected = {k: v.clone() for k, v in plain.state_dict().items()}
+    for name, ref in refs.items():
+        expected[f"{name}.weight"] += ref
+    plain.load_state_dict(expected)
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, plain(TOKENS).logits, rtol=1e-4, atol=1e-4)
+    merged = ours.merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for k in merged:
+        torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_task_arithmetic_default_rank_and_error_report(tmp_path):
