@@ -21,7 +21,7 @@ from .dtypes import FLOAT_DTYPES
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
 from .expert_extract import ExpertDelta, lowrank_experts
 from .hf_layout import meta_model
-from .key_layout import KeyLayout, Part, identity_layout, key_layout
+from .key_layout import KeyLayout, Part, checkpoint_layout
 from .io import Checkpoint, check_output_path, provenance
 from .io.output import ADAPTER_WEIGHTS, check_report_path, write_adapter_dir
 from .lora_math import stored_transposed, to_layout
@@ -188,8 +188,7 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Chec
     """
     config = ck.config or {}
     model_type = config.get("model_type")
-    shapes = {k: tuple(i.shape) for k, i in ck.tensors.items()}
-    keys = key_layout(config, shapes) if config else identity_layout(shapes)
+    keys = checkpoint_layout(ck)
     if use_model_class is None:  # a layout transformers converts (renamed prefixes, fused experts) needs the model
         use_model_class = keys.renamed or not _names_suffice(ck)
     model = meta_model(config) if config and use_model_class else None

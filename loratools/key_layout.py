@@ -125,6 +125,15 @@ def identity_layout(shapes: Mapping[str, tuple], source: str = "identity") -> Ke
     return KeyLayout({k: Part(k, k) for k in shapes}, shapes, source, shapes)
 
 
+def checkpoint_layout(ck) -> KeyLayout:
+    """The layout of checkpoint `ck` (io.Checkpoint), from its config.json and its dense view's shapes (a
+    4-bit checkpoint's weights under their dense names): the one entry point merge, unmerge, quantize,
+    extract and validate read a checkpoint's names through. Cached per (config, shapes)."""
+    from .quantized import dense_shapes
+
+    return key_layout(ck.config, dense_shapes(ck))
+
+
 def key_layout(config: dict | None, shapes: Mapping[str, tuple]) -> KeyLayout:
     """The layout of a checkpoint with config.json `config` and stored (dense) tensor shapes `shapes`.
 
@@ -215,8 +224,8 @@ def _may_convert(config: dict, shapes: Mapping[str, tuple]) -> bool:
     return any(apply_renamings(k, legacy) != k for k in shapes)
 
 
-def _fuse(param: str, n_patterns: int, by_pattern: dict[int, list[str]], shapes: Mapping[str, tuple], model_shape: tuple,
-          parts: dict[str, Part], out_shapes: dict[str, tuple]) -> None:
+def _fuse(param: str, n_patterns: int, by_pattern: dict[int, list[str]], shapes: Mapping[str, tuple],
+          model_shape: tuple, parts: dict[str, Part], out_shapes: dict[str, tuple]) -> None:
     """Parts of one fused expert parameter: pattern j's tensors, expert by expert, concatenated on dim 1."""
     counts = {j: len(keys) for j, keys in by_pattern.items()}
     experts = model_shape[0]
@@ -290,4 +299,5 @@ def stored_names(layout: KeyLayout, params: Iterable[str]) -> list[str]:
     return [k for k, p in layout.parts.items() if p.param in want]
 
 
-__all__ = ["KeyLayout", "Part", "explain_missing", "identity_layout", "key_layout", "stored_names"]
+__all__ = ["KeyLayout", "Part", "checkpoint_layout", "explain_missing", "identity_layout", "key_layout",
+           "stored_names"]

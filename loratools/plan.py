@@ -25,11 +25,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .adapter import Adapter, LoraModule
-from .checks import HEAD_KEY, BaseTarget, adapter_fit_problems, dense_shapes, first_problem_error, locate, \
+from .checks import HEAD_KEY, BaseTarget, adapter_fit_problems, first_problem_error, locate, \
     resolve_base_key, tied_embedding_key
 from .errors import MismatchError, UnsupportedError
 from .io import Checkpoint
-from .key_layout import KeyLayout, Part, key_layout
+from .key_layout import KeyLayout, Part, checkpoint_layout
 from .lora_math import BIAS, WEIGHT, BiasTensor, Step, WeightTensor, expert_factors
 
 MODULES_TO_SAVE = "modules_to_save"  # a module the adapter saves whole, trained in full
@@ -71,9 +71,7 @@ def _saved_kind(adapter: Adapter, name: str) -> str:
     return BASE_LAYER if name.rsplit(".", 1)[0] in adapter.modules else MODULES_TO_SAVE
 
 
-def base_layout(base: Checkpoint) -> KeyLayout:
-    """The base's tensors under the model's names (key_layout.py), from its dense view's shapes."""
-    return key_layout(base.config, dense_shapes(base))
+base_layout = checkpoint_layout  # the base's tensors under the model's names (key_layout.py)
 
 
 def mark_transposed_experts(adapters: list[Adapter], layout: KeyLayout) -> None:

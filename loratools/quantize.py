@@ -43,7 +43,7 @@ from .io import Checkpoint, TensorSpec, config_with_dtype
 from .io.output import write_checkpoint
 from .io.provenance import provenance
 from .io.safetensors_format import element_size
-from .key_layout import identity_layout, key_layout
+from .key_layout import checkpoint_layout, identity_layout
 from .quantized import DenseView
 
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -173,8 +173,8 @@ def _stored_modules(ck: Checkpoint, source: str) -> dict[str, str]:
     `language_model.model.layers.0.mlp.up_proj.weight` is `model.language_model.layers.0.mlp.up_proj`), for
     every stored `.weight` that is a whole model parameter. A slice of a fused expert parameter is no
     module's weight: transformers keeps those 3-D parameters dense, and so do we."""
-    layout = key_layout(ck.config, {n: i.shape for n, i in ck.tensors.items()}) if source == "transformers" \
-        else identity_layout({n: i.shape for n, i in ck.tensors.items()})
+    layout = checkpoint_layout(ck) if source == "transformers" else identity_layout(
+        {n: i.shape for n, i in ck.tensors.items()})
     return {name: p.param.removesuffix(".weight") for name, p in layout.parts.items()
             if p.whole and name.endswith(".weight") and p.param.endswith(".weight")}
 

@@ -98,7 +98,8 @@ def test_identity_without_conversion_builds_no_model(monkeypatch):
 
 def test_missing_expert_is_a_format_error(saved):
     ck, _ = saved("mixtral")
-    shapes = {k: tuple(i.shape) for k, i in ck.tensors.items() if k != "model.layers.1.block_sparse_moe.experts.3.w3.weight"}
+    gone = "model.layers.1.block_sparse_moe.experts.3.w3.weight"
+    shapes = {k: tuple(i.shape) for k, i in ck.tensors.items() if k != gone}
     with pytest.raises(FormatError, match=r"gate_up_proj of 4 experts.*\[3, 4\]"):
         key_layout(ck.config, shapes)
 
