@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -221,7 +222,7 @@ def test_validate(zoo, outputs, family, tmp_path, record_property):
 # -- quantize ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ALL)
-def test_quantize(zoo, family, tmp_path, record_property):
+def test_quantize(zoo, outputs, family, tmp_path, record_property):
     """Our --nf4 checkpoint holds transformers' own 4-bit save byte for byte, and loaded by transformers it
     gives that model's outputs (the same bitsandbytes kernels run on both, so this holds on CPUs where
     bitsandbytes' CPU dequantization is wrong; the format itself is tested in tests/test_quantize.py)."""
@@ -244,7 +245,7 @@ def test_quantize(zoo, family, tmp_path, record_property):
             record_property("note", "transformers' 4-bit load quantizes no weight; refused in one line, "
                                     "nothing written")
             return
-        run_cli("quantize", case.base, "-o", out, "--nf4")
+        out = outputs(case, "quantize", case.base, extra=("--nf4",))
         ours_ck, ref_ck = Checkpoint(out), Checkpoint(ref)
         assert set(ours_ck.keys()) == set(ref_ck.keys()), sorted(set(ours_ck.keys()) ^ set(ref_ck.keys()))
         for name in ref_ck.keys():
@@ -255,6 +256,37 @@ def test_quantize(zoo, family, tmp_path, record_property):
     packed = sum(1 for k in ref_ck.keys() if k.endswith(".weight.quant_state.bitsandbytes__nf4"))
     assert packed > 0
     record_property("note", f"{packed} linear weights quantized, bytes equal to transformers'")
+
+
+# -- merge into the 4-bit base (QLoRA) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ALL)
+def test_qlora(zoo, outputs, family, record_property):
+    """merge NF4-BASE ADAPTER --dtype <the family's dtype>: bit-identical to PEFT merging into transformers'
+    dequantization of that 4-bit model (float32, rounded once). transformers' dequantize() turns GPT-2's
+    Conv1D into nn.Linear, so its saved weights are the transpose of the checkpoint's for those."""
+    FAMILIES[family].skip("qlora")
+    if not FAMILIES[family].quantizes:
+        pytest.skip("no 4-bit base: transformers quantizes no weight of this family")
+    from peft import PeftModel
+    from test_quantize import eager_bitsandbytes
+    from transformers.pytorch_utils import Conv1D
+
+    from loratools.io import Checkpoint
+
+    case = zoo.get(family)
+    dtype = str(case.family.dtype).removeprefix("torch.")
+    q = outputs(case, "quantize", case.base, extra=("--nf4",))
+    out = outputs(case, "merge", q, case.adapter, extra=("--device", "cpu", "--dtype", dtype))
+    conv1d = {f"{n}.weight" for n, m in case.load_base().named_modules() if isinstance(m, Conv1D)}
+    with eager_bitsandbytes(), quiet(), tempfile.TemporaryDirectory() as d:
+        model = auto_class(case.family.model_class).from_pretrained(q).dequantize().float()
+        PeftModel.from_pretrained(model, case.adapter).merge_and_unload().to(case.family.dtype).save_pretrained(d)
+        ref = {k: (v.T.contiguous() if k in conv1d else v.clone()) for k, v in Checkpoint(d).iter_tensors()}
+    same, total = compare_bits(out, ref)
+    assert same == total, f"{total - same} of {total} elements differ from PEFT on the dequantized model"
+    assert not Checkpoint(out).is_quantized
+    record_property("note", f"{total} elements bit-identical (--dtype {dtype})")
 
 
 # -- extract -------------------------------------------------------------------------------------------------

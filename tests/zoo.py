@@ -248,7 +248,7 @@ class Zoo:
 
 # -- docs/architectures.md ----------------------------------------------------------------------------------
 
-COMMANDS = ["inspect", "merge", "unmerge", "validate", "quantize", "extract", "combine", "dora", "refusal"]
+COMMANDS = ["inspect", "merge", "unmerge", "validate", "quantize", "qlora", "extract", "combine", "dora", "refusal"]
 DOC = ROOT / "docs" / "architectures.md"
 
 
@@ -307,6 +307,8 @@ def render(results, classes: dict[str, str]) -> str:
         "  names that tensor.",
         "- **quantize**: `--nf4` output byte-identical to transformers' own 4-bit save and loads in transformers",
         "  with that 4-bit model's logits.",
+        "- **qlora**: `merge` into the `--nf4` base with `--dtype` the family's: bit-identical to PEFT merging",
+        "  into transformers' dequantization of that 4-bit model, in float32 rounded once.",
         "- **extract**: from PEFT's merged model, at the adapter's rank: PEFT loads the output with no missing or",
         "  unexpected keys and it gives the adapter's logits.",
         "- **combine**: `--method cat` of two adapters with weights: PEFT loads the output and it gives the",
