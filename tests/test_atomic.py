@@ -1,12 +1,10 @@
 """Atomic outputs: refuse dangerous paths, never leave half-written results, clean up after kills."""
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from loratools.errors import OutputError
 from loratools.io import AtomicOutput
 from loratools.io.atomic import OLD_TAG, TMP_TAG
 from conftest import LLAMA, run_cli, tree_digest
@@ -70,7 +68,8 @@ def test_read_only_location_is_refused(monkeypatch, tmp_path):
     """Checked before any work. Root ignores permission bits, so the denial is simulated (os.access says no
     for the output's directory), which holds whoever runs the suite."""
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == tmp_path else real_access(p, mode, **kw))
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode, **kw: False if Path(p) == tmp_path else real_access(p, mode, **kw))
     r = run_cli("convert", LLAMA, "-o", tmp_path / "out", expect=1)
     line = _only_line(r.stderr)
     assert str(tmp_path / "out") in line and "permission denied" in line
