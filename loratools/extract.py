@@ -550,6 +550,11 @@ def _carry_rest(diff: _Difference, layout: "CheckpointRoles", selection: "Target
         else:
             bias_reason = blocker
     excluded_modules = {roles[k].module for k in selection.excluded}
+    # modules whose parameters carry LoRA as target_parameters (experts, routers): saving one whole as well
+    # would replace the parameters the LoRA adapts; so would a module holding LoRA-targeted submodules
+    # (GPT-OSS attention's own `sinks` beside q_proj...)
+    param_modules = {m.name[: -len(m.param) - 1] for m in modules.values() if m.param}
+    lora_paths = [n[: -len(m.param) - 1] if m.param else n for n, m in modules.items()]
     whole_modules = set()
     for key in sorted(diff.changed_other):
         r = roles[key]
@@ -561,6 +566,12 @@ def _carry_rest(diff: _Difference, layout: "CheckpointRoles", selection: "Target
             why = selection.excluded[key]
         elif r.module in excluded_modules:
             why = "belongs to a module excluded from the LoRA targets"
+        elif r.module in param_modules:
+            why = (f"{r.param} of {r.module}, whose parameters carry LoRA (target_parameters, which has no "
+                   f"lora_bias); saving the module whole would replace them")
+        elif modules_to_save and any(n.startswith(r.module + ".") for n in lora_paths):
+            why = (f"{r.param} of {r.module}, which holds LoRA-targeted modules; saving it whole "
+                   f"(modules_to_save) would replace them")
         elif modules_to_save:
             whole_modules.add(r.module)  # norms, and biases of Linear modules whose weight did not change
             continue
