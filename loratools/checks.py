@@ -180,7 +180,8 @@ def adapter_fit_problems(base: Checkpoint, adapter: Adapter, layout: KeyLayout |
         if target is None:
             problems.append(Problem(name.rsplit(".", 1)[0], name, apath, expected=shape_list(t.shape), found=None,
                                     message=f"saved tensor {name} (modules_to_save) {shape_list(t.shape)} has no "
-                                            f"counterpart in the base {bpath}"))
+                                            f"counterpart in the base {bpath}"
+                                            + (f"; {explain_missing(name, layout)}" if layout is not None else "")))
         elif tuple(target.shape) != tuple(t.shape):
             problems.append(Problem(name.rsplit(".", 1)[0], target.key, apath, expected=shape_list(t.shape),
                                     found=shape_list(target.shape),
