@@ -20,7 +20,7 @@ import torch
 
 from ..adapter import (PREFIX, WEIGHTS_NAME, Adapter, KeyKind, classify_key, parse_modules,
                        read_adapter_config)
-from ..plan import base_layout
+from ..key_layout import checkpoint_layout
 from ..checks import HEAD_KEY, Problem, adapter_fit_problems, resolve_base_key, shape_list
 from ..dtypes import declared_dtype
 from ..errors import InputError, LoratoolsError
@@ -211,11 +211,8 @@ def static_checks(base: Checkpoint, adapter_paths: list[Path], candidates: dict[
         try:
             view, own = adapter_from_header(path)
             problems += [problem_row("adapter", p) for p in own]
-            # under the model's names, as PEFT names the adapter, where transformers renames the stored
-            # layout (LLaVA's, Mixtral's); names taken as stored need no layout (and get its plain wording)
-            layout = base_layout(base)
-            problems += [problem_row("adapter fit", p) for p in
-                         adapter_fit_problems(base, view, layout if layout.source != "identity" else None)]
+            # under the model's names, as PEFT names the adapter (LLaVA's, Mixtral's stored layouts), as merge does
+            problems += [problem_row("adapter fit", p) for p in adapter_fit_problems(base, view, checkpoint_layout(base))]
             vals, vnotes = adapter_value_problems(path)
             problems += [problem_row("adapter values", p) for p in vals]
             notes += [problem_row("adapter", n) for n in vnotes + adapter_config_notes(view)]
