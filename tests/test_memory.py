@@ -32,6 +32,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES, LLAMA
+
+sys.path.insert(0, str(FIXTURES.parent / "benchmarks"))
+from common import llama_shapes  # noqa: E402  (the benchmarks' generator's Llama shapes)
 from loratools.adapter import PREFIX, adapter_config, write_adapter
 from loratools.io import ShardWriter, TensorSpec
 
@@ -69,19 +72,7 @@ print(json.dumps(rows))
 
 
 def shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    out = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        for n in PROJ[:4]:
-            out[f"{p}.self_attn.{n}.weight"] = (HIDDEN, HIDDEN)
-        out[f"{p}.mlp.gate_proj.weight"] = (MLP, HIDDEN)
-        out[f"{p}.mlp.up_proj.weight"] = (MLP, HIDDEN)
-        out[f"{p}.mlp.down_proj.weight"] = (HIDDEN, MLP)
-        out[f"{p}.input_layernorm.weight"] = (HIDDEN,)
-        out[f"{p}.post_attention_layernorm.weight"] = (HIDDEN,)
-    out["model.norm.weight"] = (HIDDEN,)
-    out["lm_head.weight"] = (VOCAB, HIDDEN)
-    return out
+    return llama_shapes(hidden=HIDDEN, layers=layers, intermediate=MLP, vocab=VOCAB, heads=8)
 
 
 def make_model(path, layers: int, seed: int):
