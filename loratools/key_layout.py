@@ -149,7 +149,8 @@ def _cached(config_json: str, shapes: tuple) -> KeyLayout:
 
     shapes = dict(shapes)
     config = json.loads(config_json)
-    if not _may_convert(config, shapes) and not any(len(s) == 3 for s in shapes.values()):
+    if not _may_convert(config, shapes) and not any(len(s) == 3 for s in shapes.values()) \
+            and not _prefix_may_differ(config, shapes):
         # transformers loads these names as they are (a 3-D tensor may be fused experts: whether they are
         # stored transposed needs the model)
         return identity_layout(shapes, "transformers")
@@ -222,6 +223,42 @@ def _may_convert(config: dict, shapes: Mapping[str, tuple]) -> bool:
         return True
     legacy = get_checkpoint_conversion_mapping("legacy") or []
     return any(apply_renamings(k, legacy) != k for k in shapes)
+
+
+def _declared_prefixes(model_type) -> set[str]:
+    """The base_model_prefix values the modeling file of `model_type` declares, read as text: importing it
+    costs seconds (transformers' modeling code), reading it a millisecond. Empty when there is no such file."""
+    import os
+    import re
+
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    if not isinstance(model_type, str):
+        return set()
+    mod = model_type_to_module_name(model_type)
+    path = os.path.join(os.path.dirname(transformers.__file__), "models", mod, f"modeling_{mod}.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return set()
+    return {p for p in re.findall(r"""base_model_prefix\s*=\s*["'](\w*)["']""", text) if p}
+
+
+def _prefix_may_differ(config: dict, shapes: Mapping[str, tuple]) -> bool:
+    """True when transformers may add the model's base_model_prefix to the stored names on load: a head
+    class (GPT2LMHeadModel) whose checkpoint holds no key under that prefix, i.e. a backbone saved alone
+    (the original `gpt2`'s `h.0...`, loaded as `transformer.h.0...`; PEFT names adapters after the latter).
+    Then the model is built and transformers' own rule decides; a needless True only costs that build."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    archs = config.get("architectures") or []
+    bare = MODEL_MAPPING_NAMES.get(config.get("model_type"))
+    if not archs or archs[0] == bare or (isinstance(bare, (list, tuple)) and archs[0] in bare):
+        return False
+    prefixes = _declared_prefixes(config.get("model_type"))
+    return bool(prefixes) and not any(k.split(".", 1)[0] in prefixes for k in shapes)
 
 
 def _fuse(param: str, n_patterns: int, by_pattern: dict[int, list[str]], shapes: Mapping[str, tuple],

@@ -1,0 +1,133 @@
+"""Claims of README.md and docs/*.md that no other test held (docs/claims.md, "Unbacked"): each test fails if
+its claim becomes false. Small inputs; the whole file runs in well under a minute."""
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import FIXTURES, GPT2, LLAMA, run_cli, tree_digest
+
+
+def _without_prefix(src: Path, dst: Path, prefix: str, edit=None) -> Path:
+    """`src` saved from its backbone alone: every key without `prefix` (the original `gpt2`'s `h.0...`)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            sd = {k.removeprefix(prefix): v for k, v in load_file(f).items()}
+            save_file(edit(sd) if edit else sd, dst / f.name, metadata={"format": "pt"})
+        elif f.is_file():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+# -- extract: a backbone-only checkpoint is named as the model transformers builds (docs/extract.md) -----------
+
+def test_backbone_only_checkpoint_extracts_an_adapter_peft_loads_whole(tmp_path):
+    """BASE and TUNED saved without GPT2LMHeadModel's `transformer.` prefix: the adapter's names carry it
+    (key_layout adds it as transformers does on load), PEFT loads every key into GPT2LMHeadModel, and the
+    PEFT model computes the fine-tune. Merging it back into the prefix-less base works too."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = _without_prefix(GPT2, tmp_path / "base", "transformer.")
+    g = torch.Generator().manual_seed(0)
+
+    def tune(sd):  # a rank-2 change of every attention/MLP weight: rank 4 recovers it up to bf16 rounding
+        for k, v in sd.items():
+            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                u, w = torch.randn(v.shape[0], 2, generator=g), torch.randn(2, v.shape[1], generator=g)
+                sd[k] = (v.float() + 0.05 * u @ w).to(v.dtype)
+        return sd
+
+    tuned = _without_prefix(GPT2, tmp_path / "tuned", "transformer.", tune)
+    out = tmp_path / "adapter"
+    run_cli("extract", base, tuned, "-o", out, "--rank", "4")
+    names = list(safe_open(out / "adapter_model.safetensors", "pt").keys())
+    assert names and all(n.startswith("base_model.model.transformer.h.") for n in names), names[:3]
+
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch.no_grad():
+            l_base = model(ids).logits
+        pm = PeftModel.from_pretrained(model, out)
+    loaded = {n: p for n, p in pm.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(names)  # every file key is a LoRA parameter of the model...
+    file = load_file(out / "adapter_model.safetensors")
+    for n, p in loaded.items():  # ...and holds the file's values, not PEFT's initialisation
+        key = n.replace(".default.", ".")
+        assert torch.equal(p.detach().to(file[key].dtype), file[key]), n
+    with torch.no_grad():
+        l_peft = pm(ids).logits
+        l_tuned = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)(ids).logits
+    effect = float((l_tuned - l_base).norm() / l_tuned.norm())
+    residual = float((l_peft - l_tuned).norm() / l_tuned.norm())
+    assert effect > 1e-2 and residual < 0.05 * effect, (effect, residual)
+
+    merged = tmp_path / "merged"
+    run_cli("merge", base, out, "-o", merged, "--dtype", "float32")
+    m = load_file(merged / "model.safetensors")
+    t = load_file(tuned / "model.safetensors")
+    assert set(m) == set(t)  # the base's stored names, no prefix added
+    for k in m:
+        if k.endswith("c_attn.weight"):
+            assert (m[k] - t[k].float()).norm() < 0.05 * (t[k].float() - load_file(
+                base / "model.safetensors")[k].float()).norm(), k
+
+
+# -- every writing command: --no-sync skips every fsync; every file carries its provenance (README) -------------
+
+from test_hardening import WRITING, _writing_commands  # noqa: E402  (one list of the writing commands)
+
+_REAL_FSYNC = os.fsync
+
+
+@pytest.fixture(scope="module")
+def writing_inputs(tmp_path_factory):
+    return _writing_commands(tmp_path_factory.mktemp("writing"))
+
+
+@pytest.mark.parametrize("command", WRITING)
+def test_no_sync_skips_every_fsync_and_every_file_records_its_provenance(writing_inputs, monkeypatch, tmp_path,
+                                                                          command):
+    """README: `--no-sync` skips every fsync and writes the same bytes; every safetensors file carries the
+    `loratools` record (version, command, options, input digests), except the DoRA record of a merge, which
+    carries its own `loratools_dora` record (each adapter's digest and weight)."""
+    from loratools.io.provenance import sha256_file
+
+    argv = writing_inputs[command]
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), _REAL_FSYNC(fd))[1])
+    run_cli(*argv, "-o", tmp_path / "synced")
+    synced = len(calls)
+    calls.clear()
+    run_cli(*argv, "-o", tmp_path / "unsynced", "--no-sync")
+    assert synced > 2 and calls == [], (synced, len(calls))
+    assert tree_digest(tmp_path / "synced") == tree_digest(tmp_path / "unsynced")
+
+    out = tmp_path / "synced"
+    files = sorted(out.rglob("*.safetensors"))
+    assert len(files) > (command == "convert") and (command != "merge" or out / "loratools-dora" in
+                                                    [f.parent for f in files])
+    for f in files:
+        meta = safe_open(f, "pt").metadata() or {}
+        if f.parent.name == "loratools-dora":
+            record = json.loads(meta["loratools_dora"])
+            digests = {a["sha256"] for a in record["adapters"]}
+            assert len(digests) == len(record["adapters"]) == argv.count(FIXTURES / "llama-dora") + argv.count(
+                FIXTURES / "llama-lora"), record
+            continue
+        record = json.loads(meta["loratools"])
+        assert record["command"] == argv[0] and record["version"] and "options" in record, (f, record)
+        given = {str(p) for p in argv[1:] if isinstance(p, Path)}
+        recorded = {d for role in record["inputs"].values() for d in role["files"].values()}
+        for p in map(Path, given):  # the digest of every input weight file is recorded
+            for w in (p.glob("*.safetensors") if p.is_dir() else [p]):
+                assert sha256_file(w) in recorded, (f.name, w)
