@@ -131,3 +131,88 @@ def test_no_sync_skips_every_fsync_and_every_file_records_its_provenance(writing
         for p in map(Path, given):  # the digest of every input weight file is recorded
             for w in (p.glob("*.safetensors") if p.is_dir() else [p]):
                 assert sha256_file(w) in recorded, (f.name, w)
+
+
+# -- merge: untouched tensors are copied file to file, never read (docs/merge.md "Output") ---------------------
+
+def test_merge_reads_only_the_tensors_an_adapter_changes(tmp_path, monkeypatch):
+    """Every base tensor the merge reads into memory is one whose output differs from the base; every other
+    tensor goes through the writer's file-to-file copy and comes out with the base's bytes."""
+    from loratools.io import Checkpoint
+    from loratools.io import writer as writer_mod
+
+    read, copied = [], []
+    real_read, real_copy = Checkpoint.read, writer_mod.ShardWriter.copy_from
+
+    def spy_read(self, name):
+        if Path(self.path).resolve() == LLAMA.resolve():
+            read.append(name)
+        return real_read(self, name)
+
+    def spy_copy(self, name, info):
+        copied.append(name)
+        return real_copy(self, name, info)
+
+    monkeypatch.setattr(Checkpoint, "read", spy_read)
+    monkeypatch.setattr(writer_mod.ShardWriter, "copy_from", spy_copy)
+    out = tmp_path / "out"
+    run_cli("merge", LLAMA, FIXTURES / "llama-lora", "-o", out)
+    monkeypatch.undo()
+    base = dict(Checkpoint(LLAMA).iter_tensors())
+    merged = dict(Checkpoint(out).iter_tensors())
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and set(read) == changed, (sorted(set(read) - changed), sorted(changed - set(read)))
+    assert set(copied) == set(base) - changed
+
+
+# -- quantize: tensors transformers would drop are copied; bits per parameter (docs/quantize.md) ----------------
+
+def test_quantize_copies_a_tensor_transformers_would_drop(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loratools.io import Checkpoint
+
+    dtype = getattr(torch, json.loads((LLAMA / "config.json").read_text())["dtype"])
+    extra = torch.randn(3, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+    base = tmp_path / "base"
+    shutil.copytree(LLAMA, base)
+    shard = sorted(base.glob("*.safetensors"))[-1]
+    save_file({**load_file(shard), "extra.unused": extra}, shard, metadata={"format": "pt"})
+    index = base / "model.safetensors.index.json"
+    if index.exists():
+        idx = json.loads(index.read_text())
+        idx["weight_map"]["extra.unused"] = shard.name
+        index.write_text(json.dumps(idx))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, info = AutoModelForCausalLM.from_pretrained(base, output_loading_info=True)
+    assert "extra.unused" in info["unexpected_keys"]  # transformers drops it
+    run_cli("quantize", base, "-o", tmp_path / "q", "--nf4")
+    assert torch.equal(Checkpoint(tmp_path / "q").read("extra.unused"), extra)
+
+
+def test_bits_per_quantized_parameter_is_4_127_plus_the_maps(tmp_path):
+    """NF4, double quant, blocksize 64: 4 bits per code + an 8-bit absmax per 64 + a float32 absmax per
+    256 blocks = 4.127 bits; the rest of each tensor's bytes are its maps and quant_state JSON, whose size does
+    not grow with the tensor. The report's bits are the written bytes."""
+    res = run_cli("quantize", LLAMA, "-o", tmp_path / "q", "--nf4", "--json")
+    report = json.loads(res.stdout)
+    f = safe_open(tmp_path / "q" / "model.safetensors", "pt")
+    sizes = {}
+    for k in f.keys():
+        s = f.get_slice(k)
+        sizes[k] = int(torch.tensor(s.get_shape()).prod()) * {"U8": 1, "F32": 4, "F16": 2, "BF16": 2}[s.get_dtype()]
+    assert round(4 + 8 / 64 + 32 / (64 * 256), 3) == 4.127
+    rows = report["tensors"]
+    assert rows and report["double_quant"] and report["blocksize"] == 64
+    for row in rows:
+        n, name = row["parameters"], row["name"]
+        blocks = -(-n // 64)
+        data = {name: -(-n // 2), f"{name}.absmax": blocks, f"{name}.nested_absmax": 4 * -(-blocks // 256)}
+        maps = {f"{name}.quant_map": 16 * 4, f"{name}.nested_quant_map": 256 * 4}
+        for k, b in {**data, **maps}.items():
+            assert sizes[k] == b, (k, sizes[k], b)
+        state = [k for k in sizes if k.startswith(f"{name}.quant_state.")]
+        assert len(state) == 1 and sizes[state[0]] < 512
+        assert row["bytes_after"] == sum(data.values()) + sum(maps.values()) + sizes[state[0]]
+        assert row["bits_per_parameter"] == row["bytes_after"] * 8 / n
