@@ -216,3 +216,102 @@ def test_bits_per_quantized_parameter_is_4_127_plus_the_maps(tmp_path):
         assert len(state) == 1 and sizes[state[0]] < 512
         assert row["bytes_after"] == sum(data.values()) + sum(maps.values()) + sizes[state[0]]
         assert row["bits_per_parameter"] == row["bytes_after"] * 8 / n
+
+
+# -- combine (docs/combine.md): abstention, refusals, target_modules, factor dtype -----------------------------
+
+def _adapter(src: Path, dst: Path, tensors=None, config=None) -> Path:
+    """A copy of adapter `src` with its tensors and/or config edited."""
+    shutil.copytree(src, dst)
+    if tensors:
+        sd = tensors(load_file(dst / "adapter_model.safetensors"))
+        save_file(sd, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(json.dumps(config(cfg) or cfg))
+    return dst
+
+
+def _deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """module -> B·A in float64 (combine writes scale 1: lora_alpha = r for every module)."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["lora_alpha"] == cfg["r"] and cfg["alpha_pattern"] == cfg["rank_pattern"] and not cfg["use_rslora"]
+    sd = load_file(adapter / "adapter_model.safetensors")
+    return {k.removesuffix(".lora_A.weight"): sd[k.replace("lora_A", "lora_B")].double() @ sd[k].double()
+            for k in sd if k.endswith(".lora_A.weight")}
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "magnitude_prune"])
+def test_a_module_missing_from_an_adapter_abstains(tmp_path, method):
+    """llama-lora adapts no MLP module, llama-rslora does: combining them equals combining llama-rslora with a
+    llama-lora that adapts the MLP modules by a zero delta (lora_B = 0), for the sign election too."""
+    mlp = sorted({k.removesuffix(".lora_A.weight") for k in load_file(FIXTURES / "llama-rslora" /
+                  "adapter_model.safetensors") if ".mlp." in k and k.endswith("lora_A.weight")})
+    assert mlp
+
+    def add_zero_mlp(sd):
+        for m in mlp:
+            sd[f"{m}.lora_A.weight"] = torch.randn(8, 64 if "down_proj" not in m else 128)
+            sd[f"{m}.lora_B.weight"] = torch.zeros(128 if "down_proj" not in m else 64, 8)
+        return sd
+
+    zero = _adapter(FIXTURES / "llama-lora", tmp_path / "zero", add_zero_mlp,
+                    lambda c: {**c, "target_modules": c["target_modules"] + ["down_proj", "gate_proj", "up_proj"]})
+    extra = ["--density", "0.5"] if method != "linear" else []
+    outs = []
+    for i, first in enumerate((FIXTURES / "llama-lora", zero)):
+        out = tmp_path / f"out{i}"
+        run_cli("combine", first, FIXTURES / "llama-rslora", "-o", out, "--method", method,
+                "--weight", "0.7", "--weight", "1.3", "--rank", "12", *extra)
+        outs.append(_deltas(out))
+    assert outs[0].keys() == outs[1].keys() and set(mlp) <= outs[0].keys()
+    for m in outs[0]:  # linear truncates a longer (zero-padded) factor stack: equal up to float32 SVD rounding
+        assert float((outs[1][m] - outs[0][m]).norm() / outs[0][m].norm()) < 1e-5, m
+
+
+def test_differing_layer_replication_is_refused(tmp_path):
+    rep = _adapter(FIXTURES / "llama-lora", tmp_path / "rep", config=lambda c: {**c, "layer_replication": [[0, 2]]})
+    out = tmp_path / "out"
+    r = run_cli("combine", rep, FIXTURES / "llama-rslora", "-o", out, "--method", "linear", expect=1)
+    line = r.stderr.strip()
+    assert "\n" not in line and line.startswith("error:") and "layer_replication" in line and not out.exists()
+
+
+def test_lora_bias_next_to_an_embedding_lora_is_refused(tmp_path):
+    def with_bias(sd):
+        for k in [k for k in sd if k.endswith("lora_B.weight")]:
+            sd[k.replace(".weight", ".bias")] = torch.randn(sd[k].shape[0])
+        return sd
+
+    biased = _adapter(FIXTURES / "llama-lora", tmp_path / "bias", with_bias, lambda c: {**c, "lora_bias": True})
+    run_cli("combine", biased, FIXTURES / "llama-rslora", "-o", tmp_path / "fine", "--method", "cat")  # bias alone: fine
+    out = tmp_path / "out"
+    r = run_cli("combine", biased, FIXTURES / "llama-embed", "-o", out, "--method", "cat", expect=1)
+    line = r.stderr.strip()
+    assert "\n" not in line and "lora_bias" in line and "embed" in line and not out.exists(), line
+
+
+def test_target_modules_is_the_union_or_the_full_names(tmp_path):
+    out = tmp_path / "union"
+    run_cli("combine", FIXTURES / "llama-lora", FIXTURES / "llama-patterns", "-o", out, "--method", "cat")
+    names = lambda a: set(json.loads((a / "adapter_config.json").read_text())["target_modules"])  # noqa: E731
+    assert names(out) == names(FIXTURES / "llama-lora") | names(FIXTURES / "llama-patterns")
+    regex = _adapter(FIXTURES / "llama-lora", tmp_path / "regex",
+                     config=lambda c: {**c, "target_modules": r".*\.(q_proj|k_proj|v_proj|o_proj)"})
+    out = tmp_path / "full"
+    run_cli("combine", regex, FIXTURES / "llama-patterns", "-o", out, "--method", "cat")
+    adapted = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+               for k in load_file(out / "adapter_model.safetensors") if k.endswith("lora_A.weight")}
+    assert names(out) == adapted
+
+
+def test_factors_are_written_in_the_inputs_common_dtype(tmp_path):
+    def to_bf16(sd):
+        return {k: v.to(torch.bfloat16) for k, v in sd.items()}
+
+    a = _adapter(FIXTURES / "llama-lora", tmp_path / "a", to_bf16)
+    b = _adapter(FIXTURES / "llama-rslora", tmp_path / "b", to_bf16)
+    for inputs, want in (((a, b), torch.bfloat16), ((a, FIXTURES / "llama-rslora"), torch.float32)):
+        out = tmp_path / f"out-{want}"
+        run_cli("combine", *inputs, "-o", out, "--method", "linear")
+        assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {want}
