@@ -19,7 +19,7 @@ from .task_types import adapter_task_type
 from .device import resolve_device
 from .dtypes import FLOAT_DTYPES
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
-from .expert_extract import ExpertDelta, lowrank_experts
+from .expert_extract import ExpertParam, Pairs
 from .hf_layout import meta_model
 from .key_layout import KeyLayout, Part, checkpoint_layout
 from .io import Checkpoint, check_output_path, provenance
@@ -462,25 +462,45 @@ def _difference(base_ck: Checkpoint, tuned_ck: Checkpoint, layout: "CheckpointRo
     found = _Difference()
     roles = layout.roles
     planned_modules = {r.module for r in selection.targets.values()}
-    experts = _expert_deltas(layout, selection)
+    experts = _expert_params(layout, selection, rule, alpha=alpha, svd=svd, out_dtype=out_dtype, dev=dev)
+    consumed: set[str] = set()  # stored expert slices already read with their expert
+
+    def pairs_of(param: ExpertParam, e: int, held: dict) -> Pairs:
+        """The stored tensors holding expert e: from `held` (a whole stored parameter), else read now."""
+        return [(p, *(held.get(p.stored) or (base_ck.read(p.stored), tuned_ck.read(p.stored))))
+                for p in param.parts_of(e)]
+
     try:
-        for key, b in base_ck.iter_tensors():
-            t = tuned_ck.read(key)
-            if on_tensor:
-                on_tensor(key)
+        for key in base_ck.keys():  # on-disk order, as iter_tensors
+            if key in consumed:
+                continue
             role = roles[key]
             if role.kind == "experts" and key in selection.targets:
-                acc = experts[role.param_name]
-                acc.tuned_bytes += tuned_ck.info(key).nbytes
-                found.identical += bool(torch.equal(b.float(), t.float()))
-                if acc.add(role.part, b, t, dev) and acc.changed:
-                    made = lowrank_experts(acc, rule, alpha=alpha, method=svd, out_dtype=out_dtype, seed=SEED)
-                    found.modules[acc.name] = made.module
-                    found.tuned_bytes += acc.tuned_bytes
-                    found.rows.append(made.row)
-                if acc.seen == acc.slices:
-                    acc.delta = None
+                # one expert at a time (expert_extract.py): read every stored slice of the experts this one holds
+                param = experts[role.param_name]
+                held = {key: (base_ck.read(key), tuned_ck.read(key))} if role.part.whole else {}
+                for e in ([role.part.expert] if not role.part.whole else range(param.experts)):
+                    pairs = pairs_of(param, e, held)
+                    for p, b, t in pairs:
+                        if p.stored not in consumed:
+                            consumed.add(p.stored)
+                            if on_tensor:
+                                on_tensor(p.stored)
+                            found.identical += _same(b, t)
+                            param.tuned_bytes += tuned_ck.info(p.stored).nbytes
+                    param.add(e, pairs)
+                    del pairs
+                if param.read_all:
+                    made = param.finish(lambda e: pairs_of(param, e, held))
+                    if made is not None:
+                        found.modules[param.name], row = made
+                        found.tuned_bytes += param.tuned_bytes
+                        found.rows.append(row)
+                del held
                 continue
+            b, t = base_ck.read(key), tuned_ck.read(key)
+            if on_tensor:
+                on_tensor(key)
             if torch.equal(b, t) if b.dtype == t.dtype else torch.equal(b.float(), t.float()):
                 found.identical += 1
                 continue
@@ -508,17 +528,25 @@ def _difference(base_ck: Checkpoint, tuned_ck: Checkpoint, layout: "CheckpointRo
     return found
 
 
-def _expert_deltas(layout: "CheckpointRoles", selection: "TargetSelection") -> dict[str, ExpertDelta]:
-    """One gatherer per targeted fused expert parameter (expert_extract.py)."""
+def _expert_params(layout: "CheckpointRoles", selection: "TargetSelection", rule: RankRule, *, alpha, svd: str,
+                   out_dtype: torch.dtype, dev) -> dict[str, ExpertParam]:
+    """One per targeted fused expert parameter (expert_extract.py)."""
     keys = layout.keys
-    out: dict[str, ExpertDelta] = {}
-    for key, r in selection.targets.items():
-        if r.kind == "experts":
+    out: dict[str, ExpertParam] = {}
+    for r in selection.targets.values():
+        if r.kind == "experts" and r.param_name not in out:
             name = r.param_name
-            if name not in out:
-                slices = sum(1 for p in keys.parts.values() if p.param == name)
-                out[name] = ExpertDelta(name, keys.shapes[name], name in keys.transposed, slices)
+            out[name] = ExpertParam(name, keys.shapes[name], name in keys.transposed, keys.params[name], rule,
+                                    alpha, svd, out_dtype, SEED, dev)
     return out
+
+
+def _same(b: torch.Tensor, t: torch.Tensor) -> bool:
+    """BASE and TUNED hold the same values (a 3-D stored tensor compared one expert at a time in float32)."""
+    if b.dtype == t.dtype:
+        return torch.equal(b, t)
+    return all(torch.equal(x.float(), y.float()) for x, y in zip(b, t)) if b.dim() == 3 else \
+        torch.equal(b.float(), t.float())
 
 
 # Note: tensors LoRA cannot carry.

@@ -282,3 +282,55 @@ def test_adapter_named_after_the_stored_layout_merges_as_peft_loads_it(cases, tm
     assert sum(not torch.equal(ref[k], v) for k, v in _tensors(case.base).items()) == 2 * (4 * 3 + 1)
     for k in ref:
         assert torch.equal(ours[k], ref[k]), k
+
+
+def test_extract_holds_one_expert_at_a_time(cases, tmp_path):
+    """extract never forms a fused expert parameter's float32 delta: the largest float32 tensor any torch op
+    makes while it runs is one expert's gate_up delta ([2I, H]), not the parameter's [E, 2I, H]. Streamed one
+    expert at a time, the factors are bit-equal to truncating each expert of the whole delta at the parameter's
+    one rank (lowrank.truncate_experts), here with --energy where the experts' own ranks differ (so some are
+    read again at the end)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from safetensors.torch import load_file
+
+    from loratools.adapter import load_adapter
+    from loratools.extract import extract_checkpoint
+    from loratools.lora_math import pack_expert_factors
+    from loratools.lowrank import truncate, truncate_experts
+
+    case = cases("mixtral")
+    tuned, out = _tuned(case, tmp_path), tmp_path / "extracted"
+    largest = [0]
+
+    class LargestFloat32(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in tree_leaves(result):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type != "meta":
+                    largest[0] = max(largest[0], t.numel())
+            return result
+
+    with LargestFloat32():
+        extract_checkpoint(case.base, tuned, out, energy=0.7)
+    cfg = _config("mixtral")
+    E, one = cfg.num_local_experts, 2 * cfg.intermediate_size * cfg.hidden_size
+    # one expert's delta, or a packed factor being written (B is [2I, R·E], large here only because R is near H)
+    factors = max(t.numel() for t in load_file(out / "adapter_model.safetensors").values())
+    assert one <= largest[0] <= max(one, factors) < E * one, (largest[0], one, factors)
+
+    base, want = case.load(case.base).state_dict(), case.load(tuned).state_dict()
+    experts = {n: m for n, m in load_adapter(out).modules.items() if m.kind == "experts"}
+    assert len(experts) == 2 * cfg.num_hidden_layers
+    reread = False
+    for name, m in experts.items():
+        D = want[name] - base[name]
+        own = [truncate(D[e], energy=0.7).rank for e in range(E)]
+        tr = truncate_experts(lambda e, c: truncate(D[e], **{k: v for k, v in c.items() if v is not None}),
+                              E, {"energy": 0.7, "rank": None, "sv_ratio": None, "max_rank": None})
+        assert m.r == max(own) == tr.rank
+        A, B = pack_expert_factors(*reversed(tr.factors(1.0)))  # alpha = r: scale 1
+        assert torch.equal(m.A, A) and torch.equal(m.B, B), name
+        reread |= len(set(own)) > 1
+    assert reread  # some expert's own rank was below its parameter's
