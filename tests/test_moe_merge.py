@@ -30,6 +30,9 @@ def _config(family: str):
                 num_key_value_heads=2, vocab_size=64, eos_token_id=1, pad_token_id=0, bos_token_id=2)
     if family == "mixtral":
         return AutoConfig.for_model("mixtral", num_local_experts=4, num_experts_per_tok=2, **text)
+    if family == "gpt_oss":  # experts stored fused and transposed, [E, in, out]; attention with its own sinks
+        return AutoConfig.for_model("gpt_oss", num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                                    layer_types=["sliding_attention", "full_attention"], sliding_window=8, **text)
     vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                   num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16)
     return LlavaConfig(text_config=dict(model_type="llama", **text), vision_config=vision, image_token_index=63)
@@ -38,7 +41,8 @@ def _config(family: str):
 def _model_class(family: str):
     import transformers
 
-    return transformers.MixtralForCausalLM if family == "mixtral" else transformers.LlavaForConditionalGeneration
+    return {"mixtral": transformers.MixtralForCausalLM, "gpt_oss": transformers.GptOssForCausalLM,
+            "llava": transformers.LlavaForConditionalGeneration}[family]
 
 
 class Case:
@@ -201,14 +205,14 @@ def test_merge_into_4bit_equals_peft_on_dequantized(cases, tmp_path, family):
 
 # -- extract --------------------------------------------------------------------------------------------
 
-def _tuned(case: Case, root):
-    """A full fine-tune of the base: every weight moved (experts, router, attention, vision tower), saved by
-    transformers in the original layout."""
+def _tuned(case: Case, root, every: bool = False):
+    """A full fine-tune of the base: every weight moved (experts, router, attention, vision tower; with `every`
+    also norms, biases and GPT-OSS's attention sinks), saved by transformers in the original layout."""
     model = case.load(case.base)
     torch.manual_seed(5)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if p.dim() >= 2 and "embed" not in n and "lm_head" not in n:
+            if (every or p.dim() >= 2) and "embed" not in n and "lm_head" not in n:
                 p.add_(torch.randn_like(p) * 0.05)
     path = root / "tuned"
     model.to(DTYPE).save_pretrained(path)
@@ -334,3 +338,48 @@ def test_extract_holds_one_expert_at_a_time(cases, tmp_path):
         assert torch.equal(m.A, A) and torch.equal(m.B, B), name
         reread |= len(set(own)) > 1
     assert reread  # some expert's own rank was below its parameter's
+
+
+def test_extract_gpt_oss_loads_in_peft_and_acts_as_the_fine_tune(cases, tmp_path):
+    """GPT-OSS stores its experts fused and transposed ([E, in, out]) and its attention holds its own `sinks`
+    beside q_proj...: with --modules-to-save, extract writes target_parameters for the experts and the router,
+    carries the changed norms whole, and lists (does not save whole) what LoRA cannot carry: the attention's
+    sinks (saving self_attn whole would replace its LoRA-targeted projections) and the biases. PEFT loads it
+    (its saved view equals the file), and the model it builds is TUNED's except exactly the listed tensors,
+    which stay BASE's."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    case = cases("gpt_oss")
+    c = _config("gpt_oss")  # stored [E, in, out]: gate_up_proj [E, H, 2I]
+    assert tuple(Checkpoint(case.base).info("model.layers.0.mlp.experts.gate_up_proj").shape) == \
+        (c.num_local_experts, c.hidden_size, 2 * c.intermediate_size)
+    tuned, out = _tuned(case, tmp_path, every=True), tmp_path / "extracted"
+    doc = json.loads(run_cli("extract", case.base, tuned, "-o", out, "--rank", "32", "--modules-to-save",
+                             "--json").stdout)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    saved = load_file(out / "adapter_model.safetensors")
+    assert {p.rsplit(".", 1)[-1] for p in cfg["target_parameters"]} == {"gate_up_proj", "down_proj", "weight"}
+    assert all(p.endswith("mlp.router.weight") for p in cfg["target_parameters"] if p.endswith(".weight"))
+    listed = {n["name"]: n["reason"] for n in doc["not_carried"]}
+    sinks = [k for k in listed if k.endswith("self_attn.sinks")]
+    assert len(sinks) == 2 and all("holds LoRA-targeted modules" in listed[k] for k in sinks), listed
+    assert cfg["modules_to_save"] and not any("self_attn" in m or "mlp" in m for m in cfg["modules_to_save"])
+    gu = {r["name"]: r for r in doc["modules"]}["model.layers.0.mlp.experts.gate_up_proj"]
+    assert gu["experts"] == 4 and gu["rel_error"] < 1e-5  # full rank
+
+    pm = PeftModel.from_pretrained(case.load(case.base), out).eval()
+    view = get_peft_model_state_dict(pm)
+    assert set(view) == set(saved) and all(torch.equal(view[k], saved[k]) for k in saved)
+    base, want = case.load(case.base).state_dict(), case.load(tuned).state_dict()
+    for k in listed:
+        assert not torch.equal(want[k], base[k]), k  # listed because it changed
+        want[k] = base[k]
+    with torch.no_grad():
+        expected = case.load(case.base)
+        expected.load_state_dict(want)
+        torch.testing.assert_close(pm(input_ids=TOKENS).logits, expected.eval()(input_ids=TOKENS).logits,
+                                   atol=1e-4, rtol=1e-4)
+    merged = pm.merge_and_unload().state_dict()
+    for k, w in want.items():
+        torch.testing.assert_close(merged[k], w, atol=2e-5, rtol=0, msg=k)
