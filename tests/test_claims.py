@@ -315,3 +315,94 @@ def test_factors_are_written_in_the_inputs_common_dtype(tmp_path):
         out = tmp_path / f"out-{want}"
         run_cli("combine", *inputs, "-o", out, "--method", "linear")
         assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {want}
+
+
+# -- README: --help examples, no trust_remote_code, the JSON error types ---------------------------------------
+
+def _examples(help_text: str) -> list[list[str]]:
+    import shlex
+
+    lines = help_text.split("Example", 1)[1].split("\nOptions:", 1)[0].splitlines()[1:]
+    joined, cur = [], ""
+    for line in lines:
+        cur += " " + line.strip().rstrip("\\")
+        if not line.rstrip().endswith("\\"):
+            joined.append(cur.strip())
+            cur = ""
+    return [shlex.split(j) for j in joined if j]
+
+
+def test_every_command_help_gives_examples_that_parse(monkeypatch):
+    """README: `loratools COMMAND --help` gives every option with an example. Each example names real
+    options of its command and fixtures that exist; those whose inputs are all fixtures parse as given."""
+    from loratools.cli import cli
+
+    monkeypatch.chdir(FIXTURES.parent)
+    assert len(cli.commands) >= 10
+    for name, cmd in cli.commands.items():
+        text = run_cli(name, "--help").stdout
+        examples = _examples(text)
+        assert any(e[:2] == ["loratools", name] for e in examples), (name, examples)
+        for e in examples:
+            assert e[0] == "loratools" and e[1] in cli.commands, e
+            sub = cli.commands[e[1]]
+            opts = {o for p in sub.params for o in (*p.opts, *p.secondary_opts)}
+            assert all(t in opts for t in e[2:] if t.startswith("-") and not t[1:2].isdigit()), (e, opts)
+            paths = [t for t in e[2:] if not t.startswith("-") and "/" in t]
+            assert all(Path(t).exists() for t in paths if t.startswith("fixtures/")), e
+            if all(t.startswith(("fixtures/", "/tmp/")) for t in paths) and not any(
+                    Path(t).exists() is False and not e[e.index(t) - 1].startswith("-") for t in paths
+                    if t.startswith("/tmp/")):
+                sub.make_context(e[1], e[2:])  # options, counts, choices and input paths as click checks them
+
+
+def test_no_code_from_a_checkpoint_runs(tmp_path):
+    """README: no `trust_remote_code`. A checkpoint whose config.json points at custom code (auto_map) that
+    would leave a marker when imported: every command that reads config.json runs without importing it."""
+    base = tmp_path / "remote"
+    shutil.copytree(LLAMA, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                       "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (base / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "ran"
+    for mod in ("configuration_evil", "modeling_evil"):
+        (base / f"{mod}.py").write_text(f"open({str(marker)!r}, 'w').write('{mod}')\n")
+    runs = [("inspect", base), ("validate", base, FIXTURES / "llama-lora"),
+            ("merge", base, FIXTURES / "llama-lora", "-o", tmp_path / "m"),
+            ("quantize", base, "-o", tmp_path / "q"),
+            ("extract", base, FIXTURES / "tiny-llama-tuned", "-o", tmp_path / "e", "--rank", "2")]
+    for argv in runs:
+        r = run_cli(*argv, expect=None)
+        assert r.exit_code in (0, 1) and "Traceback" not in r.stderr, (argv, r.stderr)
+    assert not marker.exists(), marker.read_text()
+
+
+def test_every_documented_error_type_is_produced_and_no_other(monkeypatch, tmp_path):
+    """README: the JSON error `type` is one of the listed values: the LoratoolsError kinds, and those of the
+    command line's own failures (OSError, MemoryError, a bug, Ctrl-C), each produced here. click turns Ctrl-C
+    (KeyboardInterrupt) into its Abort before loratools sees it: `aborted`, exit 1."""
+    import re
+
+    import loratools.inspect as inspect_mod
+    from loratools import errors
+
+    text = (FIXTURES.parent / "README.md").read_text()
+    listed = set(re.findall(r"`(\w+)`", text.split("`type` is one of", 1)[1].split("\n\n", 1)[0]))
+
+    def kinds(c):
+        return {c.kind} | {k for s in c.__subclasses__() for k in kinds(s)}
+
+    produced = kinds(errors.LoratoolsError) - {"error"}  # the base class is never raised
+    codes = {}
+    for exc in (OSError(5, "I/O error"), MemoryError(), RuntimeError("bug"), KeyboardInterrupt()):
+        def boom(*a, _e=exc, **k):
+            raise _e
+        monkeypatch.setattr(inspect_mod, "inspect_path", boom)
+        r = run_cli("inspect", LLAMA, "--json", expect=None)
+        err = json.loads(r.stdout)["error"]
+        assert err["exit_code"] == r.exit_code and "Traceback" not in r.stderr
+        produced.add(err["type"])
+        codes[err["type"]] = r.exit_code
+    assert codes == {"os": 1, "memory": 1, "internal": 1, "aborted": 1}
+    assert listed == produced, (sorted(listed - produced), sorted(produced - listed))
