@@ -22,7 +22,7 @@ from test_merge import round_trip_stats
 from zoo import FAMILIES, Zoo, auto_class, quiet, tokens
 
 ALL = list(FAMILIES)
-DORA = [f for f in ALL if FAMILIES[f].dora]
+DORA = ALL  # a family without DoRA says why in its not_run
 
 
 @pytest.fixture(scope="session")
@@ -54,14 +54,19 @@ def merged(outputs, case, adapter):
 
 
 def peft_layers(pm) -> dict[str, tuple]:
-    """PEFT's LoRA layers by module name: (r, alpha, scaling, use_dora) of adapter `a0`."""
+    """PEFT's LoRA layers by module name: (r, alpha, scaling, use_dora, experts) of adapter `a0`. A
+    target_parameters layer (ParamWrapper, nested one per parameter) is named `<module>.<parameter>`, its
+    experts counted; a module's own LoRA has 1."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
 
     out = {}
     for n, mod in pm.named_modules():
         if isinstance(mod, LoraLayer) and "a0" in mod.r:
-            out[n.removeprefix("base_model.model.")] = (mod.r["a0"], mod.lora_alpha["a0"], mod.scaling["a0"],
-                                                       bool(mod.use_dora["a0"]))
+            name, experts = n.removeprefix("base_model.model."), 1
+            if isinstance(mod, ParamWrapper):
+                name, experts = f"{name.replace('.base_layer', '')}.{mod.parameter_name}", mod.num_experts
+            out[name] = (mod.r["a0"], mod.lora_alpha["a0"], mod.scaling["a0"], bool(mod.use_dora["a0"]), experts)
     return out
 
 
@@ -124,9 +129,9 @@ def check_inspect(case, adapter, dora: bool):
     ours = {m["name"]: m for m in doc["modules"]}
     theirs = peft_layers(case.peft([adapter])[0])
     assert ours.keys() == theirs.keys(), sorted(ours.keys() ^ theirs.keys())
-    for name, (r, alpha, scaling, use_dora) in theirs.items():
+    for name, (r, alpha, scaling, use_dora, experts) in theirs.items():
         m = ours[name]
-        assert (m["r"], m["alpha"], bool(m["dora"])) == (r, alpha, use_dora), name
+        assert (m["r"], m["alpha"], bool(m["dora"]), m["experts"]) == (r, alpha, use_dora, experts), name
         assert m["scale"] == pytest.approx(scaling, rel=1e-12), name
         assert use_dora == dora
     return len(ours)
@@ -141,8 +146,16 @@ def test_inspect(zoo, family, record_property):
     doc = json.loads(run_cli("inspect", case.base, "--json").stdout)
     model = case.load_base()
     assert (doc["architecture"], doc["model_type"]) == (type(model).__name__, model.config.model_type)
-    assert doc["parameters"] == model.num_parameters()  # tied weights stored and counted once
-    record_property("note", f"{n} LoRA modules")
+    # tied weights stored and counted once; a persistent buffer stored with them (BART's final_logits_bias) too
+    from loratools.io import Checkpoint
+
+    stored = set(Checkpoint(case.base).keys())
+    buffers = sum(b.numel() for n, b in model.named_buffers() if n in stored)
+    assert doc["parameters"] == model.num_parameters() + buffers
+    experts = [m for m in json.loads(run_cli("inspect", case.adapter, "--json").stdout)["modules"]
+               if m["kind"] == "experts"]
+    record_property("note", f"{n} LoRA modules" + (f" ({len(experts)} on {experts[0]['experts']} experts each)"
+                                                  if experts else ""))
 
 
 # -- merge ---------------------------------------------------------------------------------------------------
@@ -166,7 +179,7 @@ def test_merge(zoo, outputs, family, record_property):
     want = case.peft_logits([case.adapter])
     base = case.logits(case.load_base(torch.float32))
     err, effect = float((case.logits(ours) - want).abs().max()), float((base - want).abs().max())
-    assert effect > 0.05 * float(want.abs().max())  # the adapter moves the logits: the check can fail
+    assert effect > 0.03 * float(want.abs().max())  # the adapter moves the logits: the check can fail
     assert err <= 0.02 * effect, (err, effect)
     record_property("note", f"{total} elements bit-identical; max |Δlogit| vs unmerged PEFT {err:.1e} "
                             f"(adapter moves them {effect:.2f})")
@@ -201,14 +214,18 @@ def test_validate(zoo, outputs, family, tmp_path, record_property):
     opts = ("--batch", "2", "--seq-len", "12")
     run_cli("validate", case.base, case.adapter, "--merged", out, *opts)
     # one module's ΔW scaled 1.5x: failed, and that tensor named
-    module = sorted(json.loads(run_cli("inspect", case.adapter, "--json").stdout)["modules"],
-                    key=lambda m: m["name"])[0]["name"]
-    key = f"{module}.weight"
+    from loratools.io import Checkpoint
+    from loratools.key_layout import checkpoint_layout
+
+    # the first module LoRA'd as a Linear (an expert tensor is not one stored tensor in every layout), under
+    # the name the checkpoint stores it by (LLaVA: language_model.model.*)
+    module = sorted(m["name"] for m in json.loads(run_cli("inspect", case.adapter, "--json").stdout)["modules"]
+                    if m["kind"] == "linear" and not m["name"].endswith(".weight"))[0]
+    key = checkpoint_layout(Checkpoint(case.base)).stored_name(f"{module}.weight")
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     [shard] = [p for p in bad.glob("*.safetensors")]
     tensors = load_file(shard)
-    from loratools.io import Checkpoint
 
     w = Checkpoint(case.base).read(key).float()
     tensors[key] = (w + 1.5 * (tensors[key].float() - w)).to(tensors[key].dtype)
@@ -300,7 +317,12 @@ def test_extract(zoo, outputs, family, record_property):
     FAMILIES[family].skip("extract")
     case = zoo.get(family)
     tuned = merged(outputs, case, case.adapter)
-    ex = outputs(case, "extract", case.base, tuned, extra=("--rank", "4"))
+    # at the adapter's largest rank (PEFT gives a MoE's fused gate_up_proj 2r); a head the adapter saved whole
+    # (modules_to_save) is carried whole, as its user would ask
+    doc = json.loads(run_cli("inspect", case.adapter, "--json").stdout)
+    rank = max(m["r"] for m in doc["modules"])
+    ex = outputs(case, "extract", case.base, tuned,
+                 extra=("--rank", rank, *(("--modules-to-save",) if doc["modules_to_save"] else ())))
     cfg = json.loads((ex / "adapter_config.json").read_text())
     pm, names = case.peft([ex])
     assert_loads_as_saved(pm, ex)
@@ -311,8 +333,17 @@ def test_extract(zoo, outputs, family, record_property):
     err = float((got - tuned_logits).abs().max())
     effect = float((case.logits(case.load_base(torch.float32)) - tuned_logits).abs().max())
     assert err <= max(2 * err_orig, 1e-3 * effect), (err, err_orig, effect)
-    assert cfg["task_type"] == case.family.task_type
-    record_property("note", f"max |Δlogit| vs tuned {err:.1e} (the adapter itself: {err_orig:.1e})")
+    note = f"max |Δlogit| vs tuned {err:.1e} (the adapter itself: {err_orig:.1e})"
+    heads = [m for m in json.loads(run_cli("inspect", ex, "--json").stdout)["modules"]
+             if m["name"].rsplit(".", 1)[-1] in ("classifier", "score")]
+    if heads and case.family.task_type == "SEQ_CLS":
+        # the fine-tuned head changed, so extract gives it a LoRA; PEFT's SEQ_CLS class would replace it by a
+        # copy saved whole and refuse that LoRA: task_type null, the plain PeftModel (task_types.py)
+        assert cfg["task_type"] is None, cfg["task_type"]
+        note += f"; task_type null: the head {heads[0]['name']} carries a LoRA, which PEFT's SEQ_CLS class refuses"
+    else:
+        assert cfg["task_type"] == case.family.task_type
+    record_property("note", note)
 
 
 # -- combine -------------------------------------------------------------------------------------------------
@@ -342,6 +373,9 @@ def test_dora(zoo, outputs, family, record_property):
     case = zoo.get(family)
     check_inspect(case, case.dora, dora=True)
     _, _, total = check_merge(zoo, outputs, family, "dora")
+    if "unmerge" in case.family.not_run:
+        record_property("note", f"{total} elements bit-identical; no round trip: {case.family.not_run['unmerge']}")
+        return
     s = check_round_trip(outputs, case, case.dora)
     record_property("note", f"{total} elements bit-identical; round trip {s['exact'] / s['total']:.0%} bit-exact")
 

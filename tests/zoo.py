@@ -10,10 +10,11 @@ holds the saved paths and computes PEFT's references lazily (each at most once p
     alpha_pattern on one module kind each), for inspect and combine;
   - `dora`: the same with use_dora=True, where the family's row says PEFT allows it.
 
-Other families (MoE, encoders, seq2seq, vision-language) are added as rows: a new `model_class` or extra
-config fields need nothing else here; a family that needs its own PEFT arguments sets `lora_kwargs`, a
-seq2seq one `seq2seq=True`, and a command the zoo cannot run on it goes in `not_run` with the reason (the
-test skips with it and docs/architectures.md shows it).
+Other families (MoE, encoders, seq2seq, vision-language) are rows too: a new `model_class` or extra
+config fields need nothing else here; a composite config's `text_config` takes the tiny shape; a family that
+needs its own PEFT arguments sets `lora_kwargs`, a seq2seq one `seq2seq=True`, one with image/video token ids
+`tokens_below`, and a command the zoo cannot run on it goes in `not_run` with the reason (the test skips with
+it and docs/architectures.md shows it; a family without DoRA must say why there).
 
 `python tests/zoo.py` regenerates docs/architectures.md from a run of tests/test_zoo.py (see `main`).
 """
@@ -41,7 +42,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-BUILD_VERSION = 1  # bump when Case._build changes what it writes (cached builds are keyed by it)
+BUILD_VERSION = 2  # bump when Case._build changes what it writes (cached builds are keyed by it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,10 @@ class Family:
     lora_kwargs: dict = dataclasses.field(default_factory=dict)
     seq2seq: bool = False         # forward passes also get decoder_input_ids
     not_run: dict = dataclasses.field(default_factory=dict)  # command -> why the zoo does not run it here
+    tokens_below: int | None = None  # input ids stay below this (ids above are image/video tokens)
+
+    def __post_init__(self):
+        assert self.dora or "dora" in self.not_run, f"{self.model_type}: say in not_run why there is no DoRA"
 
     def skip(self, command: str):
         """pytest.skip with the row's reason where the zoo does not run `command` on this family."""
@@ -68,11 +73,21 @@ class Family:
     def make_config(self):
         from transformers import AutoConfig
 
-        fields = {k: v for k, v in {**TINY, **self.config}.items() if v is not None}
+        def clean(d):
+            return {k: v for k, v in d.items() if v is not None}
+
+        if "text_config" in self.config:  # composite (vision-language): the tiny shape is the text model's
+            fields = {**clean(self.config), "text_config": clean({**TINY, **self.config["text_config"]})}
+        else:
+            fields = clean({**TINY, **self.config})
         return AutoConfig.for_model(self.model_type, **fields)
 
 
 _NO_GQA = dict(num_key_value_heads=None)
+_NO_MOE_DORA = "PEFT 0.21 builds no DoRA on target_parameters (the experts, the router)"
+_ENC = dict(num_key_value_heads=None, bos_token_id=None, eos_token_id=None)  # pad 0, vocab 96, 2 layers of 64
+_SEQ = dict(hidden_size=None, intermediate_size=None, num_hidden_layers=None, num_attention_heads=None,
+            num_key_value_heads=None, max_position_embeddings=None, bos_token_id=None)
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", {}, needs="nothing (the reference layout)"),
     "mistral": Family("mistral", dict(sliding_window=16), dtype=torch.bfloat16, needs="nothing"),
@@ -102,6 +117,74 @@ FAMILIES: dict[str, Family] = {
     "falcon_new": Family("falcon", dict(num_kv_heads=2, new_decoder_architecture=True, intermediate_size=None,
                                         num_key_value_heads=None), quantizes=False,
                          needs="nothing (Falcon-40B/180B layout: grouped fused query_key_value); 4-bit as falcon"),
+    # MoE: with transformers 5 the experts are 3-D parameters; all-linear makes PEFT add target_parameters
+    "mixtral": Family("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), dtype=torch.bfloat16,
+                      dora=False, not_run=dict(dora=_NO_MOE_DORA),
+                      needs="target_parameters LoRA on the fused experts and the router; the checkpoint stores "
+                            "experts per expert (block_sparse_moe.experts.N.w1/w2/w3) and the router as "
+                            "block_sparse_moe.gate (key_layout); quantize leaves experts and router dense"),
+    "qwen3_moe": Family("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                          decoder_sparse_step=1, mlp_only_layers=[], head_dim=16),
+                        dtype=torch.bfloat16, dora=False, not_run=dict(dora=_NO_MOE_DORA),
+                        needs="target_parameters LoRA on the fused experts and the router (stored per expert)"),
+    "olmoe": Family("olmoe", dict(num_experts=4, num_experts_per_tok=2), dtype=torch.bfloat16, dora=False,
+                    not_run=dict(dora=_NO_MOE_DORA),
+                    needs="target_parameters LoRA on the fused experts and the router (stored per expert)"),
+    "gpt_oss": Family("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"]),
+                      dtype=torch.bfloat16, dora=False, not_run=dict(dora=_NO_MOE_DORA),
+                      lora_kwargs=dict(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                                                          "mlp.router.weight"]),
+                      needs="experts stored fused and transposed [E, in, out]: validate's fit check now marks them so, as merge does; all-linear "
+                            "reaches only the attention here, so the row names the experts and router as "
+                            "target_parameters, as a user adapting them does"),
+    # encoders: bare (natural output: last hidden states) and a classifier whose head PEFT saves whole
+    "bert": Family("bert", _ENC, model_class="AutoModel", task_type="FEATURE_EXTRACTION",
+                   needs="the task type from config.json (FEATURE_EXTRACTION) in what extract/combine write; "
+                         "validate builds BertModel, no random head"),
+    "bert_cls": Family("bert", dict(_ENC, num_labels=3), model_class="AutoModelForSequenceClassification",
+                       task_type="SEQ_CLS", not_run=dict(
+                           unmerge="the merged checkpoint holds the adapter's classifier, saved whole "
+                                   "(modules_to_save): the base's is not in it, so unmerge refuses in one line",
+                           combine="the two adapters save different classifiers whole (modules_to_save): there is "
+                                   "no sum of whole-module replacements, so combine refuses in one line",
+                           quantize="transformers quantizes the 3-label classifier, and bitsandbytes' CPU 4-bit "
+                                    "matmul asserts on it ('N must be divisible by block_n'): its own 4-bit model "
+                                    "cannot run here (the bytes are bert's format)"),
+                       needs="modules_to_save (the classifier, PEFT's SEQ_CLS default) merged whole; SEQ_CLS "
+                             "task type"),
+    "roberta": Family("roberta", dict(_ENC, pad_token_id=1), model_class="AutoModel",
+                      task_type="FEATURE_EXTRACTION", needs="as bert"),
+    # seq2seq: forward passes get decoder_input_ids too
+    "t5": Family("t5", dict(_SEQ, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+                            decoder_start_token_id=0), model_class="AutoModelForSeq2SeqLM",
+                 task_type="SEQ_2_SEQ_LM", seq2seq=True, dtype=torch.bfloat16,
+                 needs="SEQ_2_SEQ_LM task type; tied shared/encoder/decoder embeddings stored once"),
+    "bart": Family("bart", dict(_SEQ, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                max_position_embeddings=64, decoder_start_token_id=2),
+                   model_class="AutoModelForSeq2SeqLM", task_type="SEQ_2_SEQ_LM", seq2seq=True,
+                   needs="SEQ_2_SEQ_LM task type"),
+    # vision-language, image-free text input; saved in transformers' original key layout (save_pretrained's
+    # default, as on the Hub)
+    "llava": Family("llava", dict(text_config=dict(model_type="llama"), image_token_index=95,
+                                  vision_config=dict(model_type="clip_vision_model", hidden_size=64,
+                                                     intermediate_size=128, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=16, patch_size=8,
+                                                     projection_dim=64)),
+                    model_class="AutoModelForImageTextToText", dtype=torch.bfloat16, tokens_below=90,
+                    needs="stored keys language_model.model.* / vision_tower.* / multi_modal_projector.*, "
+                          "PEFT's modules model.language_model.* (key_layout)"),
+    "qwen2_vl": Family("qwen2_vl", dict(text_config=dict(rope_scaling=dict(type="mrope", mrope_section=[2, 2, 4])),
+                                        image_token_id=90, video_token_id=91, vision_start_token_id=92,
+                                        vision_end_token_id=93,
+                                        vision_config=dict(depth=1, embed_dim=64, hidden_size=64, num_heads=2,
+                                                           patch_size=14, spatial_merge_size=2,
+                                                           temporal_patch_size=2)),
+                       model_class="AutoModelForImageTextToText", dtype=torch.bfloat16, tokens_below=88,
+                       needs="stored as on the Hub (model.layers.*, visual.*), PEFT's modules "
+                             "model.language_model.* / model.visual.* (key_layout); all-linear LoRAs the vision "
+                             "tower too (qkv, proj, fc1/fc2, the merger's Sequential)"),
 }
 
 
@@ -140,6 +223,7 @@ class Case:
     def _build(self):
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.layer import ParamWrapper
 
         fam = self.family
         self.root.mkdir(parents=True, exist_ok=True)
@@ -161,12 +245,18 @@ class Case:
                              **kw, **fam.lora_kwargs)
             with quiet():
                 pm = get_peft_model(copy.deepcopy(model), cfg)
+            # module suffixes for the patterns: LoRA'd modules' own names (not a target_parameters wrapper's
+            # module or its base_layer, nor a Sequential's index)
             suffixes = suffixes or sorted({n.rsplit(".", 1)[-1] for n, m in pm.named_modules()
-                                           if isinstance(m, LoraLayer)})
+                                           if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)
+                                           and n.rsplit(".", 1)[-1].isidentifier()
+                                           and not n.endswith("base_layer")})
             with torch.no_grad():  # init_lora_weights=False: kaiming A and B; keep ΔW near |W| (std 0.02)
                 for n, p in pm.named_parameters():
                     if "lora_A" in n or "lora_B" in n:
                         p.normal_(0, 0.08)
+                    elif ".modules_to_save." in n:  # a trained head, not PEFT's copy of the base's
+                        p.add_(torch.randn_like(p) * 0.05)
             with quiet():
                 pm.save_pretrained(path)
         (self.root / "done").write_text("ok")
@@ -211,7 +301,7 @@ class Case:
 
     def logits(self, model) -> torch.Tensor:
         """The model's natural output on the zoo's batch: logits, or a bare model's last hidden states."""
-        ids = tokens(self.vocab)
+        ids = tokens(self.family.tokens_below or self.vocab)
         extra = dict(decoder_input_ids=ids) if self.family.seq2seq else {}
         with torch.no_grad():
             out = model(input_ids=ids, **extra)
@@ -345,8 +435,11 @@ def render(results, classes: dict[str, str]) -> str:
         "make it tiny, the class it is loaded with (`model_class`), the dtype it is saved in, whether PEFT builds",
         "DoRA on it, and what it needed. Every test of tests/test_zoo.py then runs on it; a command the zoo",
         "cannot run on a family goes in the row's `not_run` with the reason, which shows here as —. Then",
-        "regenerate this page. MoE adapters (PEFT `target_parameters`) on Mixtral, Qwen3-MoE, OLMoE and GPT-OSS",
-        "are tested against PEFT in tests/test_moe_adapter.py.",
+        "regenerate this page. A MoE family's adapters carry PEFT `target_parameters` (the fused experts, the",
+        "router): inspect compares them with PEFT's ParamWrapper layers (r, alpha, scale, experts); encoders and",
+        "seq2seq models are compared on their natural outputs (logits, or a bare encoder's last hidden states),",
+        "vision-language models on image-free text input. More MoE cases (rank/alpha patterns, per-expert",
+        "reports) are in tests/test_moe_adapter.py and tests/test_moe_merge.py.",
     ]
     return "\n".join(lines) + "\n"
 

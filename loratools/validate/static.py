@@ -21,6 +21,7 @@ import torch
 from ..adapter import (PREFIX, WEIGHTS_NAME, Adapter, KeyKind, classify_key, parse_modules,
                        read_adapter_config)
 from ..key_layout import checkpoint_layout
+from ..plan import mark_transposed_experts
 from ..checks import HEAD_KEY, Problem, adapter_fit_problems, resolve_base_key, shape_list
 from ..dtypes import declared_dtype
 from ..errors import InputError, LoratoolsError
@@ -212,7 +213,9 @@ def static_checks(base: Checkpoint, adapter_paths: list[Path], candidates: dict[
             view, own = adapter_from_header(path)
             problems += [problem_row("adapter", p) for p in own]
             # under the model's names, as PEFT names the adapter (LLaVA's, Mixtral's stored layouts), as merge does
-            problems += [problem_row("adapter fit", p) for p in adapter_fit_problems(base, view, checkpoint_layout(base))]
+            layout = checkpoint_layout(base)
+            mark_transposed_experts([view], layout)  # GPT-OSS stores experts [E, in, out]; the adapter cannot tell
+            problems += [problem_row("adapter fit", p) for p in adapter_fit_problems(base, view, layout)]
             vals, vnotes = adapter_value_problems(path)
             problems += [problem_row("adapter values", p) for p in vals]
             notes += [problem_row("adapter", n) for n in vnotes + adapter_config_notes(view)]
