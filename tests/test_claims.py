@@ -414,3 +414,30 @@ def test_every_documented_error_type_is_produced_and_no_other(monkeypatch, tmp_p
     r = run_cli("convert", LLAMA, "-o", tmp_path / "out", "--dtype", "float32", "--json", expect=1)
     assert json.loads(r.stdout)["error"]["type"] == "aborted" and list(tmp_path.iterdir()) == []
     assert listed == produced, (sorted(listed - produced), sorted(produced - listed))
+
+
+# -- validate: the logits reference is PEFT itself, not our maths (docs/validate.md) ----------------------------
+
+def test_a_mistake_merge_and_validate_share_still_fails_the_logits(monkeypatch, tmp_path):
+    """Every delta loratools computes scaled by 1.5, in this process, for merge and validate alike: the
+    tensor checks agree with the wrong merge (they share the mistake), and the merged logits, compared with
+    PEFT's own model of base + adapter, fail it."""
+    import loratools.adapter as adapter_mod
+    import loratools.lora_math as lora_math
+
+    real = lora_math.peft_delta
+
+    def wrong(B, A, scale, transposed, out=None):
+        return real(B, A, scale * 1.5, transposed, out)
+
+    monkeypatch.setattr(lora_math, "peft_delta", wrong)
+    monkeypatch.setattr(adapter_mod, "peft_delta", wrong)
+    merged = tmp_path / "merged"
+    run_cli("merge", LLAMA, FIXTURES / "llama-lora", "-o", merged)
+    r = run_cli("validate", LLAMA, FIXTURES / "llama-lora", "--merged", merged, "--json", expect=1)
+    doc = json.loads(r.stdout)
+    rows = doc["tensors"]["merged"]
+    assert rows["checked"] > 0 and rows["failed"] == 0  # the tensor checks share the mistake and pass it
+    assert [p["check"] for p in doc["problems"]] == ["logits"]
+    merged_cmp = [c for c in doc["comparisons"] if c["name"] == "merged"]
+    assert merged_cmp[0]["reference"].startswith("base + adapters (PEFT") and not merged_cmp[0]["passed"]
