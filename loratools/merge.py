@@ -10,10 +10,18 @@ Note: the DoRA record.
     every adapter merged; `unmerge` reads it back and undoes each step as PEFT's `unmerge` does,
     W ← W / (m / norm) − ΔW, in reverse order. The record lives in a subdirectory so that tools that
     load every top-level `*.safetensors` file of a model directory never see it.
+
+Note: per-expert numbers.
+    A step on a MoE expert parameter (PEFT target_parameters, or Linear LoRA on one stored expert slice such as
+    Mixtral's `experts.e.w1`) changes E matrices at once; the summary's `experts` lists, per expert parameter
+    (the model's name, key_layout.py), ‖W'_e − W_e‖_F and ‖W_e‖_F of each expert, measured on the tensors as
+    written against the base as read (dequantized, or replaced by a saved tensor), summed over the stored
+    tensors the steps change, one expert at a time; `expert_rel_changes` is their ratio.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,6 +37,7 @@ from .io.provenance import sha256_file
 from .io.safetensors_format import read_header, read_tensor
 from .io.durability import Durability
 from .io.writer import save_tensors
+from .key_layout import KeyLayout, Part, checkpoint_layout
 from .lora_math import Step, Workspace
 from .plan import MODULES_TO_SAVE, MergePlan, TensorPlan, build_plan
 from .quantized import DenseView
@@ -162,6 +171,7 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
         readers.setdefault(p.source if p else s.name, []).append(s.name)
     norms: dict[str, torch.Tensor] = {}
     ws = Workspace()
+    experts = ExpertChanges(plan, checkpoint_layout(ck))
 
     def untouched(name: str) -> bool:
         return readers.get(name) == [name] and name not in plan.tensors and dense.stored_as_is(name, out_dtype[name])
@@ -172,7 +182,11 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
                 yield name, t  # copied file to file
                 continue
             for key in readers.get(name, ()):
-                yield key, _merged_tensor(plan.tensors.get(key), key, t, out_dtype[key], dev, ws, norms, base)
+                out = _merged_tensor(plan.tensors.get(key), key, t, out_dtype[key], dev, ws, norms, base)
+                if key in experts.parts:  # against the base as PEFT loads it (a saved replacement included)
+                    p = plan.tensors[key]
+                    experts.add(key, p.replacement.to(t.dtype) if p.replacement is not None else t, out)
+                yield key, out
             del t
 
     def record(tmp: Path, durability: Durability) -> list[str]:
@@ -188,6 +202,7 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
             max_shard_size=max_shard_size, on_tensor=on_tensor, extra_files=record)
     summary.update(_summary(plan, ads, adapter_paths, weights, dev, specs, dense))
     summary["dora_record"] = f"{RECORD_DIR}/{RECORD_FILE}" if norms else None
+    summary["experts"] = experts.rows()
     return summary
 
 
@@ -222,6 +237,51 @@ def _write_dora_record(tmp: Path, norms: dict[str, torch.Tensor], adapter_paths:
     files = save_tensors(tmp / RECORD_DIR, dict(sorted(norms.items())), filename=RECORD_FILE,
                          allow_shards=False, metadata=meta, durability=durability)
     return [f"{RECORD_DIR}/{f}" for f in files]
+
+
+def expert_change_norms(before: torch.Tensor, after: torch.Tensor, part: Part) -> list[tuple[int, float, float]]:
+    """(expert, ‖after_e − before_e‖², ‖before_e‖²) for the experts a stored tensor holds (a whole [E, ...]
+    parameter, or one expert's slice), in float64 sums, one expert at a time."""
+    def sq(x: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+
+    pairs = zip(range(before.shape[0]), before, after) if part.whole else [(part.expert, before, after)]
+    return [(e, sq(a.float() - b.float()), sq(b)) for e, b, a in pairs]
+
+
+class ExpertChanges:
+    """Per-expert change of the expert parameters a merge or unmerge writes (see Note: per-expert numbers)."""
+
+    def __init__(self, plan: MergePlan, layout: KeyLayout):
+        self.parts: dict[str, Part] = {}  # stored key -> its place in an expert parameter
+        for key, p in plan.tensors.items():
+            part = layout.parts.get(key)
+            if part is None or not p.steps or p.is_bias or part.param not in layout.shapes:
+                continue
+            if part.expert is not None or any(s.module.kind == "experts" for s in p.steps):
+                self.parts[key] = part
+        self.experts = {part.param: layout.shapes[part.param][0] for part in self.parts.values()}
+        self.sums: dict[str, list[list[float]]] = {n: [[0.0, 0.0] for _ in range(E)] for n, E in self.experts.items()}
+        self.stored: dict[str, list[str]] = {n: [] for n in self.experts}
+
+    def add(self, key: str, before: torch.Tensor, after: torch.Tensor) -> None:
+        part = self.parts.get(key)
+        if part is None:
+            return
+        self.stored[part.param].append(key)
+        for e, d2, w2 in expert_change_norms(before, after, part):
+            self.sums[part.param][e][0] += d2
+            self.sums[part.param][e][1] += w2
+
+    def rows(self) -> list[dict]:
+        out = []
+        for name in sorted(self.sums):
+            d = [math.sqrt(x) for x, _ in self.sums[name]]
+            w = [math.sqrt(y) for _, y in self.sums[name]]
+            out.append({"name": name, "experts": self.experts[name], "stored": sorted(self.stored[name]),
+                        "expert_delta_norms": d, "expert_base_norms": w,
+                        "expert_rel_changes": [x / y if y > 0 else (0.0 if x == 0 else math.inf) for x, y in zip(d, w)]})
+        return out
 
 
 def _summary(plan: MergePlan, ads, paths, weights, dev, specs, dense) -> dict:
@@ -331,6 +391,7 @@ def unmerge_checkpoint(merged: PathLike, adapters: Sequence[PathLike], output: P
     specs = [TensorSpec(n, output_dtype(dt, dtype, False), shape) for n, (dt, shape) in dense.specs.items()]
     out_dtype = {s.name: s.dtype for s in specs}
     ws = Workspace()
+    experts = ExpertChanges(plan, checkpoint_layout(ck))
 
     def compute(key: str, t: torch.Tensor) -> torch.Tensor:
         p = plan.tensors.get(key)
@@ -339,7 +400,9 @@ def unmerge_checkpoint(merged: PathLike, adapters: Sequence[PathLike], output: P
         step_norms = [norms[_norm_key(s)] if s.variant.records_norm and not p.is_bias else None for s in p.steps]
         out = p.part.unmerge(t, p.steps, step_norms, dev, out_dtype[key], ws)
         _finite_or_fail(out, t, key, merged)
-        return out.cpu()
+        out = out.cpu()
+        experts.add(key, t, out)  # the change unmerge makes to each expert (of the merged one)
+        return out
 
     def untouched(name: str) -> bool:
         p = plan.tensors.get(name)
@@ -360,7 +423,8 @@ def unmerge_checkpoint(merged: PathLike, adapters: Sequence[PathLike], output: P
             max_shard_size=max_shard_size, on_tensor=on_tensor)
     summary.update(_summary(plan, ads, adapter_paths, weights, dev, specs, dense))
     summary["dora_record_used"] = bool(norms)
+    summary["experts"] = experts.rows()
     return summary
 
 
-__all__ = ["RECORD_DIR", "RECORD_FILE", "merge_checkpoint", "output_dtype", "read_dora_record", "unmerge_checkpoint"]
+__all__ = ["RECORD_DIR", "RECORD_FILE", "ExpertChanges", "expert_change_norms", "merge_checkpoint", "output_dtype", "read_dora_record", "unmerge_checkpoint"]

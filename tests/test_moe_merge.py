@@ -383,3 +383,43 @@ def test_extract_gpt_oss_loads_in_peft_and_acts_as_the_fine_tune(cases, tmp_path
     merged = pm.merge_and_unload().state_dict()
     for k, w in want.items():
         torch.testing.assert_close(merged[k], w, atol=2e-5, rtol=0, msg=k)
+
+
+def test_merge_report_has_per_expert_numbers(cases, tmp_path):
+    """merge's --json lists each changed expert parameter (the model's name) with ‖W'_e − W_e‖ and ‖W_e‖ per
+    expert, equal to those of PEFT's merge (which ours equals bit for bit) against the base, over the stored
+    slices (Mixtral: w1 and w3 for gate_up, w2 for down); the text report says the spread in one line; unmerge
+    reports the same changes taken back. A model without experts gets an empty list and no such line."""
+    import math
+
+    case = cases("mixtral")
+    c = _config("mixtral")
+    out = tmp_path / "merged"
+    doc = json.loads(run_cli("merge", case.base, case.adapter, "-o", out, "--json").stdout)
+    ref, base = _tensors(case.reference), _tensors(case.base)
+    rows = {r["name"]: r for r in doc["experts"]}
+    assert set(rows) == {f"model.layers.{i}.mlp.experts.{p}" for i in range(c.num_hidden_layers)
+                         for p in ("gate_up_proj", "down_proj")}
+    for name, r in rows.items():
+        layer, leaves = name.split(".")[2], ("w1", "w3") if name.endswith("gate_up_proj") else ("w2",)
+        assert r["experts"] == c.num_local_experts
+        for e in range(c.num_local_experts):
+            keys = [f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight" for w in leaves]
+            d = math.sqrt(sum(float((ref[k].double() - base[k].double()).norm()) ** 2 for k in keys))
+            w = math.sqrt(sum(float(base[k].double().norm()) ** 2 for k in keys))
+            assert r["expert_delta_norms"][e] == pytest.approx(d, rel=1e-6), (name, e)
+            assert r["expert_base_norms"][e] == pytest.approx(w, rel=1e-6), (name, e)
+            assert r["expert_rel_changes"][e] == pytest.approx(d / w, rel=1e-6), (name, e)
+        assert all(k in r["stored"] for k in keys)
+    text = run_cli("merge", case.base, case.adapter, "-o", tmp_path / "again")
+    lines = [x for x in (text.stdout + text.stderr).splitlines() if x.startswith("experts:")]
+    assert len(lines) == 1 and f"{len(rows)} expert parameters ({c.num_local_experts} experts each)" in lines[0]
+    back = json.loads(run_cli("unmerge", out, case.adapter, "-o", tmp_path / "back", "--json").stdout)
+    assert {r["name"] for r in back["experts"]} == set(rows)
+    for r in back["experts"]:  # the same changes taken back, up to bf16 rounding of the merged weights
+        assert r["expert_delta_norms"] == pytest.approx(rows[r["name"]]["expert_delta_norms"], rel=0.02)
+    plain = cases("llava")
+    assert json.loads(run_cli("merge", plain.base, plain.adapter, "-o", tmp_path / "llava", "--json").stdout)[
+        "experts"] == []
+    text = run_cli("merge", plain.base, plain.adapter, "-o", tmp_path / "llava2")
+    assert "experts:" not in text.stdout + text.stderr

@@ -16,6 +16,13 @@ def report(summary: dict, as_json: bool, verb: str) -> None:
          + (f", {len(summary['replaced_tensors'])} replaced whole" if summary["replaced_tensors"] else "")
          + (", lm_head untied from the embedding" if summary.get("untied_head") else "")
          + (", 4-bit base dequantized" if summary.get("dequantized_base") else ""))
+    if summary.get("experts"):  # MoE only: the spread of the per-expert relative change (all in --json)
+        rows = summary["experts"]
+        change, name, e = max((c, r["name"], e) for r in rows for e, c in enumerate(r["expert_rel_changes"]))
+        least = min(c for r in rows for c in r["expert_rel_changes"])
+        info(f"experts: {len(rows)} expert parameters ({', '.join(sorted({str(r['experts']) for r in rows}))} "
+             f"experts each) changed; ‖ΔW_e‖/‖W_e‖ per expert {least:.3g} to {change:.3g} (largest: {name} "
+             f"expert {e})")
     if summary.get("dora_record"):
         info(f"DoRA norms recorded in {summary['dora_record']} (lets `loratools unmerge` undo this merge)")
     info(f"wrote {summary['output']}: {len(summary['files'])} files, {summary['bytes']:,} bytes, "
