@@ -147,10 +147,7 @@ FAMILIES: dict[str, Family] = {
                            unmerge="the merged checkpoint holds the adapter's classifier, saved whole "
                                    "(modules_to_save): the base's is not in it, so unmerge refuses in one line",
                            combine="the two adapters save different classifiers whole (modules_to_save): there is "
-                                   "no sum of whole-module replacements, so combine refuses in one line",
-                           quantize="transformers quantizes the 3-label classifier, and bitsandbytes' CPU 4-bit "
-                                    "matmul asserts on it ('N must be divisible by block_n'): its own 4-bit model "
-                                    "cannot run here (the bytes are bert's format)"),
+                                   "no sum of whole-module replacements, so combine refuses in one line"),
                        needs="modules_to_save (the classifier, PEFT's SEQ_CLS default) merged whole; SEQ_CLS "
                              "task type"),
     "roberta": Family("roberta", dict(_ENC, pad_token_id=1), model_class="AutoModel",
