@@ -59,6 +59,8 @@ class Family:
     seq2seq: bool = False         # forward passes also get decoder_input_ids
     not_run: dict = dataclasses.field(default_factory=dict)  # command -> why the zoo does not run it here
     tokens_below: int | None = None  # input ids stay below this (ids above are image/video tokens)
+    # command -> (words of its one-line error, why): the command must refuse this family's case so
+    refuses: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         assert self.dora or "dora" in self.not_run, f"{self.model_type}: say in not_run why there is no DoRA"
@@ -84,7 +86,8 @@ class Family:
 
 
 _NO_GQA = dict(num_key_value_heads=None)
-_NO_MOE_DORA = "PEFT 0.21 builds no DoRA on target_parameters (the experts, the router)"
+_NO_MOE_DORA = ("PEFT 0.21 refuses DoRA on target_parameters (the experts, the router): 'lora.ParamWrapper does "
+                "not work with use_dora=True'")
 _ENC = dict(num_key_value_heads=None, bos_token_id=None, eos_token_id=None)  # pad 0, vocab 96, 2 layers of 64
 _SEQ = dict(hidden_size=None, intermediate_size=None, num_hidden_layers=None, num_attention_heads=None,
             num_key_value_heads=None, max_position_embeddings=None, bos_token_id=None)
@@ -135,19 +138,22 @@ FAMILIES: dict[str, Family] = {
                       dtype=torch.bfloat16, dora=False, not_run=dict(dora=_NO_MOE_DORA),
                       lora_kwargs=dict(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
                                                           "mlp.router.weight"]),
-                      needs="experts stored fused and transposed [E, in, out]: validate's fit check now marks them so, as merge does; all-linear "
-                            "reaches only the attention here, so the row names the experts and router as "
-                            "target_parameters, as a user adapting them does"),
+                      needs="experts stored fused and transposed [E, in, out] (validate's fit check marks them "
+                            "so, as merge does); all-linear reaches only the attention here, so the row names the "
+                            "experts and router as target_parameters, as a user adapting them does"),
     # encoders: bare (natural output: last hidden states) and a classifier whose head PEFT saves whole
     "bert": Family("bert", _ENC, model_class="AutoModel", task_type="FEATURE_EXTRACTION",
                    needs="the task type from config.json (FEATURE_EXTRACTION) in what extract/combine write; "
                          "validate builds BertModel, no random head"),
     "bert_cls": Family("bert", dict(_ENC, num_labels=3), model_class="AutoModelForSequenceClassification",
-                       task_type="SEQ_CLS", not_run=dict(
-                           unmerge="the merged checkpoint holds the adapter's classifier, saved whole "
-                                   "(modules_to_save): the base's is not in it, so unmerge refuses in one line",
-                           combine="the two adapters save different classifiers whole (modules_to_save): there is "
-                                   "no sum of whole-module replacements, so combine refuses in one line"),
+                       task_type="SEQ_CLS", refuses=dict(
+                           unmerge=("unmerge cannot restore them",
+                                    "the merged checkpoint holds the adapter's classifier, saved whole "
+                                    "(modules_to_save): the base's is not in it"),
+                           combine=("whole-module replacements cannot be combined",
+                                    "the two adapters save different classifiers whole (modules_to_save): there is "
+                                    "no sum of whole-module replacements (nor a PEFT reference: PEFT runs one "
+                                    "modules_to_save copy at a time)")),
                        needs="modules_to_save (the classifier, PEFT's SEQ_CLS default) merged whole; SEQ_CLS "
                              "task type"),
     "roberta": Family("roberta", dict(_ENC, pad_token_id=1), model_class="AutoModel",
@@ -402,6 +408,9 @@ def render(results, classes: dict[str, str]) -> str:
         "  logits of PEFT with both adapters active at those weights.",
         "- **dora**: a DoRA adapter: inspect, merge bit-identical to PEFT's float32 merge, unmerge within the bound.",
         "- **refusal**: another family's adapter on this base: one line naming a module, exit 1, nothing written.",
+        "",
+        "*refused*: the command refuses that family's case in one line (exit 1, nothing written), for the reason",
+        "given under the table; —: not run, for the reason given there.",
         "",
         "| family | model class | saved as | " + " | ".join(COMMANDS) + " | what the family needed |",
         "| --- | --- | --- | " + " | ".join("---" for _ in COMMANDS) + " | --- |",
