@@ -470,6 +470,7 @@ def _difference(base_ck: Checkpoint, tuned_ck: Checkpoint, layout: "CheckpointRo
         return [(p, *(held.get(p.stored) or (base_ck.read(p.stored), tuned_ck.read(p.stored))))
                 for p in param.parts_of(e)]
 
+    order = {k: i for i, k in enumerate(base_ck.keys())}
     try:
         for key in base_ck.keys():  # on-disk order, as iter_tensors
             if key in consumed:
@@ -525,6 +526,12 @@ def _difference(base_ck: Checkpoint, tuned_ck: Checkpoint, layout: "CheckpointRo
     finally:
         base_ck.close()
         tuned_ck.close()
+    # modules in the order of their last stored tensor (an expert parameter completes before its last slice
+    # streams by): the adapter config's patterns and the report keep one order however experts are read
+    last = {r.param_name if r.kind in PARAM_KINDS else r.module: order[k] for k, r in sorted(
+        roles.items(), key=lambda kv: order.get(kv[0], -1)) if k in selection.targets}
+    found.modules = dict(sorted(found.modules.items(), key=lambda kv: last[kv[0]]))
+    found.rows.sort(key=lambda row: last[row["name"]])
     return found
 
 
