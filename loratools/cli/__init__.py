@@ -41,7 +41,7 @@ class LoratoolsGroup(click.Group):
             if debug:
                 raise
             code = _fail(e.format_message(), e.exit_code or 1, json_mode, "usage")
-        except click.Abort:
+        except click.Abort:  # click turns Ctrl-C (KeyboardInterrupt) into Abort before it reaches us
             code = _fail("aborted", 1, json_mode, "aborted")
         except LoratoolsError as e:
             if debug:
@@ -50,8 +50,6 @@ class LoratoolsGroup(click.Group):
             if json_mode:
                 print_json(e.to_json())
             code = e.exit_code
-        except KeyboardInterrupt:
-            code = _fail("interrupted; no output was written", 130, json_mode, "interrupted")
         except MemoryError:
             if debug:
                 raise
