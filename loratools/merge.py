@@ -278,9 +278,9 @@ class ExpertChanges:
         for name in sorted(self.sums):
             d = [math.sqrt(x) for x, _ in self.sums[name]]
             w = [math.sqrt(y) for _, y in self.sums[name]]
+            rel = [x / y if y > 0 else (0.0 if x == 0 else math.inf) for x, y in zip(d, w)]
             out.append({"name": name, "experts": self.experts[name], "stored": sorted(self.stored[name]),
-                        "expert_delta_norms": d, "expert_base_norms": w,
-                        "expert_rel_changes": [x / y if y > 0 else (0.0 if x == 0 else math.inf) for x, y in zip(d, w)]})
+                        "expert_delta_norms": d, "expert_base_norms": w, "expert_rel_changes": rel})
         return out
 
 
@@ -427,4 +427,5 @@ def unmerge_checkpoint(merged: PathLike, adapters: Sequence[PathLike], output: P
     return summary
 
 
-__all__ = ["RECORD_DIR", "RECORD_FILE", "ExpertChanges", "expert_change_norms", "merge_checkpoint", "output_dtype", "read_dora_record", "unmerge_checkpoint"]
+__all__ = ["RECORD_DIR", "RECORD_FILE", "ExpertChanges", "expert_change_norms", "merge_checkpoint", "output_dtype",
+           "read_dora_record", "unmerge_checkpoint"]
