@@ -152,8 +152,8 @@ FAMILIES: dict[str, Family] = {
                                     "(modules_to_save): the base's is not in it"),
                            combine=("whole-module replacements cannot be combined",
                                     "the two adapters save different classifiers whole (modules_to_save): there is "
-                                    "no sum of whole-module replacements (nor a PEFT reference: PEFT runs one "
-                                    "modules_to_save copy at a time)")),
+                                    "no sum of whole-module replacements (nor a PEFT reference: with both active "
+                                    "PEFT says 'Only one adapter can be set at a time for ModulesToSaveWrapper')")),
                        needs="modules_to_save (the classifier, PEFT's SEQ_CLS default) merged whole; SEQ_CLS "
                              "task type"),
     "roberta": Family("roberta", dict(_ENC, pad_token_id=1), model_class="AutoModel",
