@@ -15,8 +15,10 @@ Note: one expert at a time.
     advance, and holding a full spectrum costs as much as the delta), then truncated at rank R. So each expert
     costs the same SVDs as truncating the whole parameter at once (one, plus one at rank R when its own rank was
     lower), and the bytes written are the same; the price is reading those experts' stored slices twice (a
-    whole stored tensor, GPT-OSS, is read once and held). An expert that did not change is zeros: truncated at
-    the end without reading; a parameter whose experts all kept their values makes no LoRA.
+    whole stored tensor, GPT-OSS, is read once and held). An expert that did not change (never routed to) is
+    zeros in the factors and takes no part in choosing R: under --sv-ratio a zero matrix selects every component,
+    so one such expert made the whole parameter full-rank before. A parameter whose experts all kept their
+    values makes no LoRA.
 """
 from __future__ import annotations
 

@@ -423,3 +423,34 @@ def test_merge_report_has_per_expert_numbers(cases, tmp_path):
         "experts"] == []
     text = run_cli("merge", plain.base, plain.adapter, "-o", tmp_path / "llava2")
     assert "experts:" not in text.stdout + text.stderr
+
+
+def test_extract_unchanged_expert_does_not_set_the_rank(cases, tmp_path):
+    """An expert the fine-tune never changed (never routed to) is zeros in the adapter and does not take part in
+    choosing its parameter's rank: under --sv-ratio a zero matrix would select every component, and one such
+    expert would make the whole parameter full-rank."""
+    from safetensors.torch import load_file, save_file
+
+    from loratools.adapter import load_adapter
+    from loratools.lora_math import expert_delta
+    from loratools.lowrank import truncate
+
+    case = cases("mixtral")
+    tuned = _tuned(case, tmp_path)
+    stored = load_file(tuned / "model.safetensors")
+    base_sd = load_file(case.base / "model.safetensors")
+    for w in ("w1", "w3"):
+        k = f"model.layers.0.block_sparse_moe.experts.1.{w}.weight"
+        stored[k] = base_sd[k]
+    save_file(stored, tuned / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "extracted"
+    doc = json.loads(run_cli("extract", case.base, tuned, "-o", out, "--sv-ratio", "2", "--json").stdout)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    m = load_adapter(out).modules[name]
+    D = case.load(tuned).state_dict()[name] - case.load(case.base).state_dict()[name]
+    own = [truncate(D[e], sv_ratio=2).rank for e in (0, 2, 3)]
+    assert not D[1].any() and max(own) < min(D.shape[1:])  # else the test could not tell
+    assert m.r == max(own)
+    assert not expert_delta(m.B, m.A, m.scale, m.experts)[1].any()
+    row = {r["name"]: r for r in doc["modules"]}[name]
+    assert row["expert_delta_norms"][1] == 0 and row["expert_rel_errors"][1] == 0
