@@ -345,7 +345,7 @@ def test_qlora(zoo, outputs, family, record_property):
 
 @pytest.mark.parametrize("family", ALL)
 def test_extract(zoo, outputs, family, record_property):
-    """From PEFT's merge (ours is bit-identical to it) back to a rank-4 adapter: PEFT loads every tensor,
+    """From PEFT's merge (ours is bit-identical to it) back to an adapter at its rank: PEFT loads every tensor,
     and the adapter it gives acts as the one that made the merge. The tuned weights are rounded to the
     stored dtype, so the reference is the merged checkpoint itself: the extracted adapter must be as close
     to it as the original adapter is (both differ from it only by that rounding)."""
