@@ -243,6 +243,8 @@ def test_extract_loads_in_peft_and_acts_as_the_delta(cases, tmp_path, family, ra
     if family == "mixtral":  # per-expert numbers in the report
         gu = rows["model.layers.0.mlp.experts.gate_up_proj"]
         assert gu["experts"] == 4 and len(gu["expert_rel_errors"]) == 4
+    said = [x for x in report.stderr.splitlines() if x.startswith("experts:")]
+    assert len(said) == (family == "mixtral"), report.stderr  # the per-expert spread, for MoE only
     if ranks[0] == "--energy":
         assert cfg["rank_pattern"] and all(".mlp." in k or "self_attn" in k for k in cfg["rank_pattern"])
     pm = PeftModel.from_pretrained(case.load(case.base), out)

@@ -72,6 +72,12 @@ def show_extract_report(report: dict) -> None:
     rows = [[m["name"], m["kind"], "×".join(map(str, m["shape"])), m["rank"], m["svd"], m["retained_energy"],
              m["rel_error"]] for m in report["modules"]]
     table("LoRA modules", ["module", "kind", "shape", "rank", "svd", "retained energy", "rel. error"], rows)
+    experts = [m for m in report["modules"] if m["kind"] == "experts"]
+    if experts:  # MoE only: the spread of the per-expert error (each expert's numbers are in --json / --report)
+        worst, name, e = max((x, m["name"], e) for m in experts for e, x in enumerate(m["expert_rel_errors"]))
+        best = min(x for m in experts for x in m["expert_rel_errors"])
+        info(f"experts: {len(experts)} expert parameters, rel. error per expert {best:.3g} to {worst:.3g} "
+             f"(largest: {name} expert {e})")
     if report["modules_to_save"]:
         info(f"carried whole (modules_to_save): {', '.join(report['modules_to_save'])}")
     if report["lora_bias"]:
