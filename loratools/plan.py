@@ -74,12 +74,29 @@ def _saved_kind(adapter: Adapter, name: str) -> str:
 base_layout = checkpoint_layout  # the base's tensors under the model's names (key_layout.py)
 
 
-def mark_transposed_experts(adapters: list[Adapter], layout: KeyLayout) -> None:
-    """Tell expert modules whose base stores [E, in, out] (GPT-OSS) so: their adapter cannot know it."""
+def mark_transposed_experts(adapters: list[Adapter], layout: KeyLayout, base_path=None) -> None:
+    """Tell expert modules whose base stores [E, in, out] (GPT-OSS) so: their adapter cannot know it.
+
+    The model transformers builds from config.json says (is_transposed). Without one (layout "identity": no
+    config.json, or a class transformers cannot build) the stored shape decides; a square [E, n, n] fits
+    both ways, and guessing would merge each expert's delta transposed without a word, so it is refused."""
     for ad in adapters:
         for m in ad.modules.values():
-            if m.kind == "experts":
-                m.experts_transposed = m.base_key in layout.transposed
+            if m.kind != "experts":
+                continue
+            m.experts_transposed = m.base_key in layout.transposed
+            shape = layout.shapes.get(m.base_key)
+            if layout.source == "transformers" or shape is None:
+                continue
+            m.experts_transposed = True
+            fits_in_out = tuple(shape) == m.base_shape
+            m.experts_transposed = False
+            if fits_in_out and tuple(shape) == m.base_shape:
+                raise UnsupportedError(
+                    f"expert parameter of square shape {list(shape)}: whether its experts are stored [E, out, in] or "
+                    f"[E, in, out] (transformers' is_transposed) is known only from the model class, and "
+                    f"config.json names none transformers can build", path=base_path, tensor=m.base_key)
+            m.experts_transposed = fits_in_out
 
 
 def build_plan(base: Checkpoint, adapters: list[Adapter], weights: list[float], *, untie: bool = True) -> MergePlan:
@@ -87,7 +104,7 @@ def build_plan(base: Checkpoint, adapters: list[Adapter], weights: list[float], 
 
     `untie=False` (unmerge) keeps a tied head tied: its steps apply to the shared embedding."""
     layout = base_layout(base)
-    mark_transposed_experts(adapters, layout)
+    mark_transposed_experts(adapters, layout, base.path)
     for ad in adapters:
         err = first_problem_error(adapter_fit_problems(base, ad, layout))
         if err is not None:

@@ -214,7 +214,7 @@ def static_checks(base: Checkpoint, adapter_paths: list[Path], candidates: dict[
             problems += [problem_row("adapter", p) for p in own]
             # under the model's names, as PEFT names the adapter (LLaVA's, Mixtral's stored layouts), as merge does
             layout = checkpoint_layout(base)
-            mark_transposed_experts([view], layout)  # GPT-OSS stores experts [E, in, out]; the adapter cannot tell
+            mark_transposed_experts([view], layout, base.path)  # GPT-OSS stores experts [E, in, out]; the adapter cannot tell
             problems += [problem_row("adapter fit", p) for p in adapter_fit_problems(base, view, layout)]
             vals, vnotes = adapter_value_problems(path)
             problems += [problem_row("adapter values", p) for p in vals]

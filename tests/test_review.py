@@ -1,0 +1,68 @@
+"""Cases found in review of the breadth work (issues #15, #20): each failed before its fix."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+
+EXPERTS = "model.layers.0.mlp.experts.down_proj"
+
+
+def _gpt_oss(root, intermediate: int):
+    """A one-layer GPT-OSS (experts stored [E, in, out], is_transposed) and a PEFT LoRA on its down_proj;
+    returns (base, adapter, PEFT's merged down_proj in float32)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_oss", hidden_size=64, intermediate_size=intermediate, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                               max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                               sliding_window=8, layer_types=["full_attention"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(root / "base")
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=[],
+                                                          init_lora_weights=False,
+                                                          target_parameters=["mlp.experts.down_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(root / "lora")
+    return root / "base", root / "lora", pm.merge_and_unload().state_dict()[EXPERTS]
+
+
+def _without_model_class(base):
+    """config.json naming a class transformers cannot build (custom code, a newer family): no is_transposed."""
+    p = base / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg.update(architectures=["MyGptOssForCausalLM"], model_type="my_gpt_oss")
+    p.write_text(json.dumps(cfg))
+
+
+def test_square_experts_of_unknown_orientation_are_refused(tmp_path):
+    """[E, n, n] experts with no model to say is_transposed: merge once wrote each expert's delta transposed
+    and exited 0; now one line, exit 1, nothing written (validate reports the same)."""
+    base, lora, _ = _gpt_oss(tmp_path, intermediate=64)
+    _without_model_class(base)
+    out = tmp_path / "merged"
+    r = run_cli("merge", base, lora, "-o", out, expect=1)
+    assert "square shape [4, 64, 64]" in r.stderr and "is_transposed" in r.stderr and r.stderr.count("\n") == 1
+    assert not out.exists()
+    r = run_cli("validate", base, lora, "--static-only", expect=None)
+    assert r.exit_code != 0 and "square shape [4, 64, 64]" in r.stdout + r.stderr
+
+
+def test_transposed_experts_without_model_class_merge_by_shape(tmp_path):
+    """Non-square GPT-OSS experts without a buildable config.json: the stored shape says [E, in, out], and the
+    merge is PEFT's bit for bit (it was refused as a shape mismatch)."""
+    base, lora, ref = _gpt_oss(tmp_path, intermediate=32)
+    (base / "config.json").unlink()
+    out = tmp_path / "merged"
+    run_cli("merge", base, lora, "-o", out)
+    assert torch.equal(load_file(out / "model.safetensors")[EXPERTS], ref)
