@@ -85,7 +85,7 @@ def register(fmt: AdapterFormat) -> AdapterFormat:
 
 def _load_builtin() -> None:
     # Imported lazily: each module registers itself on import. Other formats add their module here.
-    for mod in ("peft", "mlx", "kohya", "gguf"):
+    for mod in ("peft", "mlx", "kohya", "gguf_lora"):
         try:
             __import__(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:

@@ -1,0 +1,341 @@
+"""GGUF LoRA (llama.cpp) <-> PEFT: pure tensor functions, then the file plumbing (needs the `gguf` package).
+
+What llama.cpp's own converter (`convert_lora_to_gguf.py`) writes and `src/llama-adapter.cpp` reads:
+    KV     general.architecture = the base's GGUF arch, general.type = "adapter", adapter.type = "lora",
+           adapter.lora.alpha (float32)
+    names  the base tensor's GGUF name (`gguf.get_tensor_name_map(arch, n_blocks)`) + `.lora_a` / `.lora_b`
+    a, b   lora_a = PEFT lora_A (r, in), lora_b = PEFT lora_B (out, r); token_embd: lora_a = lora_embedding_A.T
+           (num_embeddings, r), lora_b = lora_embedding_B (dim, r). Llama-family q/k rows are in the RoPE order
+           convert_hf_to_gguf writes its base weights in (LlamaModel.permute), so lora_b's rows are permuted too.
+llama.cpp applies alpha / r per tensor (r = that tensor's rank) with one alpha per file: rank_pattern is
+carried, but rsLoRA (alpha/sqrt(r)) and alpha_pattern are not. We fold the difference into lora_b:
+lora_b = B · s / (alpha / r), s = PEFT's scale for the module; where s = alpha / r already (no rsLoRA, no
+alpha_pattern entry) lora_b is B unchanged, so plain adapters give the converter's tensors bit for bit.
+Tensors are written float32 (the converter's default --outtype f32).
+
+The PEFT config rides in the KV (METADATA_CONFIG), so reading our own file back restores the config and
+unfolds the scales (bit-identical where nothing was folded). Reading needs the base: GGUF names are mapped
+back to module names through the base's module list.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..adapter import PREFIX, KeyKind, adapter_config, classify_key, parse_modules, pattern_value
+from ..errors import FormatError, InputError, LoratoolsError, UnsupportedError, UsageError
+from ..lora_math import lora_scale
+from . import PeftFiles, register
+
+METADATA_CONFIG = "loratools.peft_config"
+METADATA_DTYPE = "loratools.dtype"
+WEIGHTS_NAME = "adapter.gguf"
+
+# HF architecture class -> (GGUF arch, q/k rows RoPE-permuted as convert_hf_to_gguf's LlamaModel does).
+# Only architectures whose converter class we checked are listed; others are refused in one line.
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+    "Qwen3ForCausalLM": ("qwen3", False),
+}
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """What naming and orienting tensors needs from the base's config.json."""
+
+    arch: str
+    n_blocks: int
+    n_head: int
+    n_kv_head: int
+    permute_qk: bool
+
+    @classmethod
+    def from_config(cls, config: dict | None, where=None) -> "GgufArch":
+        archs = (config or {}).get("architectures") or []
+        known = [a for a in archs if a in ARCHITECTURES]
+        if not known:
+            raise UnsupportedError(f"GGUF LoRA: base architecture {archs or 'unknown'} is not one loratools maps to "
+                                   f"llama.cpp names (known: {', '.join(ARCHITECTURES)})", path=where)
+        arch, permute = ARCHITECTURES[known[0]]
+        heads = int(config["num_attention_heads"])
+        return cls(arch, int(config["num_hidden_layers"]), heads, int(config.get("num_key_value_heads") or heads),
+                   permute)
+
+    def name_map(self):
+        import gguf
+
+        names = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+        return gguf.get_tensor_name_map(names[self.arch], self.n_blocks)
+
+    def gguf_name(self, module: str) -> str | None:
+        """`blk.0.attn_q.weight` for `model.layers.0.self_attn.q_proj` (None: llama.cpp has no such tensor)."""
+        return self.name_map().get_name(module + ".weight", try_suffixes=(".weight",))
+
+    def qk_heads(self, module: str) -> int | None:
+        """The head count whose RoPE row order llama.cpp stores this module's output in (LlamaModel.permute:
+        q_proj, k_proj of Llama-family archs), or None."""
+        if not self.permute_qk:
+            return None
+        leaf = module.rsplit(".", 1)[-1]
+        heads = {"q_proj": self.n_head, "k_proj": self.n_kv_head}.get(leaf)
+        return None if heads is None else heads
+
+
+def _permute_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
+    # convert_hf_to_gguf LlamaModel.permute: (heads, 2, d/2) -> (heads, d/2, 2) on the output rows
+    return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _unpermute_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.reshape(heads, x.shape[0] // heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def fold_factor(scale: float, alpha: float, r: int) -> float:
+    """What lora_b is multiplied by so that llama.cpp's alpha / r gives PEFT's scale."""
+    return scale / (alpha / r)
+
+
+def peft_to_gguf(config: dict, tensors: dict[str, torch.Tensor], arch: GgufArch
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, object], list[str]]:
+    """PEFT config + tensors -> (GGUF tensors by name, float32; KV; notes on scales folded into lora_b).
+
+    Refuses (UnsupportedError, one line) what llama.cpp's LoRA cannot apply: DoRA magnitudes, lora_bias,
+    tensors saved whole (modules_to_save), target_parameters (expert) entries, Conv1D (fan_in_fan_out) and
+    modules the GGUF arch has no tensor for."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        kind, name, role = classify_key(key)
+        if kind is not KeyKind.FACTOR:
+            raise UnsupportedError("GGUF LoRA cannot hold a tensor saved whole (modules_to_save, an embedding's "
+                                   "base layer) or a non-LoRA key", tensor=key)
+        parts.setdefault(name, {})[role] = t
+    cfg = {**config, "rank_pattern": config.get("rank_pattern") or {},
+           "alpha_pattern": config.get("alpha_pattern") or {}}
+    modules, issues = parse_modules(parts, cfg)
+    if issues:
+        path, issue = issues[0]
+        raise issue.error(issue.message, tensor=PREFIX + path)
+    alpha = float(cfg["lora_alpha"])
+    out: dict[str, torch.Tensor] = {}
+    folded = []
+    for name, m in sorted(modules.items()):
+        what = ("a DoRA magnitude (llama.cpp applies plain LoRA only)" if m.magnitude is not None
+                else "a LoRA bias (lora_bias)" if m.bias is not None
+                else "a target_parameters (expert) entry" if m.param
+                else "a Conv1D (fan_in_fan_out) module" if m.fan_in_fan_out else None)
+        if what:
+            raise UnsupportedError(f"GGUF LoRA cannot hold {what}", tensor=PREFIX + m.key_path)
+        gname = arch.gguf_name(name)
+        if gname is None:
+            raise UnsupportedError(f"llama.cpp's {arch.arch} has no tensor for module {name}",
+                                   tensor=PREFIX + m.key_path)
+        f = fold_factor(m.scale, alpha, m.r)
+        B = m.B.float() if f == 1.0 else m.B.float() * f
+        if f != 1.0:
+            folded.append(name)
+        heads = arch.qk_heads(name)
+        if heads is not None:
+            B = _permute_rows(B, heads)
+        A = m.A.float()
+        if m.kind == "embedding":
+            A = A.T  # llama.cpp's inp_embd takes rows of lora_a per token (the converter transposes it)
+        out[gname + ".lora_a"] = A.contiguous()
+        out[gname + ".lora_b"] = B.contiguous()
+    notes = [f"GGUF LoRA: {len(folded)} module(s) have a scale other than adapter.lora.alpha / r "
+             f"({'rsLoRA' if cfg.get('use_rslora') else 'alpha_pattern'}); folded into lora_b"] if folded else []
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    kv = {"alpha": alpha, METADATA_CONFIG: json.dumps(config, sort_keys=True),
+          METADATA_DTYPE: dtypes[0] if len(dtypes) == 1 else "float32"}
+    return out, kv, notes
+
+
+def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, modules: list[str],
+                 base_model_name_or_path: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """GGUF LoRA tensors + KV (`alpha`, and our METADATA_* when we wrote the file) -> PEFT config + tensors,
+    GGUF names resolved through the base's `modules`. With our metadata the config is restored and folded
+    scales are divided out again; otherwise the config says what llama.cpp applies: lora_alpha = the
+    file's alpha, r the most common rank, other ranks in rank_pattern, target_modules = full module names."""
+    reverse: dict[str, list[str]] = {}
+    for m in modules:
+        g = arch.gguf_name(m)
+        if g is not None:
+            reverse.setdefault(g, []).append(m)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        base, dot, role = key.rpartition(".")
+        if not dot or role not in ("lora_a", "lora_b"):
+            raise UnsupportedError("GGUF LoRA tensor is neither .lora_a nor .lora_b (norm tensors from "
+                                   "mergekit-extract-lora are not carried)", tensor=key)
+        pairs.setdefault(base, {})[role] = t.float() if t.dtype != torch.float32 else t
+    alpha = float(kv["alpha"])
+    stored = _stored_config(kv.get(METADATA_CONFIG))
+    dtype = getattr(torch, str(kv.get(METADATA_DTYPE) or "float32"), torch.float32) if stored else torch.float32
+    out: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for gname, p in sorted(pairs.items()):
+        names = reverse.get(gname, [])
+        if len(names) != 1:
+            what = f"several base modules ({', '.join(sorted(names)[:3])})" if names else "no module of the base"
+            raise FormatError(f"GGUF tensor {gname} maps to {what} under llama.cpp's {arch.arch} names",
+                              tensor=gname + ".lora_a")
+        name = names[0]
+        if set(p) != {"lora_a", "lora_b"}:
+            raise FormatError(f"GGUF LoRA has no {({'lora_a', 'lora_b'} - set(p)).pop()} for {gname}", tensor=gname)
+        a, b = p["lora_a"], p["lora_b"]
+        embedding = gname.startswith("token_embd.")
+        A = a.T if embedding else a
+        r = int(A.shape[0])
+        if A.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
+            raise FormatError(f"expected lora_a [r, in] and lora_b [out, r]; found {list(a.shape)} and "
+                              f"{list(b.shape)}", tensor=gname + ".lora_b")
+        heads = arch.qk_heads(name)
+        B = _unpermute_rows(b, heads) if heads is not None else b
+        if stored is not None:
+            a_m = float(pattern_value(stored.get("alpha_pattern") or {}, name, stored["lora_alpha"]))
+            f = fold_factor(lora_scale(a_m, r, bool(stored.get("use_rslora"))), alpha, r)
+            B = B if f == 1.0 else B / f
+        ranks[name] = r
+        if embedding:
+            out[f"{PREFIX}{name}.lora_embedding_A"] = A.to(dtype).contiguous()
+            out[f"{PREFIX}{name}.lora_embedding_B"] = B.to(dtype).contiguous()
+        else:
+            out[f"{PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
+            out[f"{PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
+    if not out:
+        raise FormatError("no LoRA tensors in the GGUF file")
+    if stored is not None and all(int(pattern_value(stored.get("rank_pattern") or {}, n, stored["r"])) == r
+                                  for n, r in ranks.items()) and float(stored["lora_alpha"]) == alpha:
+        return stored, out
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    config = adapter_config(r=r, lora_alpha=alpha, target_modules=list(ranks), base_model_name_or_path=base_model_name_or_path,
+                            rank_pattern={n: v for n, v in sorted(ranks.items()) if v != r})
+    return config, out
+
+
+def _stored_config(text) -> dict | None:
+    try:
+        config = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) and "r" in config and "lora_alpha" in config else None
+
+
+# -- files --------------------------------------------------------------------------------------------
+
+def _gguf():
+    try:
+        import gguf
+    except ModuleNotFoundError:
+        raise UnsupportedError("the GGUF LoRA format needs the gguf package: pip install 'loratools[gguf]'") from None
+    return gguf
+
+
+def _gguf_file(path: Path) -> Path | None:
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
+def _base_config(base: Path | None, what: str) -> dict:
+    from ..io.checkpoint import load_json
+
+    if base is None:
+        raise UsageError(f"GGUF LoRA {what} needs the base checkpoint (--base BASE): its architecture names the "
+                         f"tensors")
+    cfg_path = Path(base) / "config.json"
+    if not cfg_path.is_file():
+        raise InputError("base has no config.json (GGUF tensor names follow its architecture)", path=base)
+    return load_json(cfg_path, "config.json")
+
+
+def read_gguf(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors by name, KV of interest) of a GGUF LoRA file; FormatError when it is not one."""
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct errors on truncated or foreign files
+        raise FormatError(f"not a readable GGUF file ({e})", path=path) from None
+
+    def field(key):
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    if field("general.type") != "adapter" or field("adapter.type") != "lora":
+        raise FormatError(f"not a GGUF LoRA adapter (general.type={field('general.type')!r}, "
+                          f"adapter.type={field('adapter.type')!r})", path=path)
+    kv = {"arch": field("general.architecture"), "alpha": field("adapter.lora.alpha"),
+          METADATA_CONFIG: field(METADATA_CONFIG), METADATA_DTYPE: field(METADATA_DTYPE)}
+    if kv["alpha"] is None:
+        raise FormatError("GGUF LoRA has no adapter.lora.alpha", path=path)
+    tensors = {}
+    for t in reader.tensors:
+        if t.tensor_type.name not in ("F32", "F16", "BF16"):
+            raise UnsupportedError(f"quantized ({t.tensor_type.name}) LoRA tensors are not read", path=path,
+                                   tensor=t.name)
+        data = torch.from_numpy(t.data.copy())
+        if t.tensor_type.name == "BF16":
+            data = data.view(torch.bfloat16)
+        tensors[t.name] = data.reshape(tuple(int(x) for x in reversed(t.shape)))
+    return tensors, kv
+
+
+class GgufLoraFormat:
+    name = "gguf"
+
+    def detect(self, path: Path) -> bool:
+        f = _gguf_file(Path(path))
+        if f is None:
+            return False
+        with open(f, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+
+    def read(self, path: Path, base: Path | None = None) -> PeftFiles:
+        from .kohya import base_modules
+
+        f = _gguf_file(Path(path))
+        config = _base_config(base, "reading")
+        arch = GgufArch.from_config(config, base)
+        tensors, kv = read_gguf(f)
+        if kv["arch"] != arch.arch:
+            raise FormatError(f"GGUF LoRA is for architecture {kv['arch']!r}, the base is {arch.arch!r}", path=f)
+        try:
+            cfg, peft = gguf_to_peft(tensors, kv, arch, base_modules(Path(base))[0], str(base))
+        except LoratoolsError as e:
+            e.path = e.path or str(f)
+            raise
+        return PeftFiles(config=cfg, tensors=peft, source=self.name, path=f)
+
+    def check(self, files: PeftFiles, base: Path | None = None) -> None:
+        _gguf()
+        arch = GgufArch.from_config(_base_config(base, "writing"), base)
+        peft_to_gguf(files.config, {k: t.to("meta") for k, t in files.tensors.items()}, arch)
+
+    def write(self, files: PeftFiles, out_dir: Path, base: Path | None = None, *, provenance=None,
+              durability=None) -> list[str]:
+        gguf = _gguf()
+        arch = GgufArch.from_config(_base_config(base, "writing"), base)
+        tensors, kv, notes = peft_to_gguf(files.config, files.tensors, arch)
+        files.notes.extend(notes)
+        w = gguf.GGUFWriter(str(Path(out_dir) / WEIGHTS_NAME), arch.arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, kv["alpha"])
+        w.add_string(METADATA_CONFIG, kv[METADATA_CONFIG])
+        w.add_string(METADATA_DTYPE, kv[METADATA_DTYPE])
+        for name, t in tensors.items():
+            w.add_tensor(name, t.numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return [WEIGHTS_NAME]
+
+
+FORMAT = register(GgufLoraFormat())
