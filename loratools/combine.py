@@ -307,6 +307,7 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
     warnings: list[str] = []
     base = base_model_of(adapters, warnings)
     plans = plan_modules(adapters)
+    renest = _inconsistent_nesting(adapters)  # before release_inputs empties the inputs
     lora_bias = check_bias(plans, opts.method)
     saved = carried_tensors(adapters, plans, opts.weights, warnings)
     task_type, disagreement = common_task_type([ad.config.get("task_type") for ad in adapters])
@@ -344,7 +345,7 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
         if on_module:
             on_module(name)
 
-    if any(p.param for p in plans.values()) and _inconsistent_nesting(adapters):
+    if renest:
         nest_param_targets(modules)  # the inputs target different parameters: nest the union as PEFT would
     r = most_common_rank((m.r for m in modules.values()), default=default_rank)
     pattern = {n: m.r for n, m in modules.items() if m.r != r}
@@ -364,13 +365,20 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
 
 
 def _inconsistent_nesting(adapters: list[Adapter]) -> bool:
-    """Whether the inputs save some targeted parameter under different nestings (they target different sets)."""
-    seen: dict[str, str] = {}
+    """Whether some input targets fewer of a module's parameters than the inputs together do: its wrappers
+    are nested (numbered) for its own set, not the union's (two inputs on gate_up_proj alone and down_proj
+    alone both save under `experts.lora_A`). Inputs that each target the union nest it as PEFT would."""
+    per_input: list[dict[str, set[str]]] = []
+    union: dict[str, set[str]] = {}
     for ad in adapters:
+        mine: dict[str, set[str]] = {}
         for m in ad.modules.values():
-            if m.param and seen.setdefault(m.name, m.key_path) != m.key_path:
-                return True
-    return False
+            if m.param:
+                mine.setdefault(m.name[: -len(m.param) - 1], set()).add(m.param)
+        per_input.append(mine)
+        for module, params in mine.items():
+            union.setdefault(module, set()).update(params)
+    return any(params != union[module] for mine in per_input for module, params in mine.items())
 
 
 def combine_adapters(adapters: list[str | Path], output: str | Path, *, method: str,

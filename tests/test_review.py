@@ -66,3 +66,39 @@ def test_transposed_experts_without_model_class_merge_by_shape(tmp_path):
     out = tmp_path / "merged"
     run_cli("merge", base, lora, "-o", out)
     assert torch.equal(load_file(out / "model.safetensors")[EXPERTS], ref)
+
+
+def _param_only_adapter(base_dir, path, param: str, seed: int):
+    """A PEFT LoRA on one expert parameter of every layer, no target_modules."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                        LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=[param]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(path)
+    return path
+
+
+def test_combine_of_adapters_on_different_parameters_of_one_module(tmp_path):
+    """gate_up_proj alone in one adapter, down_proj alone in the other: each is saved unnested (`experts.lora_A`)
+    by its own adapter, so the nesting must be recomputed for the union; it was not (same path, different
+    parameters), and one parameter's factors overwrote the other's with exit 0."""
+    from test_moe_adapter import Case, _deltas, _peft_deltas
+
+    from loratools.adapter import load_adapter
+
+    case = Case("mixtral", tmp_path)
+    gu = _param_only_adapter(case.base_dir, tmp_path / "gu", "gate_up_proj", 5)
+    down = _param_only_adapter(case.base_dir, tmp_path / "down", "down_proj", 6)
+    out = tmp_path / "mix"
+    run_cli("combine", gu, down, "-o", out, "--method", "cat")
+    want = _deltas(load_adapter(gu), case) | _deltas(load_adapter(down), case)
+    got = _peft_deltas(case, out)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
