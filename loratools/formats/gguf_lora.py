@@ -319,23 +319,29 @@ class GgufLoraFormat:
 
     def write(self, files: PeftFiles, out_dir: Path, base: Path | None = None, *, provenance=None,
               durability=None) -> list[str]:
-        gguf = _gguf()
         arch = GgufArch.from_config(_base_config(base, "writing"), base)
         tensors, kv, notes = peft_to_gguf(files.config, files.tensors, arch)
         files.notes.extend(notes)
-        w = gguf.GGUFWriter(str(Path(out_dir) / WEIGHTS_NAME), arch.arch)
-        w.add_type(gguf.GGUFType.ADAPTER)
-        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, kv["alpha"])
-        w.add_string(METADATA_CONFIG, kv[METADATA_CONFIG])
-        w.add_string(METADATA_DTYPE, kv[METADATA_DTYPE])
-        for name, t in tensors.items():
-            w.add_tensor(name, t.numpy())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        write_gguf(Path(out_dir) / WEIGHTS_NAME, arch.arch, tensors, kv)
         return [WEIGHTS_NAME]
+
+
+def write_gguf(path: Path, arch: str, tensors: dict[str, torch.Tensor], kv: dict) -> None:
+    """One GGUF LoRA file with the KV llama.cpp reads (and ours) and float32 tensors."""
+    gguf = _gguf()
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, kv["alpha"])
+    for key in (METADATA_CONFIG, METADATA_DTYPE):
+        if kv.get(key):
+            w.add_string(key, kv[key])
+    for name, t in tensors.items():
+        w.add_tensor(name, t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 FORMAT = register(GgufLoraFormat())
