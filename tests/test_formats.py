@@ -11,7 +11,7 @@ from loratools.errors import InputError, UsageError
 
 
 def test_registry_knows_peft_and_mlx():
-    assert "peft" in formats.names()
+    assert {"peft", "mlx"} <= set(formats.names())
     assert formats.get("peft").name == "peft"
     with pytest.raises(UsageError):
         formats.get("nope")

@@ -6,21 +6,46 @@ from .options import force_option, json_option, max_shard_size_option, output_op
 
 
 @click.command("convert")
-@click.argument("checkpoint", type=click.Path(path_type=str))
+@click.argument("checkpoint", metavar="CHECKPOINT|ADAPTER", type=click.Path(path_type=str))
 @output_option
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
-              show_default=True, help="Cast floating-point tensors; auto keeps each tensor's dtype.")
+              show_default=True, help="Cast floating-point tensors; auto keeps each tensor's dtype (checkpoints).")
 @max_shard_size_option
+@click.option("--to", "to", metavar="FORMAT", default=None,
+              help="Adapters: the format to write (peft, mlx, ...); the input's format is detected.")
+@click.option("--base", type=click.Path(path_type=str), default=None,
+              help="Adapters: the base checkpoint, for formats that need its module list (kohya).")
 @force_option
 @json_option
-def command(checkpoint, output, dtype, max_shard_size, force, as_json):
-    """Rewrite a checkpoint tensor by tensor: reshard it or change its float dtype.
+def command(checkpoint, output, dtype, max_shard_size, to, base, force, as_json):
+    """Rewrite a checkpoint tensor by tensor (reshard it or change its float dtype), or an adapter in another
+    file format (--to).
 
     \b
     Example:
       loratools convert fixtures/tiny-llama -o /tmp/tiny-bf16 --dtype bfloat16 --max-shard-size 200KB
+      loratools convert fixtures/llama-lora -o /tmp/llama-lora-mlx --to mlx
     """
     start_digests(checkpoint)
+    from ..adapter_convert import convert_adapter, is_adapter
+    from ..errors import UsageError
+
+    if is_adapter(checkpoint):
+        if to is None:
+            raise UsageError("converting an adapter needs --to FORMAT (peft, mlx, ...)")
+        if dtype != "auto" or click.get_current_context().get_parameter_source("max_shard_size").name != "DEFAULT":
+            raise UsageError("--dtype and --max-shard-size apply to checkpoints, not to adapters")
+        summary = convert_adapter(checkpoint, output, to=to, base=base, force=force)
+        if as_json:
+            print_json(summary)
+        else:
+            for note in summary["notes"]:
+                info(f"note: {note}")
+            info(f"wrote {summary['output']}: {summary['from']} -> {summary['to']}, {summary['modules']} modules, "
+                 f"{len(summary['files'])} files, {summary['bytes']:,} bytes")
+        return
+    if to is not None or base is not None:
+        raise UsageError(f"{checkpoint} is not an adapter in a known format; --to and --base apply to adapters")
     from ..convert import convert_checkpoint
     from ..io import Checkpoint
 

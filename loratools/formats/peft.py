@@ -3,6 +3,7 @@ goes through. Reading validates the adapter as every other command does (loratoo
 keeps the saved tensors as they are, key for key and dtype for dtype."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..adapter import CONFIG_NAME, WEIGHTS_NAME, is_adapter_dir, load_adapter
@@ -16,7 +17,16 @@ class PeftFormat:
     name = "peft"
 
     def detect(self, path: Path) -> bool:
-        return is_adapter_dir(path)
+        # MLX-LM's adapters also have an adapter_config.json: PEFT's weights file (or peft_type) decides
+        path = Path(path)
+        if not is_adapter_dir(path):
+            return False
+        if any((path / n).is_file() for n in (WEIGHTS_NAME, "adapter_model.bin")):
+            return True
+        try:
+            return "peft_type" in json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            return False
 
     def read(self, path: Path, base: Path | None = None) -> PeftFiles:
         ad = load_adapter(path)  # every check the other commands make (config, shapes, NaN/Inf)

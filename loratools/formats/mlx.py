@@ -1,0 +1,262 @@
+"""MLX-LM's adapter format (mlx_lm/tuner/utils.py `load_adapters`, tuner/lora.py, tuner/dora.py).
+
+Files: `adapters.safetensors` + `adapter_config.json` with `fine_tune_type` ("lora" | "dora"; "full" is a
+fine-tune, not an adapter), `num_layers` (LoRA goes into the last N blocks, -1 = all) and `lora_parameters`
+{`rank`, `scale`, `dropout`, `keys`}: `keys` are module paths inside one block ("self_attn.q_proj") or in the
+whole model ("lm_head"). Tensors are the parameter paths of mlx_lm's LoRA layers:
+
+    <module>.lora_a   (in, r)      = PEFT lora_A.T        (an embedding: (num_embeddings, r) = lora_embedding_A.T)
+    <module>.lora_b   (r, out)     = PEFT lora_B.T        (an embedding: (r, dim) = lora_embedding_B.T)
+    <module>.m        (out,)       = PEFT lora_magnitude_vector (DoRA, Linear only)
+
+and mlx_lm computes y + scale · (x @ lora_a) @ lora_b, so `scale` is PEFT's scaling. `<module>` is the module
+path in mlx_lm's model, which is transformers' for the Llama-style families (model.layers.N.self_attn.q_proj).
+
+Note: one rank and one scale per adapter.
+    MLX builds every LoRA layer with lora_parameters' rank and scale. A PEFT adapter whose modules differ in
+    scale (rsLoRA, alpha_pattern, rank_pattern) is written with the most common scale S, and each other module's
+    B multiplied by s_m / S in float32 and stored in float32: the product B·(s_m/S)·A·S equals B·A·s_m up to
+    float32 rounding. Ranks below the largest, R, are padded with zero columns of lora_a and zero rows of
+    lora_b, which adds exactly nothing. Modules whose scale is S keep their bits. Blocks that MLX gives LoRA
+    layers but the file does not fill keep lora_b = 0 (DoRA: m = ‖W‖), i.e. no change, so `num_layers` is -1.
+    Reading back, trailing rank components that are zero in both factors are dropped again (rank_pattern),
+    which changes no product, so PEFT -> MLX -> PEFT gives every module's rank and delta back.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..adapter import PREFIX, Adapter, adapter_config
+from ..errors import FormatError, UnsupportedError
+from ..io.checkpoint import load_json
+from ..io.durability import DURABLE
+from ..io.safetensors_format import read_header, read_tensor
+from ..io.writer import save_tensors, write_json
+from . import PeftFiles, parse, register
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapters.safetensors"
+_LEAVES = ("lora_a", "lora_b", "m")
+_BLOCK = "layers"  # mlx_lm's `model.layers`: the blocks num_layers and block-relative keys refer to
+
+
+# -- pure conversion ---------------------------------------------------------------------------------------
+
+def unsupported(ad: Adapter) -> tuple[str, str | None] | None:
+    """(what MLX-LM cannot hold, the tensor or module concerned) for `ad`, or None when it converts."""
+    cfg = ad.config
+    if cfg.get("target_parameters"):
+        return ("target_parameters (MoE expert) adapters are not converted to MLX yet: mlx_lm's SwitchLinear "
+                "experts have other names and layouts than transformers' fused expert tensors", None)
+    if ad.saved:
+        name = sorted(ad.saved)[0]
+        return (f"MLX-LM adapters hold only lora_a/lora_b/m, not whole tensors (modules_to_save or a saved "
+                f"embedding layer; {len(ad.saved)} here)", name)
+    if cfg.get("fan_in_fan_out"):
+        return ("fan_in_fan_out (Conv1D, GPT-2) adapters are not converted to MLX: mlx_lm's GPT-2 has other module "
+                "names and nn.Linear layouts", None)
+    for name, m in ad.modules.items():
+        if m.bias is not None:
+            return "MLX-LM's LoRA layers have no lora_B bias (lora_bias=True)", name
+        if m.kind == "embedding" and m.magnitude is not None:
+            return "DoRA on an embedding is not converted to MLX (its magnitude runs over another axis)", name
+        if m.kind == "experts":
+            return "expert tensors are not converted to MLX yet", name
+    if len({m.magnitude is not None for m in ad.modules.values()}) > 1:
+        return "MLX-LM makes every module DoRA or none; this adapter mixes them", None
+    return None
+
+
+def block_key(module: str) -> str:
+    """The lora_parameters.keys entry for a module path: relative to its block for modules inside
+    `...layers.N.`, the full path otherwise (mlx_lm matches both)."""
+    parts = module.split(".")
+    for i in range(len(parts) - 2):
+        if parts[i] == _BLOCK and parts[i + 1].isdigit():
+            return ".".join(parts[i + 2:])
+    return module
+
+
+def to_mlx(ad: Adapter) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
+    """(adapter_config.json, adapters.safetensors tensors, notes) for a PEFT adapter `ad` (check `unsupported`
+    first). See the module note for how ranks and scales are made one."""
+    mods = ad.modules
+    if not mods:
+        raise UnsupportedError("the adapter has no LoRA modules to convert", path=ad.path)
+    rank = max(m.r for m in mods.values())
+    scales = Counter(m.scale for m in mods.values())
+    scale = max(scales, key=lambda s: (scales[s], s))
+    dora = any(m.magnitude is not None for m in mods.values())
+    tensors, folded, padded = {}, [], []
+    for name, m in mods.items():
+        A, B = m.A, m.B
+        if m.scale != scale:
+            B = fold_scale(B, m.scale / scale)
+            folded.append(name)
+        if m.r < rank:
+            A = torch.cat([A, A.new_zeros(rank - m.r, A.shape[1])])
+            B = torch.cat([B, B.new_zeros(B.shape[0], rank - m.r)], dim=1)
+            padded.append(name)
+        tensors[f"{name}.lora_a"] = A.T.contiguous()
+        tensors[f"{name}.lora_b"] = B.T.contiguous()
+        if m.magnitude is not None:
+            tensors[f"{name}.m"] = m.magnitude.contiguous()
+    config = {
+        "fine_tune_type": "dora" if dora else "lora",
+        "num_layers": -1,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": float(ad.config.get("lora_dropout") or 0.0),
+                            "keys": sorted({block_key(n) for n in mods})},
+    }
+    if ad.base_model:
+        config["model"] = ad.base_model
+    notes = []
+    if folded:
+        notes.append(f"scale: MLX has one scale ({scale:g}); {len(folded)} modules had another (rsLoRA/alpha_pattern/"
+                     f"rank_pattern), folded into their lora_b in float32 (exact up to float32 rounding)")
+    if padded:
+        notes.append(f"rank: MLX has one rank ({rank}); {len(padded)} modules zero-padded (exact)")
+    if any(m.kind == "embedding" for m in mods.values()):
+        notes.append("embedding LoRA: with tied word embeddings mlx_lm applies it to the output head as well, "
+                     "PEFT does not")
+    return config, tensors, notes
+
+
+def fold_scale(B: torch.Tensor, ratio: float) -> torch.Tensor:
+    """B · ratio in float32 (stored float32: no second rounding into B's dtype)."""
+    return B.to(torch.float32) * ratio
+
+
+def _trailing_zero_rank(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The rank left once trailing components that are zero in both lora_a (in, r) and lora_b (r, out) go."""
+    r = a.shape[1]
+    while r > 1 and not a[:, r - 1].any() and not b[r - 1].any():
+        r -= 1
+    return r
+
+
+def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None = None
+             ) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
+    """(adapter_config.json, adapter_model.safetensors tensors, notes) in PEFT's format for an MLX-LM adapter.
+    FormatError (naming file and tensor) for a config or tensor that is not MLX-LM's LoRA/DoRA format."""
+    cfg_path = where / CONFIG_NAME if where else None
+    w_path = where / WEIGHTS_NAME if where else None
+    kind = config.get("fine_tune_type", "lora")
+    if kind == "full":
+        raise UnsupportedError("fine_tune_type \"full\" is a full fine-tune, not an adapter", path=cfg_path)
+    if kind not in ("lora", "dora"):
+        raise FormatError(f"fine_tune_type must be lora or dora, found {kind!r}", path=cfg_path)
+    lp = config.get("lora_parameters")
+    if not isinstance(lp, dict):
+        raise FormatError("lora_parameters must be an object with rank and scale", path=cfg_path)
+    rank, scale = lp.get("rank"), lp.get("scale")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise FormatError(f"lora_parameters.rank must be a positive integer, found {rank!r}", path=cfg_path)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale == 0:
+        raise FormatError(f"lora_parameters.scale must be a non-zero number, found {scale!r}", path=cfg_path)
+    scale = float(scale)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf not in _LEAVES or not module:
+            raise FormatError("not an MLX-LM adapter tensor (expected <module>.lora_a, .lora_b or .m)", path=w_path,
+                              tensor=key)
+        parts.setdefault(module, {})[leaf] = t
+    out, ranks, notes, trimmed = {}, {}, [], 0
+    for module, p in sorted(parts.items()):
+        a, b, m = p.get("lora_a"), p.get("lora_b"), p.get("m")
+        if a is None or b is None:
+            raise FormatError(f"has {'lora_b' if a is None else 'lora_a'} without "
+                              f"{'lora_a' if a is None else 'lora_b'}", path=w_path, tensor=f"{module}.lora_a")
+        if a.dim() == 3 or b.dim() == 3:
+            raise UnsupportedError("MoE (SwitchLinear) MLX adapters are not converted yet", path=w_path,
+                                   tensor=f"{module}.lora_a")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[0] != rank:
+            raise FormatError(f"expected lora_a (in, {rank}) and lora_b ({rank}, out) for rank {rank}, found lora_a "
+                              f"{list(a.shape)}, lora_b {list(b.shape)} (wrong orientation or rank)", path=w_path,
+                              tensor=f"{module}.lora_a")
+        if m is not None and tuple(m.shape) != (b.shape[1],):
+            raise FormatError(f"m has shape {list(m.shape)}, expected [{b.shape[1]}]", path=w_path,
+                              tensor=f"{module}.m")
+        if (m is not None) != (kind == "dora"):
+            raise FormatError(f"fine_tune_type is {kind!r} but the module {'has' if m is not None else 'lacks'} "
+                              f"a DoRA magnitude m", path=w_path, tensor=f"{module}.m")
+        r = _trailing_zero_rank(a, b)
+        if r != rank and (scale * r) / r != scale:  # PEFT recomputes alpha / r: keep the rank where that is inexact
+            r = rank
+        ranks[module] = r
+        trimmed += r < rank
+        out[f"{PREFIX}{module}.lora_A.weight"] = a[:, :r].T.contiguous()
+        out[f"{PREFIX}{module}.lora_B.weight"] = b[:r].T.contiguous()
+        if m is not None:
+            out[f"{PREFIX}{module}.lora_magnitude_vector"] = m.contiguous()
+    if not parts:
+        raise FormatError("the adapter holds no lora_a/lora_b tensors", path=w_path)
+    r0 = max(Counter(ranks.values()).items(), key=lambda kv: (kv[1], kv[0]))[0]
+    pattern = {k: v for k, v in ranks.items() if v != r0}
+    peft_cfg = adapter_config(r=r0, lora_alpha=scale * r0, target_modules=sorted(parts),
+                              base_model_name_or_path=config.get("model"),
+                              rank_pattern=pattern, alpha_pattern={k: scale * v for k, v in pattern.items()},
+                              use_dora=kind == "dora")
+    peft_cfg["lora_dropout"] = float(lp.get("dropout") or 0.0)
+    if trimmed:
+        notes.append(f"rank: {trimmed} modules had zero-padded rank components, dropped (rank_pattern; exact)")
+    return peft_cfg, out, notes
+
+
+# -- files -------------------------------------------------------------------------------------------------
+
+class MlxFormat:
+    name = "mlx"
+
+    def detect(self, path: Path) -> bool:
+        path = Path(path)
+        if not (path.is_dir() and (path / CONFIG_NAME).is_file()):
+            return False
+        if (path / WEIGHTS_NAME).is_file():
+            return True
+        try:
+            cfg = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(cfg, dict) and "lora_parameters" in cfg and "peft_type" not in cfg
+
+    def read(self, path: Path, base: Path | None = None) -> PeftFiles:
+        path = Path(path)
+        config = load_json(path / CONFIG_NAME, CONFIG_NAME)
+        wpath = path / WEIGHTS_NAME
+        if not wpath.is_file():
+            raise FormatError(f"MLX-LM adapter has no {WEIGHTS_NAME}", path=path)
+        infos, _ = read_header(str(wpath))
+        with open(wpath, "rb", buffering=0) as fh:
+            tensors = {key: read_tensor(info, fh) for key, info in infos.items()}
+        for key, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise FormatError("adapter tensor holds NaN/Inf values", path=wpath, tensor=key)
+        cfg, out, notes = from_mlx(config, tensors, path)
+        files = PeftFiles(config=cfg, tensors=out, source=self.name, path=path, notes=notes)
+        parse(files)  # the result must be a PEFT adapter loratools reads
+        return files
+
+    def check(self, files: PeftFiles, base: Path | None = None) -> None:
+        problem = unsupported(parse(files))
+        if problem is not None:
+            message, tensor = problem
+            raise UnsupportedError(f"cannot convert to MLX-LM: {message}", path=files.path, tensor=tensor)
+
+    def write(self, files: PeftFiles, out_dir: Path, base: Path | None = None, *, provenance=None,
+              durability=None) -> list[str]:
+        self.check(files, base)
+        config, tensors, notes = to_mlx(parse(files))
+        files.notes.extend(notes)
+        durability = durability or DURABLE
+        write_json(Path(out_dir) / CONFIG_NAME, config, durability)
+        written = save_tensors(out_dir, tensors, filename=WEIGHTS_NAME, allow_shards=False, provenance=provenance,
+                               durability=durability)
+        return [CONFIG_NAME] + written
+
+
+FORMAT = register(MlxFormat())
