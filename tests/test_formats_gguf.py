@@ -162,3 +162,15 @@ def test_equals_llama_cpp_converter(name, tmp_path):
             assert torch.equal(ours[g + ".lora_b"], ref[g + ".lora_b"]), g
         else:
             torch.testing.assert_close(ours[g + ".lora_b"], ref[g + ".lora_b"] * f, rtol=1e-6, atol=0)
+
+
+def test_refuses_nan(tmp_path):
+    files, _ = _files("llama-lora", tmp_path)
+    tensors, kv, _ = peft_to_gguf(files.config, files.tensors, ARCH)
+    first = next(iter(tensors))
+    tensors[first][0, 0] = float("nan")
+    path = tmp_path / "nan.gguf"
+    write_gguf(path, "llama", tensors, kv)
+    with pytest.raises(FormatError, match="NaN") as e:
+        formats.read(path, base=LLAMA)
+    assert e.value.tensor == first and e.value.path == str(path)

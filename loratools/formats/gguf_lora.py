@@ -283,6 +283,8 @@ def read_gguf(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if t.tensor_type.name == "BF16":
             data = data.view(torch.bfloat16)
         tensors[t.name] = data.reshape(tuple(int(x) for x in reversed(t.shape)))
+        if not bool(torch.isfinite(tensors[t.name]).all()):
+            raise FormatError("adapter tensor holds NaN/Inf values", path=path, tensor=t.name)
     return tensors, kv
 
 
