@@ -102,3 +102,22 @@ def test_combine_of_adapters_on_different_parameters_of_one_module(tmp_path):
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("archs", [5, [["X"]], [None], "LlamaForCausalLM"])
+def test_malformed_architectures_is_one_line(tmp_path, archs):
+    """config.json's architectures not a list of names: merge, quantize and inspect said "internal error:
+    TypeError" (key_layout, hf_layout); now one line naming config.json, exit 1, nothing written."""
+    from conftest import LLAMA
+
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(LLAMA, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["architectures"] = archs
+    (base / "config.json").write_text(json.dumps(cfg))
+    for args in (["quantize", base, "-o", tmp_path / "q"], ["inspect", base]):
+        r = run_cli(*args, expect=1)
+        assert "config.json's architectures must be a list of class names" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and "internal error" not in r.stderr
+    assert not (tmp_path / "q").exists()

@@ -152,7 +152,16 @@ class Checkpoint:
         """config.json beside the weights, or None."""
         d = self._config_dir or self.dir
         p = d / "config.json"
-        return load_json(p, "config.json") if p.exists() else None
+        if not p.exists():
+            return None
+        config = load_json(p, "config.json")
+        # every command reads these two to pick conversions and classes (key_layout, hf_layout, task_types)
+        archs = config.get("architectures")
+        if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise FormatError(f"config.json's architectures must be a list of class names, found {archs!r}", path=p)
+        if not isinstance(config.get("model_type", ""), str):
+            raise FormatError(f"config.json's model_type must be a string, found {config['model_type']!r}", path=p)
+        return config
 
     @property
     def quantization_config(self) -> dict | None:
