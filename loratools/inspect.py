@@ -8,7 +8,8 @@ JSON schema (stable; fields are only ever added):
                                        "compute_dtype", "quant_storage", "quantized_tensors",
                                        "quantized_parameters", "skip_modules"},
                "provenance": null | {...what loratools recorded when it wrote the file...}}
-  adapter:    {"kind": "adapter", "path", "peft_type", "task_type", "base_model", "target_modules",
+  adapter:    {"kind": "adapter", "format" (peft, mlx, ...: the file format; other formats are shown as the
+               PEFT adapter they convert to, with "format_notes" on what reading them changed), "path", "peft_type", "task_type", "base_model", "target_modules",
                "use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save",
                "trainable_parameters", "dtypes", "bytes_on_disk",
                "modules": [{"name", "kind", "r", "alpha", "scale", "base_shape", "dora", "bias",
@@ -36,6 +37,12 @@ from .quantized import is_companion
 def inspect_path(path: str | Path) -> dict:
     """What `path` holds (an adapter directory or a checkpoint), as the JSON document described above."""
     path = Path(path)
+    if is_adapter_dir(path) or path.is_file():
+        from . import formats
+
+        fmt = formats.detect(path)
+        if fmt is not None and fmt.name != "peft":  # MLX-LM, kohya, GGUF: described through PEFT's view
+            return inspect_adapter(path, files=fmt.read(path))
     if is_adapter_dir(path):
         return inspect_adapter(path)
     return inspect_checkpoint(path)
@@ -94,9 +101,17 @@ def inspect_checkpoint(path: str | Path) -> dict:
     }
 
 
-def inspect_adapter(path: str | Path) -> dict:
-    """A PEFT adapter's config, modules (r, alpha, scale, base shape) and saved tensors (NaN/Inf shown, not refused)."""
-    ad = load_adapter(path, check_finite=False)
+def inspect_adapter(path: str | Path, files=None) -> dict:
+    """A PEFT adapter's config, modules (r, alpha, scale, base shape) and saved tensors (NaN/Inf shown, not refused).
+    `files`: an adapter in another format, read into PEFT's form (formats.PeftFiles); `format` says which."""
+    if files is not None:
+        from . import formats
+
+        ad = formats.parse(files)
+        meta = {}
+    else:
+        ad = load_adapter(path, check_finite=False)
+        _, meta = read_header(str(Path(path) / WEIGHTS_NAME))
     cfg = ad.config
     modules = [{
         "name": m.name,
@@ -111,10 +126,12 @@ def inspect_adapter(path: str | Path) -> dict:
         "experts": m.experts,
         "expert_delta_norms": _expert_norms(m) if m.kind == "experts" else None,
     } for m in ad.modules.values()]
-    _, meta = read_header(str(Path(path) / WEIGHTS_NAME))
     tm = cfg.get("target_modules")
+    p = Path(path)
     return {
         "kind": "adapter",
+        "format": files.source if files is not None else "peft",
+        "format_notes": list(files.notes) if files is not None else [],
         "path": str(path),
         "peft_type": cfg.get("peft_type"),
         "task_type": cfg.get("task_type"),
@@ -127,7 +144,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "modules_to_save": cfg.get("modules_to_save"),
         "trainable_parameters": ad.trainable_parameters(),
         "dtypes": sorted(str(d).removeprefix("torch.") for d in ad.dtypes),
-        "bytes_on_disk": sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file()),
+        "bytes_on_disk": p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.iterdir() if f.is_file()),
         "modules": modules,
         "saved_tensors": [{"name": k, "shape": list(t.shape)} for k, t in sorted(ad.saved.items())],
         "provenance": read_provenance(meta),

@@ -189,3 +189,12 @@ def test_adapter_made_by_mlx_lm_converts_with_its_logits(tmp_path):
     ref = _mlx_logits(src)[0]
     got, _ = _peft_logits(tmp_path / "peft")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
+
+
+def test_inspect_describes_an_mlx_adapter(mlx_out):
+    doc = json.loads(run_cli("inspect", mlx_out / "llama-patterns", "--json").stdout)
+    ref = load_adapter(FIXTURES / "llama-patterns")
+    assert doc["kind"] == "adapter" and doc["format"] == "mlx" and doc["peft_type"] == "LORA"
+    assert {m["name"]: m["r"] for m in doc["modules"]} == {n: m.r for n, m in ref.modules.items()}
+    assert any("zero-padded" in n for n in doc["format_notes"])
+    assert json.loads(run_cli("inspect", FIXTURES / "llama-lora", "--json").stdout)["format"] == "peft"

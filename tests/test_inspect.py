@@ -8,7 +8,7 @@ CHECKPOINT_KEYS = {"kind", "path", "layout", "architecture", "model_type", "tens
                    "bytes_on_disk", "quantization", "provenance"}
 ADAPTER_KEYS = {"kind", "path", "peft_type", "task_type", "base_model", "target_modules", "use_rslora", "use_dora",
                 "lora_bias", "fan_in_fan_out", "modules_to_save", "trainable_parameters", "dtypes", "bytes_on_disk",
-                "modules", "saved_tensors", "provenance", "target_parameters"}
+                "modules", "saved_tensors", "provenance", "target_parameters", "format", "format_notes"}
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

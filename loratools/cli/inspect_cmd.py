@@ -10,7 +10,7 @@ from .tables import fmt, human_bytes, kv_table, table
 @json_option
 @click.option("--all-modules", is_flag=True, help="List every adapter module instead of grouping uniform ones.")
 def command(path, as_json, all_modules):
-    """Show what a checkpoint, 4-bit checkpoint or PEFT adapter holds (headers only).
+    """Show what a checkpoint, 4-bit checkpoint or adapter (PEFT, MLX-LM, ...) holds (headers only).
 
     \b
     Example:
@@ -38,7 +38,7 @@ def command(path, as_json, all_modules):
         if len(doc["shards"]) > 1:
             table(None, ["shard", "tensors", "bytes"], [[s["file"], s["tensors"], s["bytes"]] for s in doc["shards"]])
         return
-    items = [("path", doc["path"]), ("type", doc["peft_type"]), ("task", doc["task_type"]),
+    items = [("path", doc["path"]), ("format", doc["format"]), ("type", doc["peft_type"]), ("task", doc["task_type"]),
              ("base model", doc["base_model"]), ("target modules", doc["target_modules"]),
              ("target parameters", doc["target_parameters"]),
              ("rsLoRA", doc["use_rslora"]), ("DoRA", doc["use_dora"]), ("lora_bias", doc["lora_bias"]),
@@ -47,6 +47,7 @@ def command(path, as_json, all_modules):
              ("dtypes", doc["dtypes"]), ("bytes on disk", f"{doc['bytes_on_disk']:,}")]
     if doc["provenance"]:
         items.append(("written by", fmt(doc["provenance"])))
+    items += [("read as PEFT", note) for note in doc["format_notes"]]
     kv_table("adapter", items)
     # MoE expert tensors (target_parameters): an experts column, and with --all-modules each one's per-expert
     # ‖ΔW_e‖ range; tables of adapters without experts are unchanged.
