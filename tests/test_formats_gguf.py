@@ -174,3 +174,17 @@ def test_refuses_nan(tmp_path):
     with pytest.raises(FormatError, match="NaN") as e:
         formats.read(path, base=LLAMA)
     assert e.value.tensor == first and e.value.path == str(path)
+
+
+def test_cli_both_ways_and_refusals(tmp_path):
+    from conftest import run_cli, tree_digest
+
+    src = FIXTURES / "llama-rslora"
+    before = tree_digest(src)
+    r = run_cli("convert", src, "-o", tmp_path / "g", "--to", "gguf", "--base", LLAMA)
+    assert "folded into lora_b" in r.stderr
+    run_cli("convert", tmp_path / "g", "-o", tmp_path / "p", "--to", "peft", "--base", LLAMA)
+    assert formats.read(tmp_path / "p").config == formats.read(src).config
+    r = run_cli("convert", FIXTURES / "llama-dora", "-o", tmp_path / "d", "--to", "gguf", "--base", LLAMA, expect=1)
+    assert "DoRA" in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
+    assert tree_digest(src) == before

@@ -121,3 +121,20 @@ def test_refuses_an_embedding_factor():
     factors = {k: t for k, t in files.tensors.items() if ".lora_" in k}
     with pytest.raises(UnsupportedError, match="cannot hold an embedding"):
         peft_to_kohya(files.config, factors)
+
+
+def test_cli_both_ways_and_refusals(tmp_path):
+    from conftest import tree_digest
+
+    src = FIXTURES / "llama-patterns"
+    before = tree_digest(src)
+    run_cli("convert", src, "-o", tmp_path / "k", "--to", "kohya")
+    r = run_cli("convert", tmp_path / "k", "-o", tmp_path / "p", "--to", "peft", expect=2)
+    assert "--base" in r.stderr and not (tmp_path / "p").exists()
+    run_cli("convert", tmp_path / "k", "-o", tmp_path / "p", "--to", "peft", "--base", LLAMA)
+    back, ref = formats.read(tmp_path / "p"), formats.read(src)
+    assert back.config["alpha_pattern"] == ref.config["alpha_pattern"]
+    assert all(torch.equal(back.tensors[k], t) for k, t in ref.tensors.items())
+    r = run_cli("convert", FIXTURES / "llama-mts", "-o", tmp_path / "m", "--to", "kohya", expect=1)
+    assert "saved whole" in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+    assert tree_digest(src) == before

@@ -317,7 +317,11 @@ class GgufLoraFormat:
     def check(self, files: PeftFiles, base: Path | None = None) -> None:
         _gguf()
         arch = GgufArch.from_config(_base_config(base, "writing"), base)
-        peft_to_gguf(files.config, {k: t.to("meta") for k, t in files.tensors.items()}, arch)
+        try:
+            peft_to_gguf(files.config, {k: t.to("meta") for k, t in files.tensors.items()}, arch)
+        except LoratoolsError as e:
+            e.path = e.path or (str(files.path) if files.path else None)
+            raise
 
     def write(self, files: PeftFiles, out_dir: Path, base: Path | None = None, *, provenance=None,
               durability=None) -> list[str]:

@@ -266,7 +266,11 @@ class KohyaFormat:
         return PeftFiles(config=config, tensors=peft, source=self.name, path=f)
 
     def check(self, files: PeftFiles, base: Path | None = None) -> None:
-        peft_to_kohya(files.config, {k: t.to("meta") for k, t in files.tensors.items()})
+        try:
+            peft_to_kohya(files.config, {k: t.to("meta") for k, t in files.tensors.items()})
+        except LoratoolsError as e:
+            e.path = e.path or (str(files.path) if files.path else None)
+            raise
 
     def write(self, files: PeftFiles, out_dir: Path, base: Path | None = None, *, provenance=None,
               durability=None) -> list[str]:
