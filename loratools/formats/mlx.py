@@ -55,7 +55,7 @@ def unsupported(ad: Adapter) -> tuple[str, str | None] | None:
     if ad.saved:
         name = sorted(ad.saved)[0]
         return (f"MLX-LM adapters hold only lora_a/lora_b/m, not whole tensors (modules_to_save or a saved "
-                f"embedding layer; {len(ad.saved)} here)", name)
+                f"embedding layer; {len(ad.saved)} here; with --base those equal to the base's own are left out)", name)
     if cfg.get("fan_in_fan_out"):
         return ("fan_in_fan_out (Conv1D, GPT-2) adapters are not converted to MLX: mlx_lm's GPT-2 has other module "
                 "names and nn.Linear layouts", None)
@@ -119,9 +119,6 @@ def to_mlx(ad: Adapter) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
                      f"rank_pattern), folded into their lora_b in float32 (exact up to float32 rounding)")
     if padded:
         notes.append(f"rank: MLX has one rank ({rank}); {len(padded)} modules zero-padded (exact)")
-    if any(m.kind == "embedding" for m in mods.values()):
-        notes.append("embedding LoRA: with tied word embeddings mlx_lm applies it to the output head as well, "
-                     "PEFT does not")
     return config, tensors, notes
 
 
@@ -138,10 +135,24 @@ def _trailing_zero_rank(a: torch.Tensor, b: torch.Tensor) -> int:
     return r
 
 
-def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None = None
-             ) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
-    """(adapter_config.json, adapter_model.safetensors tensors, notes) in PEFT's format for an MLX-LM adapter.
-    FormatError (naming file and tensor) for a config or tensor that is not MLX-LM's LoRA/DoRA format."""
+# The leaf names transformers gives input embeddings; an MLX file does not say which LoRA is an embedding's.
+EMBEDDING_LEAVES = {"embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared"}
+
+
+def is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base_shape: tuple | None = None) -> bool:
+    """Whether the MLX LoRA of `module` (lora_a, lora_b) is an embedding's (LoRAEmbedding): by the base
+    tensor's shape when known and not square ([num_embeddings, dim] = (a rows, b cols), a Linear's is
+    (b cols, a rows)), else by its name."""
+    if base_shape is not None and len(base_shape) == 2 and base_shape[0] != base_shape[1]:
+        return tuple(base_shape) == (a.shape[0], b.shape[1])
+    return module.rsplit(".", 1)[-1] in EMBEDDING_LEAVES
+
+
+def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None = None,
+             embeddings: set[str] = frozenset()) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
+    """(adapter_config.json, adapter_model.safetensors tensors, notes) in PEFT's format for an MLX-LM adapter;
+    the modules in `embeddings` are embeddings (see is_embedding). FormatError (naming file and tensor) for a
+    config or tensor that is not MLX-LM's LoRA/DoRA format."""
     cfg_path = where / CONFIG_NAME if where else None
     w_path = where / WEIGHTS_NAME if where else None
     kind = config.get("fine_tune_type", "lora")
@@ -189,8 +200,12 @@ def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None 
             r = rank
         ranks[module] = r
         trimmed += r < rank
-        out[f"{PREFIX}{module}.lora_A.weight"] = a[:, :r].T.contiguous()
-        out[f"{PREFIX}{module}.lora_B.weight"] = b[:r].T.contiguous()
+        a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if module in embeddings
+                        else ("lora_A.weight", "lora_B.weight"))
+        if module in embeddings and m is not None:
+            raise UnsupportedError("DoRA on an embedding is not converted from MLX", path=w_path, tensor=f"{module}.m")
+        out[f"{PREFIX}{module}.{a_key}"] = a[:, :r].T.contiguous()
+        out[f"{PREFIX}{module}.{b_key}"] = b[:r].T.contiguous()
         if m is not None:
             out[f"{PREFIX}{module}.lora_magnitude_vector"] = m.contiguous()
     if not parts:
@@ -205,6 +220,33 @@ def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None 
     if trimmed:
         notes.append(f"rank: {trimmed} modules had zero-padded rank components, dropped (rank_pattern; exact)")
     return peft_cfg, out, notes
+
+
+def without_base_copies(files: PeftFiles, base: Path | None) -> PeftFiles:
+    """`files` without the tensors saved whole that equal the base's own bit for bit (PEFT saves a targeted
+    embedding whole, save_embedding_layers, even when unchanged): they carry nothing, so MLX need not hold
+    them. Without a base nothing is dropped. A tied-embedding base with an embedding LoRA is refused: mlx_lm
+    applies that LoRA to the output head too (LoRAEmbedding.as_linear), PEFT does not."""
+    if base is None:
+        return files
+    from ..adapter import KeyKind, classify_key
+    from ..io import Checkpoint
+
+    ck = Checkpoint(base)
+    tensors, dropped = {}, 0
+    for key, t in files.tensors.items():
+        kind, name, _ = classify_key(key)
+        if kind is KeyKind.SAVED and name in ck.tensors and torch.equal(ck.read(name), t):
+            dropped += 1
+            continue
+        tensors[key] = t
+    if (ck.config or {}).get("tie_word_embeddings") and any(k.endswith(".lora_embedding_A") for k in tensors):
+        raise UnsupportedError("cannot convert to MLX-LM: the base ties its word embeddings, and mlx_lm applies an "
+                               "embedding's LoRA to the output head as well, PEFT does not", path=files.path)
+    notes = list(files.notes)
+    if dropped:
+        notes.append(f"{dropped} tensors saved whole equal the base's own bit for bit: left out (exact)")
+    return PeftFiles(config=files.config, tensors=tensors, source=files.source, path=files.path, notes=notes)
 
 
 # -- files -------------------------------------------------------------------------------------------------
@@ -236,12 +278,28 @@ class MlxFormat:
         for key, t in tensors.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise FormatError("adapter tensor holds NaN/Inf values", path=wpath, tensor=key)
-        cfg, out, notes = from_mlx(config, tensors, path)
+        shapes = {}
+        if base is not None:
+            from ..io import Checkpoint
+
+            ck = Checkpoint(base)
+            shapes = {k: tuple(i.shape) for k, i in ck.tensors.items()}
+        embeddings = set()
+        for key, a in tensors.items():
+            if key.endswith(".lora_a") and a.dim() == 2:
+                module = key[: -len(".lora_a")]
+                b = tensors.get(f"{module}.lora_b")
+                if b is not None and b.dim() == 2 and is_embedding(module, a, b, shapes.get(f"{module}.weight")):
+                    embeddings.add(module)
+        cfg, out, notes = from_mlx(config, tensors, path, embeddings)
+        if embeddings and base is None:
+            notes.append(f"embedding LoRA told by name ({', '.join(sorted(embeddings))}); give --base to tell by shape")
         files = PeftFiles(config=cfg, tensors=out, source=self.name, path=path, notes=notes)
         parse(files)  # the result must be a PEFT adapter loratools reads
         return files
 
     def check(self, files: PeftFiles, base: Path | None = None) -> None:
+        files = without_base_copies(files, base)
         problem = unsupported(parse(files))
         if problem is not None:
             message, tensor = problem
@@ -250,8 +308,13 @@ class MlxFormat:
     def write(self, files: PeftFiles, out_dir: Path, base: Path | None = None, *, provenance=None,
               durability=None) -> list[str]:
         self.check(files, base)
-        config, tensors, notes = to_mlx(parse(files))
-        files.notes.extend(notes)
+        kept = without_base_copies(files, base)
+        ad = parse(kept)
+        config, tensors, notes = to_mlx(ad)
+        if base is None and any(m.kind == "embedding" for m in ad.modules.values()):
+            notes.append("embedding LoRA: with tied word embeddings mlx_lm applies it to the output head as well, "
+                         "PEFT does not (give --base to have that checked)")
+        files.notes.extend(kept.notes[len(files.notes):] + notes)
         durability = durability or DURABLE
         write_json(Path(out_dir) / CONFIG_NAME, config, durability)
         written = save_tensors(out_dir, tensors, filename=WEIGHTS_NAME, allow_shards=False, provenance=provenance,
