@@ -309,25 +309,38 @@ def explain_missing(name: str, layout: KeyLayout, min_depth: int = 3) -> str:
     Looks for a tensor (stored or model name) that ends like `name` over at least `min_depth` dotted
     components (e.g. `layers.0.self_attn.q_proj.weight`)."""
     pieces = name.split(".")
+    index_only = None  # a tensor that differs only by numbers: another layer / expert, not another prefix
     for cut in range(1, max(1, len(pieces) - min_depth + 1)):
         tail = "." + ".".join(pieces[cut:])
         for param in layout.shapes:
-            if param.endswith(tail) or param == tail[1:]:
+            if (param.endswith(tail) or param == tail[1:]) and param not in layout.unconverted:
                 theirs, ours = _difference(param, name)
+                if _indices(theirs) and _indices(ours):
+                    index_only = index_only or (param, ours)
+                    continue
                 return (f"a prefix difference, not another model: the checkpoint's model names it {param} "
                         f"('{theirs}' where the adapter has '{ours}')")
         for stored, part in layout.parts.items():
-            if stored.endswith(tail):
+            if stored.endswith(tail) and (stored != part.param or stored in layout.unconverted) \
+                    and not _indices(_difference(stored, name)[0]):
                 why = layout.unconverted.get(stored)
                 if why:
                     return f"a layout difference: the checkpoint stores {stored}; {why}"
                 return (f"a layout difference: the checkpoint stores {stored}, which transformers loads as "
                         f"{part.param}")
+    if index_only is not None:
+        return (f"the checkpoint has no index {index_only[1]} there (it has e.g. {index_only[0]}): is this adapter "
+                f"for another model, with more layers or experts?")
     if layout.source == "identity" and any("." in k for k in layout.parts):
         return ("no tensor ends like it; without a config.json transformers can build, the checkpoint's names "
                 "are taken as stored, so a layout that transformers converts on load is not followed")
     return "no tensor of the checkpoint ends like it (not a prefix or layout difference): is this adapter for " \
            "another model?"
+
+
+def _indices(part: str) -> bool:
+    """True for a dotted run of numbers only ('5', '0.3'): module-list indices."""
+    return bool(part) and all(p.isdigit() for p in part.split("."))
 
 
 def stored_names(layout: KeyLayout, params: Iterable[str]) -> list[str]:

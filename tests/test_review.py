@@ -121,3 +121,35 @@ def test_malformed_architectures_is_one_line(tmp_path, archs):
         assert "config.json's architectures must be a list of class names" in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1 and "internal error" not in r.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_adapter_for_a_deeper_model_is_not_called_a_prefix_difference(tmp_path):
+    """An adapter whose layer 9 the 2-layer base lacks was explained as "a prefix difference, not another
+    model ('0' where the adapter has '9')"; a layer index is no prefix: now it says the index is missing."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import FIXTURES, LLAMA
+
+    ad = tmp_path / "deep"
+    shutil.copytree(FIXTURES / "llama-lora", ad)
+    tensors = load_file(ad / "adapter_model.safetensors")
+    save_file({k.replace("layers.1.", "layers.9."): v for k, v in tensors.items()}, ad / "adapter_model.safetensors")
+    out = tmp_path / "m"
+    r = run_cli("merge", LLAMA, ad, "-o", out, expect=1)
+    assert "prefix difference" not in r.stderr and "no index 9" in r.stderr and "another model" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not out.exists()
+
+
+def test_unconverted_tensor_is_explained_as_such():
+    """A stored tensor kept under its name because transformers converts it in a way loratools does not follow
+    is also a model name in the layout, so the prefix branch answered first and the `unconverted` reason was
+    never given."""
+    from loratools.key_layout import KeyLayout, Part, explain_missing
+
+    name = "model.layers.0.mlp.odd.weight"
+    why = "transformers converts it into model.layers.0.mlp.new.weight with Chunk, which loratools does not follow"
+    layout = KeyLayout({name: Part(name, name)}, {name: (2, 2)}, "transformers", unconverted={name: why})
+    assert explain_missing("base.layers.0.mlp.odd.weight", layout) == \
+        f"a layout difference: the checkpoint stores {name}; {why}"
