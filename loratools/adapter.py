@@ -532,10 +532,14 @@ def _num(v):
 def adapter_tensors(modules: dict[str, LoraModule], saved: dict[str, torch.Tensor] | None = None,
                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The saved-key dict for modules (and modules_to_save tensors), in PEFT's key format."""
-    out = {}
+    out, paths = {}, set()
     for name, m in sorted(modules.items()):
         cast = (lambda t: t.to(dtype).contiguous()) if dtype else (lambda t: t.contiguous())
         path = m.key_path
+        if path in paths:  # two entries (target_parameters of one module) under one path: one would be lost
+            raise RuntimeError(f"two adapted entries would be saved under {PREFIX}{path} (the second: {name}); "
+                               f"target_parameters nesting was not assigned")
+        paths.add(path)
         if m.kind == "embedding":
             out[f"{PREFIX}{path}.lora_embedding_A"] = cast(m.A)
             out[f"{PREFIX}{path}.lora_embedding_B"] = cast(m.B)

@@ -153,3 +153,16 @@ def test_unconverted_tensor_is_explained_as_such():
     layout = KeyLayout({name: Part(name, name)}, {name: (2, 2)}, "transformers", unconverted={name: why})
     assert explain_missing("base.layers.0.mlp.odd.weight", layout) == \
         f"a layout difference: the checkpoint stores {name}; {why}"
+
+
+def test_adapter_tensors_refuses_two_entries_under_one_path():
+    """The writer's guard behind the combine fix: two parameters saved under one wrapper path would silently
+    keep only the last one's factors."""
+    from loratools.adapter import LoraModule, adapter_tensors
+
+    def param(p):
+        return LoraModule(name=f"m.experts.{p}", kind="experts", A=torch.ones(4, 3), B=torch.ones(5, 4), r=2,
+                          alpha=2.0, scale=1.0, param=p, experts=2, saved_path="m.experts")
+
+    with pytest.raises(RuntimeError, match="under base_model.model.m.experts"):
+        adapter_tensors({"m.experts.gate_up_proj": param("gate_up_proj"), "m.experts.down_proj": param("down_proj")})
