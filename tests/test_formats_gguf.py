@@ -188,3 +188,97 @@ def test_cli_both_ways_and_refusals(tmp_path):
     r = run_cli("convert", FIXTURES / "llama-dora", "-o", tmp_path / "d", "--to", "gguf", "--base", LLAMA, expect=1)
     assert "DoRA" in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
     assert tree_digest(src) == before
+
+
+# -- MoE: target_parameters experts -> llama.cpp's stacked _exps tensors ----------------------------------
+
+@pytest.fixture(scope="session")
+def mixtral(tmp_path_factory):
+    from zoo import Case
+
+    return Case("mixtral", tmp_path_factory.mktemp("gguf-mixtral"))
+
+
+def _per_expert_adapter(files, out: Path) -> Path:
+    """The same adapter as transformers 4 PEFT saved it for Mixtral (one Linear LoRA per expert w1/w2/w3 and on
+    block_sparse_moe.gate): what llama.cpp's converter reads."""
+    from loratools.adapter import PREFIX
+
+    ad, t = formats.parse(files), {}
+    for n, m in ad.modules.items():
+        pairs = []
+        if m.kind == "experts":
+            A_e, B_e = m.expert_factors(m.A.dtype)
+            mod = n.rsplit(".", 2)[0].replace(".mlp", ".block_sparse_moe")
+            half = B_e.shape[1] // 2
+            for e in range(m.experts):
+                if m.param == "gate_up_proj":
+                    pairs += [(f"{mod}.experts.{e}.w1", A_e[e], B_e[e, :half]), (f"{mod}.experts.{e}.w3", A_e[e], B_e[e, half:])]
+                else:
+                    pairs.append((f"{mod}.experts.{e}.w2", A_e[e], B_e[e]))
+        elif m.param:  # the router's weight
+            pairs.append((n[: -len(".weight")].replace(".mlp.", ".block_sparse_moe."), m.A, m.B))
+        else:
+            pairs.append((n, m.A, m.B))
+        for mod, A, B in pairs:
+            t[f"{PREFIX}{mod}.lora_A.weight"], t[f"{PREFIX}{mod}.lora_B.weight"] = A.contiguous(), B.contiguous()
+    out.mkdir()
+    write_adapter(out, {**files.config, "target_parameters": None}, t)
+    return out
+
+
+def test_moe_applies_peft_delta_per_expert(mixtral, tmp_path):
+    files = formats.read(mixtral.adapter)
+    arch = GgufArch.from_config(json.loads((mixtral.base / "config.json").read_text()))
+    tensors, kv, notes = peft_to_gguf(files.config, files.tensors, arch)
+    alpha = kv["alpha"]
+    for n, m in formats.parse(files).modules.items():
+        if m.kind != "experts":
+            continue
+        module, _, leaf = n.rpartition(".")
+        want = m.delta()  # [E, out, in], PEFT's ParamWrapper delta
+        halves = ([("gate_proj", slice(0, want.shape[1] // 2)), ("up_proj", slice(want.shape[1] // 2, None))]
+                  if leaf == "gate_up_proj" else [(leaf, slice(None))])
+        for name, rows in halves:
+            g = arch.gguf_name(f"{module}.{name}")
+            a, b = tensors[g + ".lora_a"], tensors[g + ".lora_b"]
+            assert a.shape == (m.experts, m.r, want.shape[2]) and b.shape[:2] == (m.experts, want[:, rows].shape[1])
+            torch.testing.assert_close(b @ a * (alpha / m.r), want[:, rows], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("which", ["adapter", "adapter2"])
+def test_moe_round_trip(mixtral, tmp_path, which):
+    files = formats.read(getattr(mixtral, which))
+    out = tmp_path / "g"
+    out.mkdir()
+    formats.get("gguf").write(files, out, mixtral.base)
+    back = formats.read(out, base=mixtral.base)
+    assert back.config == files.config and sorted(back.tensors) == sorted(files.tensors)
+    ref, got = formats.parse(files), formats.parse(back)
+    for n, m in ref.modules.items():
+        torch.testing.assert_close(got.modules[n].delta(), m.delta(), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.skipif(not (LLAMA_CPP and (Path(LLAMA_CPP) / "convert_lora_to_gguf.py").is_file()),
+                    reason="llama.cpp's convert_lora_to_gguf.py not present (set LORATOOLS_LLAMA_CPP)")
+def test_moe_equals_llama_cpp_converter(mixtral, tmp_path):
+    files = formats.read(mixtral.adapter)
+    out = tmp_path / "g"
+    out.mkdir()
+    formats.get("gguf").write(files, out, mixtral.base)
+    ours = read_gguf(out / "adapter.gguf")[0]
+    adapter = _per_expert_adapter(files, tmp_path / "per-expert")
+    script = Path(LLAMA_CPP) / "convert_lora_to_gguf.py"
+    subprocess.run([sys.executable, str(script), str(adapter), "--base", str(mixtral.base), "--outfile",
+                    str(tmp_path / "ref.gguf")], check=True, capture_output=True)
+    ref = read_gguf(tmp_path / "ref.gguf")[0]
+    assert sorted(ours) == sorted(ref)
+    arch = GgufArch.from_config(json.loads((mixtral.base / "config.json").read_text()))
+    for n, m in formats.parse(files).modules.items():
+        f = fold_factor(m.scale, files.config["lora_alpha"], m.r)
+        module = n.rpartition(".")[0]
+        names = ([f"{module}.gate_proj", f"{module}.up_proj"] if m.param == "gate_up_proj"
+                 else [module] if m.param == "weight" else [n])
+        for g in (arch.gguf_name(x) for x in names):
+            assert torch.equal(ours[g + ".lora_a"], ref[g + ".lora_a"]), g
+            torch.testing.assert_close(ours[g + ".lora_b"], ref[g + ".lora_b"] * f, rtol=0, atol=0)

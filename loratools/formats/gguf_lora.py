@@ -7,6 +7,9 @@ What llama.cpp's own converter (`convert_lora_to_gguf.py`) writes and `src/llama
     a, b   lora_a = PEFT lora_A (r, in), lora_b = PEFT lora_B (out, r); token_embd: lora_a = lora_embedding_A.T
            (num_embeddings, r), lora_b = lora_embedding_B (dim, r). Llama-family q/k rows are in the RoPE order
            convert_hf_to_gguf writes its base weights in (LlamaModel.permute), so lora_b's rows are permuted too.
+           MoE experts (PEFT target_parameters, A (r·E, in), B (out, r·E)) become llama.cpp's stacked tensors
+           `ffn_{gate,up,down}_exps`: lora_a [E, r, in], lora_b [E, out, r], what the converter stacks from
+           per-expert Linear LoRAs; a fused gate_up_proj is split into gate and up (same lora_a).
 llama.cpp applies alpha / r per tensor (r = that tensor's rank) with one alpha per file: rank_pattern is
 carried, but rsLoRA (alpha/sqrt(r)) and alpha_pattern are not. We fold the difference into lora_b:
 lora_b = B · s / (alpha / r), s = PEFT's scale for the module; where s = alpha / r already (no rsLoRA, no
@@ -26,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import PREFIX, KeyKind, adapter_config, classify_key, parse_modules, pattern_value
+from ..adapter import (PREFIX, KeyKind, LoraModule, adapter_config, classify_key, nest_param_targets, parse_modules,
+                       pattern_value)
 from ..errors import FormatError, InputError, LoratoolsError, UnsupportedError, UsageError
-from ..lora_math import lora_scale
+from ..lora_math import lora_scale, pack_expert_factors
 from . import PeftFiles, register
 
 METADATA_CONFIG = "loratools.peft_config"
@@ -40,6 +44,7 @@ WEIGHTS_NAME = "adapter.gguf"
 ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", True),
     "MistralForCausalLM": ("llama", True),
+    "MixtralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
     "Qwen3ForCausalLM": ("qwen3", False),
 }
@@ -127,26 +132,18 @@ def peft_to_gguf(config: dict, tensors: dict[str, torch.Tensor], arch: GgufArch
     for name, m in sorted(modules.items()):
         what = ("a DoRA magnitude (llama.cpp applies plain LoRA only)" if m.magnitude is not None
                 else "a LoRA bias (lora_bias)" if m.bias is not None
-                else "a target_parameters (expert) entry" if m.param
+                else "experts stored [E, in, out]" if m.experts_transposed
                 else "a Conv1D (fan_in_fan_out) module" if m.fan_in_fan_out else None)
         if what:
             raise UnsupportedError(f"GGUF LoRA cannot hold {what}", tensor=PREFIX + m.key_path)
-        gname = arch.gguf_name(name)
-        if gname is None:
-            raise UnsupportedError(f"llama.cpp's {arch.arch} has no tensor for module {name}",
-                                   tensor=PREFIX + m.key_path)
         f = fold_factor(m.scale, alpha, m.r)
-        B = m.B.float() if f == 1.0 else m.B.float() * f
         if f != 1.0:
             folded.append(name)
-        heads = arch.qk_heads(name)
-        if heads is not None:
-            B = _permute_rows(B, heads)
-        A = m.A.float()
-        if m.kind == "embedding":
-            A = A.T  # llama.cpp's inp_embd takes rows of lora_a per token (the converter transposes it)
-        out[gname + ".lora_a"] = A.contiguous()
-        out[gname + ".lora_b"] = B.contiguous()
+        for gname, A, B in _gguf_factors(m, arch):
+            if gname is None:
+                raise UnsupportedError(f"llama.cpp's {arch.arch} has no tensor for {name}", tensor=PREFIX + m.key_path)
+            out[gname + ".lora_a"] = A.contiguous()
+            out[gname + ".lora_b"] = (B if f == 1.0 else B * f).contiguous()
     notes = [f"GGUF LoRA: {len(folded)} module(s) have a scale other than adapter.lora.alpha / r "
              f"({'rsLoRA' if cfg.get('use_rslora') else 'alpha_pattern'}); folded into lora_b"] if folded else []
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
@@ -155,17 +152,58 @@ def peft_to_gguf(config: dict, tensors: dict[str, torch.Tensor], arch: GgufArch
     return out, kv, notes
 
 
-def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, modules: list[str],
-                 base_model_name_or_path: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """GGUF LoRA tensors + KV (`alpha`, and our METADATA_* when we wrote the file) -> PEFT config + tensors,
-    GGUF names resolved through the base's `modules`. With our metadata the config is restored and folded
-    scales are divided out again; otherwise the config says what llama.cpp applies: lora_alpha = the
-    file's alpha, r the most common rank, other ranks in rank_pattern, target_modules = full module names."""
-    reverse: dict[str, list[str]] = {}
+def _gguf_factors(m, arch: GgufArch) -> list[tuple[str | None, torch.Tensor, torch.Tensor]]:
+    """(GGUF base tensor name, lora_a, lora_b) in float32, unscaled, as convert_lora_to_gguf.py lays them out.
+
+    A target_parameters expert tensor becomes llama.cpp's stacked experts: lora_a [E, r, in], lora_b
+    [E, out, r] (what the converter stacks from per-expert Linear LoRAs); a fused gate_up_proj [E, 2I, H]
+    (gate rows first) is split into ffn_gate_exps and ffn_up_exps, both with the same lora_a."""
+    if m.param:
+        A_e, B_e = m.expert_factors(torch.float32)
+        module = m.name[: -len(m.param) - 1]
+        if m.experts == 1 and m.param == "weight":  # a 2-D parameter (a router's weight): a plain Linear
+            return [(arch.gguf_name(module), A_e[0], B_e[0])]
+        if m.param == "gate_up_proj":
+            half = B_e.shape[1] // 2
+            return [(arch.gguf_name(f"{module}.gate_proj"), A_e, B_e[:, :half]),
+                    (arch.gguf_name(f"{module}.up_proj"), A_e, B_e[:, half:])]
+        return [(arch.gguf_name(m.name), A_e, B_e)]
+    B, A = m.B.float(), m.A.float()
+    heads = arch.qk_heads(m.name)
+    if heads is not None:
+        B = _permute_rows(B, heads)
+    if m.kind == "embedding":
+        A = A.T  # llama.cpp's inp_embd takes rows of lora_a per token (the converter transposes it)
+    return [(arch.gguf_name(m.name), A, B)]
+
+
+def _reverse_names(arch: GgufArch, modules: list[str], params: list[str]) -> dict[str, list[tuple[str, str | None]]]:
+    """GGUF base tensor name -> [(module or expert parameter, part)]: part "gate"/"up" for the halves of a
+    fused gate_up_proj, None otherwise (more than one entry: ambiguous)."""
+    reverse: dict[str, list[tuple[str, str | None]]] = {}
     for m in modules:
         g = arch.gguf_name(m)
         if g is not None:
-            reverse.setdefault(g, []).append(m)
+            reverse.setdefault(g, []).append((m, None))
+    for p in params:
+        module, _, leaf = p.rpartition(".")
+        halves = [(f"{module}.gate_proj", "gate"), (f"{module}.up_proj", "up")] if leaf == "gate_up_proj" else [(p, None)]
+        for name, part in halves:
+            g = arch.gguf_name(name)
+            if g is not None:
+                reverse.setdefault(g, []).append((p, part))
+    return reverse
+
+
+def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, modules: list[str],
+                 base_model_name_or_path: str | None = None, params: list[str] = ()
+                 ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """GGUF LoRA tensors + KV (`alpha`, and our METADATA_* when we wrote the file) -> PEFT config + tensors,
+    GGUF names resolved through the base's `modules` (2-D weights' modules) and `params` (3-D expert
+    parameters, as target_parameters). With our metadata the config is restored and folded scales are
+    divided out again; otherwise the config says what llama.cpp applies: lora_alpha = the file's alpha, r
+    the most common rank, other ranks in rank_pattern, target_modules = full module names."""
+    reverse = _reverse_names(arch, modules, list(params))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         base, dot, role = key.rpartition(".")
@@ -176,45 +214,76 @@ def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, mod
     alpha = float(kv["alpha"])
     stored = _stored_config(kv.get(METADATA_CONFIG))
     dtype = getattr(torch, str(kv.get(METADATA_DTYPE) or "float32"), torch.float32) if stored else torch.float32
-    out: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
+    plain: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # module -> (A, B, embedding)
+    experts: dict[str, dict[str | None, tuple[torch.Tensor, torch.Tensor]]] = {}  # param -> part -> (A_e, B_e)
     for gname, p in sorted(pairs.items()):
         names = reverse.get(gname, [])
         if len(names) != 1:
-            what = f"several base modules ({', '.join(sorted(names)[:3])})" if names else "no module of the base"
+            what = (f"several base tensors ({', '.join(sorted(n for n, _ in names)[:3])})" if names
+                    else "no tensor of the base")
             raise FormatError(f"GGUF tensor {gname} maps to {what} under llama.cpp's {arch.arch} names",
                               tensor=gname + ".lora_a")
-        name = names[0]
+        (name, part) = names[0]
         if set(p) != {"lora_a", "lora_b"}:
             raise FormatError(f"GGUF LoRA has no {({'lora_a', 'lora_b'} - set(p)).pop()} for {gname}", tensor=gname)
         a, b = p["lora_a"], p["lora_b"]
+        if name in params:
+            if a.dim() != 3 or b.dim() != 3 or b.shape[2] != a.shape[1] or b.shape[0] != a.shape[0]:
+                raise FormatError(f"expected expert lora_a [E, r, in] and lora_b [E, out, r]; found {list(a.shape)} "
+                                  f"and {list(b.shape)}", tensor=gname + ".lora_b")
+            experts.setdefault(name, {})[part] = (a, b)
+            continue
         embedding = gname.startswith("token_embd.")
         A = a.T if embedding else a
-        r = int(A.shape[0])
-        if A.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
+        if A.dim() != 2 or b.dim() != 2 or b.shape[1] != A.shape[0]:
             raise FormatError(f"expected lora_a [r, in] and lora_b [out, r]; found {list(a.shape)} and "
                               f"{list(b.shape)}", tensor=gname + ".lora_b")
         heads = arch.qk_heads(name)
-        B = _unpermute_rows(b, heads) if heads is not None else b
-        if stored is not None:
-            a_m = float(pattern_value(stored.get("alpha_pattern") or {}, name, stored["lora_alpha"]))
-            f = fold_factor(lora_scale(a_m, r, bool(stored.get("use_rslora"))), alpha, r)
-            B = B if f == 1.0 else B / f
-        ranks[name] = r
-        if embedding:
-            out[f"{PREFIX}{name}.lora_embedding_A"] = A.to(dtype).contiguous()
-            out[f"{PREFIX}{name}.lora_embedding_B"] = B.to(dtype).contiguous()
+        plain[name] = (A, _unpermute_rows(b, heads) if heads is not None else b, embedding)
+    found: dict[str, LoraModule] = {}
+    for name, (A, B, embedding) in plain.items():
+        found[name] = LoraModule(name=name, kind="embedding" if embedding else "linear", A=A, B=B,
+                                 r=int(A.shape[0]), alpha=alpha, scale=0.0)
+    for name, parts in experts.items():
+        if None in parts:
+            A_e, B_e = parts[None]
         else:
-            out[f"{PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
-            out[f"{PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
-    if not out:
+            if set(parts) != {"gate", "up"} or not torch.equal(parts["gate"][0], parts["up"][0]):
+                raise UnsupportedError(f"{name}: llama.cpp's gate and up expert LoRAs must both be present with the "
+                                       f"same lora_a to form one PEFT gate_up_proj LoRA",
+                                       tensor=arch.gguf_name(name.rpartition(".")[0] + ".gate_proj"))
+            A_e, B_e = parts["gate"][0], torch.cat([parts["gate"][1], parts["up"][1]], dim=1)
+        A, B = pack_expert_factors(A_e, B_e)
+        found[name] = LoraModule(name=name, kind="experts", A=A, B=B, r=int(A_e.shape[1]), alpha=alpha, scale=0.0,
+                                 param=name.rpartition(".")[2], experts=int(A_e.shape[0]))
+    if not found:
         raise FormatError("no LoRA tensors in the GGUF file")
+    if stored is not None:  # a router's LoRA PEFT made on its `weight` parameter (target_parameters "gate.weight")
+        stored_params = stored.get("target_parameters") or []
+        for name, m in found.items():
+            if not m.param and any(f"{name}.weight".endswith(t) for t in stored_params):
+                m.param, m.name = "weight", f"{name}.weight"
+    nest_param_targets(found)
+    ranks = {m.name: m.r for m in found.values()}
+    out: dict[str, torch.Tensor] = {}
+    for m in found.values():
+        B = m.B
+        if stored is not None:
+            a_m = float(pattern_value(stored.get("alpha_pattern") or {}, m.name, stored["lora_alpha"]))
+            f = fold_factor(lora_scale(a_m, m.r, bool(stored.get("use_rslora"))), alpha, m.r)
+            B = B if f == 1.0 else B / f
+        roles = ("lora_embedding_A", "lora_embedding_B") if m.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        out[f"{PREFIX}{m.key_path}.{roles[0]}"] = m.A.to(dtype).contiguous()
+        out[f"{PREFIX}{m.key_path}.{roles[1]}"] = B.to(dtype).contiguous()
     if stored is not None and all(int(pattern_value(stored.get("rank_pattern") or {}, n, stored["r"])) == r
                                   for n, r in ranks.items()) and float(stored["lora_alpha"]) == alpha:
         return stored, out
     r = Counter(ranks.values()).most_common(1)[0][0]
-    config = adapter_config(r=r, lora_alpha=alpha, target_modules=list(ranks), base_model_name_or_path=base_model_name_or_path,
-                            rank_pattern={n: v for n, v in sorted(ranks.items()) if v != r})
+    leaves = sorted({m.param for m in found.values() if m.param})
+    config = adapter_config(r=r, lora_alpha=alpha, target_modules=[m.name for m in found.values() if not m.param],
+                            base_model_name_or_path=base_model_name_or_path,
+                            rank_pattern={n: v for n, v in sorted(ranks.items()) if v != r},
+                            target_parameters=leaves or None)
     return config, out
 
 
@@ -288,6 +357,21 @@ def read_gguf(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, kv
 
 
+def base_names(base: Path) -> tuple[list[str], list[str]]:
+    """(modules of the 2-D `.weight`s, 3-D expert parameters) of the checkpoint at `base`, as the loaded model
+    names them (what PEFT names an adapter's modules and target_parameters after)."""
+    from ..io.checkpoint import Checkpoint
+    from ..key_layout import checkpoint_layout
+
+    ck = Checkpoint(base)
+    try:
+        shapes = checkpoint_layout(ck).shapes  # model names only: a stored name differing from it would be a 2nd match
+    finally:
+        ck.close()
+    return ([k[: -len(".weight")] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2],
+            [k for k, s in shapes.items() if len(s) == 3])
+
+
 class GgufLoraFormat:
     name = "gguf"
 
@@ -299,16 +383,15 @@ class GgufLoraFormat:
             return fh.read(4) == b"GGUF"
 
     def read(self, path: Path, base: Path | None = None) -> PeftFiles:
-        from .kohya import base_modules
-
         f = _gguf_file(Path(path))
         config = _base_config(base, "reading")
         arch = GgufArch.from_config(config, base)
         tensors, kv = read_gguf(f)
         if kv["arch"] != arch.arch:
             raise FormatError(f"GGUF LoRA is for architecture {kv['arch']!r}, the base is {arch.arch!r}", path=f)
+        modules, params = base_names(Path(base))
         try:
-            cfg, peft = gguf_to_peft(tensors, kv, arch, base_modules(Path(base))[0], str(base))
+            cfg, peft = gguf_to_peft(tensors, kv, arch, modules, str(base), params)
         except LoratoolsError as e:
             e.path = e.path or str(f)
             raise
