@@ -282,3 +282,57 @@ def test_moe_equals_llama_cpp_converter(mixtral, tmp_path):
         for g in (arch.gguf_name(x) for x in names):
             assert torch.equal(ours[g + ".lora_a"], ref[g + ".lora_a"]), g
             torch.testing.assert_close(ours[g + ".lora_b"], ref[g + ".lora_b"] * f, rtol=0, atol=0)
+
+
+# -- other architectures: Qwen2/Qwen3 (no RoPE row permutation), Mistral (llama.cpp's llama) -----------------
+
+@pytest.fixture(scope="session")
+def zoo_case(tmp_path_factory):
+    from zoo import Case
+
+    cases = {}
+
+    def get(family):
+        if family not in cases:
+            cases[family] = Case(family, tmp_path_factory.mktemp(f"gguf-{family}"))
+        return cases[family]
+
+    return get
+
+
+def _ours(files, base, tmp_path):
+    out = tmp_path / "ours"
+    out.mkdir()
+    formats.get("gguf").write(files, out, base)
+    return read_gguf(out / "adapter.gguf")
+
+
+def test_qwen3_applies_peft_delta(zoo_case, tmp_path):
+    case = zoo_case("qwen3")
+    files = formats.read(case.adapter)
+    arch = GgufArch.from_config(json.loads((case.base / "config.json").read_text()))
+    assert (arch.arch, arch.permute_qk) == ("qwen3", False)
+    tensors, kv = _ours(files, case.base, tmp_path)
+    mods = formats.parse(files).modules
+    assert len(tensors) == 2 * len(mods)
+    for n, m in mods.items():
+        g = arch.gguf_name(n)
+        torch.testing.assert_close(tensors[g + ".lora_b"] @ tensors[g + ".lora_a"] * (kv["alpha"] / m.r), m.delta(),
+                                   rtol=1e-5, atol=1e-7)
+    back = formats.read(tmp_path / "ours", base=case.base)
+    assert back.config == files.config and all(torch.equal(back.tensors[k], t) for k, t in files.tensors.items())
+
+
+@pytest.mark.skipif(not (LLAMA_CPP and (Path(LLAMA_CPP) / "convert_lora_to_gguf.py").is_file()),
+                    reason="llama.cpp's convert_lora_to_gguf.py not present (set LORATOOLS_LLAMA_CPP)")
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_architectures_equal_llama_cpp_converter(zoo_case, tmp_path, family):
+    case = zoo_case(family)
+    files = formats.read(case.adapter)
+    ours, _ = _ours(files, case.base, tmp_path)
+    subprocess.run([sys.executable, str(Path(LLAMA_CPP) / "convert_lora_to_gguf.py"), str(case.adapter), "--base",
+                    str(case.base), "--outfile", str(tmp_path / "ref.gguf")], check=True, capture_output=True)
+    ref = read_gguf(tmp_path / "ref.gguf")[0]
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
