@@ -201,3 +201,67 @@ def test_inspect_describes_an_mlx_adapter(mlx_out):
     assert {m["name"]: m["r"] for m in doc["modules"]} == {n: m.r for n, m in ref.modules.items()}
     assert any("zero-padded" in n for n in doc["format_notes"])
     assert json.loads(run_cli("inspect", FIXTURES / "llama-lora", "--json").stdout)["format"] == "peft"
+
+
+# -- MoE: transformers' fused expert tensors (PEFT target_parameters) -> mlx_lm's SwitchGLU --------------------
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """A tiny Mixtral saved by transformers and PEFT all-linear adapters on it (adapter 1 has rank/alpha
+    patterns on the experts), converted to MLX with --base."""
+    from test_moe_adapter import Case
+
+    case = Case("mixtral", tmp_path_factory.mktemp("mixtral"))
+    case.mlx = case.base_dir.parent / "mlx1"
+    run_cli("convert", case.adapters[1], "-o", case.mlx, "--to", "mlx", "--base", case.base_dir)
+    return case
+
+
+def test_moe_to_mlx_is_switch_linear_format(mixtral, tmp_path):
+    ref = load_adapter(mixtral.adapters[1])
+    lp = json.loads((mixtral.mlx / "adapter_config.json").read_text())["lora_parameters"]
+    R, S = lp["rank"], lp["scale"]
+    assert {"block_sparse_moe.switch_mlp.gate_proj", "block_sparse_moe.switch_mlp.up_proj",
+            "block_sparse_moe.switch_mlp.down_proj", "block_sparse_moe.gate"} <= set(lp["keys"])
+    t = _read(mixtral.mlx / "adapters.safetensors")
+    for layer in (0, 1):
+        pre = f"model.layers.{layer}.block_sparse_moe"
+        gate_up = ref.modules[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+        down = ref.modules[f"model.layers.{layer}.mlp.experts.down_proj"]
+        E = gate_up.experts
+
+        def delta(module):  # mlx_lm's LoRASwitchLinear.fuse: (scale · lora_b) @ lora_a per expert
+            a, b = t[f"{pre}.switch_mlp.{module}.lora_a"], t[f"{pre}.switch_mlp.{module}.lora_b"]
+            assert a.shape[:2] == (E, R) and b.shape[0] == E and b.shape[2] == R
+            return (S * b.float()) @ a.float()
+
+        torch.testing.assert_close(torch.cat([delta("gate_proj"), delta("up_proj")], dim=1), gate_up.delta(),
+                                   rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(delta("down_proj"), down.delta(), rtol=1e-6, atol=1e-7)
+        router = ref.modules[f"model.layers.{layer}.mlp.gate.weight"]
+        a, b = t[f"{pre}.gate.lora_a"], t[f"{pre}.gate.lora_b"]
+        torch.testing.assert_close((S * b.float().T) @ a.float().T, router.delta(), rtol=1e-6, atol=1e-7)
+    # without the base the expert names are unknown: one line, nothing written
+    r = run_cli("convert", mixtral.adapters[1], "-o", tmp_path / "o", "--to", "mlx", expect=1)
+    assert "target_parameters" in r.stderr and "--base" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_mlx_lm_loads_our_moe_output_with_peft_logits(mixtral):
+    mx = pytest.importorskip("mlx.core", reason="mlx_lm not installed (pip install -e '.[mlx]')")
+    pytest.importorskip("mlx_lm")
+    import numpy as np
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    ids = [[3, 5, 9, 33, 10, 7, 2, 50, 17, 31]]
+    model, _ = load_model(mixtral.base_dir)
+    load_adapters(model, str(mixtral.mlx))
+    model.set_dtype(mx.float32)
+    got = torch.from_numpy(np.array(model(mx.array(ids)).astype(mx.float32)))
+    pm = mixtral.peft_model(mixtral.adapters[1])
+    with torch.no_grad():
+        ref = pm(torch.tensor(ids)).logits
+    with pm.disable_adapter(), torch.no_grad():
+        plain = pm(torch.tensor(ids)).logits
+    assert (ref - plain).abs().max() > 0.1
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)

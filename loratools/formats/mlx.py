@@ -46,12 +46,23 @@ _BLOCK = "layers"  # mlx_lm's `model.layers`: the blocks num_layers and block-re
 
 # -- pure conversion ---------------------------------------------------------------------------------------
 
-def unsupported(ad: Adapter) -> tuple[str, str | None] | None:
-    """(what MLX-LM cannot hold, the tensor or module concerned) for `ad`, or None when it converts."""
+# mlx_lm's names for transformers' MoE modules, per model_type (mlx_lm/models/<type>.py; only those checked against
+# mlx_lm itself: its qwen3_moe does not load a transformers 5 config): the experts become a
+# SwitchGLU `switch_mlp` with gate_proj/up_proj/down_proj SwitchLinears [E, out, in]; transformers' fused
+# gate_up_proj [E, 2I, in] is [gate; up] along its output rows (w1; w3 for Mixtral).
+MOE_NAMES = {
+    "mixtral": {"mlp.experts": "block_sparse_moe.switch_mlp", "mlp.gate": "block_sparse_moe.gate"},
+}
+
+
+def unsupported(ad: Adapter, model_type: str | None = None) -> tuple[str, str | None] | None:
+    """(what MLX-LM cannot hold, the tensor or module concerned) for `ad`, or None when it converts.
+    `model_type`: the base's (from --base), which decides MoE expert names."""
     cfg = ad.config
-    if cfg.get("target_parameters"):
-        return ("target_parameters (MoE expert) adapters are not converted to MLX yet: mlx_lm's SwitchLinear "
-                "experts have other names and layouts than transformers' fused expert tensors", None)
+    if cfg.get("target_parameters") and model_type not in MOE_NAMES:
+        return (f"target_parameters (MoE expert) adapters convert to MLX only for "
+                f"{', '.join(sorted(MOE_NAMES))} bases given with --base (mlx_lm renames and splits the experts); "
+                f"base model_type: {model_type or 'not given'}", None)
     if ad.saved:
         name = sorted(ad.saved)[0]
         return (f"MLX-LM adapters hold only lora_a/lora_b/m, not whole tensors (modules_to_save or a saved "
@@ -64,8 +75,10 @@ def unsupported(ad: Adapter) -> tuple[str, str | None] | None:
             return "MLX-LM's LoRA layers have no lora_B bias (lora_bias=True)", name
         if m.kind == "embedding" and m.magnitude is not None:
             return "DoRA on an embedding is not converted to MLX (its magnitude runs over another axis)", name
-        if m.kind == "experts":
-            return "expert tensors are not converted to MLX yet", name
+        if m.kind == "experts" and (m.experts_transposed or m.param not in ("gate_up_proj", "down_proj")):
+            return f"expert parameter {m.param!r} has no mlx_lm SwitchLinear counterpart", name
+        if m.param and m.kind != "experts" and m.param != "weight":
+            return f"target parameter {m.param!r} has no mlx_lm counterpart", name
     if len({m.magnitude is not None for m in ad.modules.values()}) > 1:
         return "MLX-LM makes every module DoRA or none; this adapter mixes them", None
     return None
@@ -81,9 +94,33 @@ def block_key(module: str) -> str:
     return module
 
 
-def to_mlx(ad: Adapter) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
+def mlx_module(module: str, moe_names: dict[str, str] | None) -> str:
+    """mlx_lm's path for a transformers module path (MoE parts renamed per MOE_NAMES, others kept)."""
+    for hf, mlx in (moe_names or {}).items():
+        if module.endswith("." + hf):
+            return module[: -len(hf)] + mlx
+    return module
+
+
+def _mlx_factors(m, moe_names) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(mlx module path, A, B) for one PEFT module: A (r, in), B (out, r) for a Linear/embedding/router,
+    A (E, r, in), B (E, out, r) per SwitchLinear for experts (gate_up_proj split into gate_proj and up_proj,
+    which share A)."""
+    if m.kind != "experts":
+        module = m.name[: -len(".weight")] if m.param == "weight" else m.name
+        return [(mlx_module(module, moe_names), m.A, m.B)]
+    A_e, B_e = m.expert_factors(dtype=m.A.dtype)
+    switch = mlx_module(m.name.rsplit(".", 1)[0], moe_names)
+    if m.param == "down_proj":
+        return [(f"{switch}.down_proj", A_e, B_e)]
+    half = B_e.shape[1] // 2
+    return [(f"{switch}.gate_proj", A_e, B_e[:, :half]), (f"{switch}.up_proj", A_e, B_e[:, half:])]
+
+
+def to_mlx(ad: Adapter, moe_names: dict[str, str] | None = None) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
     """(adapter_config.json, adapters.safetensors tensors, notes) for a PEFT adapter `ad` (check `unsupported`
-    first). See the module note for how ranks and scales are made one."""
+    first); `moe_names`: MOE_NAMES of the base's model_type. See the module note for how ranks and scales are
+    made one."""
     mods = ad.modules
     if not mods:
         raise UnsupportedError("the adapter has no LoRA modules to convert", path=ad.path)
@@ -91,25 +128,27 @@ def to_mlx(ad: Adapter) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
     scales = Counter(m.scale for m in mods.values())
     scale = max(scales, key=lambda s: (scales[s], s))
     dora = any(m.magnitude is not None for m in mods.values())
-    tensors, folded, padded = {}, [], []
+    tensors, folded, padded, keys = {}, [], [], set()
     for name, m in mods.items():
-        A, B = m.A, m.B
-        if m.scale != scale:
-            B = fold_scale(B, m.scale / scale)
-            folded.append(name)
-        if m.r < rank:
-            A = torch.cat([A, A.new_zeros(rank - m.r, A.shape[1])])
-            B = torch.cat([B, B.new_zeros(B.shape[0], rank - m.r)], dim=1)
-            padded.append(name)
-        tensors[f"{name}.lora_a"] = A.T.contiguous()
-        tensors[f"{name}.lora_b"] = B.T.contiguous()
-        if m.magnitude is not None:
-            tensors[f"{name}.m"] = m.magnitude.contiguous()
+        folded += [name] if m.scale != scale else []
+        padded += [name] if m.r < rank else []
+        for module, A, B in _mlx_factors(m, moe_names):
+            if m.scale != scale:
+                B = fold_scale(B, m.scale / scale)
+            if m.r < rank:  # r is the second-to-last axis of A, the last of B
+                A = torch.cat([A, A.new_zeros(*A.shape[:-2], rank - m.r, A.shape[-1])], dim=-2)
+                B = torch.cat([B, B.new_zeros(*B.shape[:-1], rank - m.r)], dim=-1)
+            # LoRALinear/LoRAEmbedding hold PEFT's factors transposed; LoRASwitchLinear holds them as they are
+            tensors[f"{module}.lora_a"] = (A if A.dim() == 3 else A.T).contiguous()
+            tensors[f"{module}.lora_b"] = (B if B.dim() == 3 else B.T).contiguous()
+            if m.magnitude is not None:
+                tensors[f"{module}.m"] = m.magnitude.contiguous()
+            keys.add(block_key(module))
     config = {
         "fine_tune_type": "dora" if dora else "lora",
         "num_layers": -1,
         "lora_parameters": {"rank": rank, "scale": scale, "dropout": float(ad.config.get("lora_dropout") or 0.0),
-                            "keys": sorted({block_key(n) for n in mods})},
+                            "keys": sorted(keys)},
     }
     if ad.base_model:
         config["model"] = ad.base_model
@@ -249,6 +288,14 @@ def without_base_copies(files: PeftFiles, base: Path | None) -> PeftFiles:
     return PeftFiles(config=files.config, tensors=tensors, source=files.source, path=files.path, notes=notes)
 
 
+def _model_type(base: Path | None) -> str | None:
+    if base is None:
+        return None
+    from ..io import Checkpoint
+
+    return (Checkpoint(base).config or {}).get("model_type")
+
+
 # -- files -------------------------------------------------------------------------------------------------
 
 class MlxFormat:
@@ -300,7 +347,7 @@ class MlxFormat:
 
     def check(self, files: PeftFiles, base: Path | None = None) -> None:
         files = without_base_copies(files, base)
-        problem = unsupported(parse(files))
+        problem = unsupported(parse(files), _model_type(base))
         if problem is not None:
             message, tensor = problem
             raise UnsupportedError(f"cannot convert to MLX-LM: {message}", path=files.path, tensor=tensor)
@@ -310,7 +357,7 @@ class MlxFormat:
         self.check(files, base)
         kept = without_base_copies(files, base)
         ad = parse(kept)
-        config, tensors, notes = to_mlx(ad)
+        config, tensors, notes = to_mlx(ad, MOE_NAMES.get(_model_type(base)))
         if base is None and any(m.kind == "embedding" for m in ad.modules.values()):
             notes.append("embedding LoRA: with tied word embeddings mlx_lm applies it to the output head as well, "
                          "PEFT does not (give --base to have that checked)")
