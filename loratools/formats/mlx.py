@@ -8,6 +8,7 @@ whole model ("lm_head"). Tensors are the parameter paths of mlx_lm's LoRA layers
     <module>.lora_a   (in, r)      = PEFT lora_A.T        (an embedding: (num_embeddings, r) = lora_embedding_A.T)
     <module>.lora_b   (r, out)     = PEFT lora_B.T        (an embedding: (r, dim) = lora_embedding_B.T)
     <module>.m        (out,)       = PEFT lora_magnitude_vector (DoRA, Linear only)
+    <switch>.{gate,up,down}_proj.lora_a (E, r, in), .lora_b (E, out, r): MoE experts, not transposed (MOE_NAMES)
 
 and mlx_lm computes y + scale · (x @ lora_a) @ lora_b, so `scale` is PEFT's scaling. `<module>` is the module
 path in mlx_lm's model, which is transformers' for the Llama-style families (model.layers.N.self_attn.q_proj).
