@@ -183,6 +183,8 @@ def test_cli_both_ways_and_refusals(tmp_path):
     before = tree_digest(src)
     r = run_cli("convert", src, "-o", tmp_path / "g", "--to", "gguf", "--base", LLAMA)
     assert "folded into lora_b" in r.stderr
+    record = json.loads(gguf.GGUFReader(str(tmp_path / "g" / "adapter.gguf")).fields["loratools"].contents())
+    assert record["command"] == "convert" and "adapter" in record["inputs"]  # provenance, as on every output
     run_cli("convert", tmp_path / "g", "-o", tmp_path / "p", "--to", "peft", "--base", LLAMA)
     assert formats.read(tmp_path / "p").config == formats.read(src).config
     r = run_cli("convert", FIXTURES / "llama-dora", "-o", tmp_path / "d", "--to", "gguf", "--base", LLAMA, expect=1)

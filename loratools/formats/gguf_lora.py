@@ -409,9 +409,15 @@ class GgufLoraFormat:
     def write(self, files: PeftFiles, out_dir: Path, base: Path | None = None, *, provenance=None,
               durability=None) -> list[str]:
         arch = GgufArch.from_config(_base_config(base, "writing"), base)
+        from ..io.durability import DURABLE
+
         tensors, kv, notes = peft_to_gguf(files.config, files.tensors, arch)
         files.notes.extend(notes)
-        write_gguf(Path(out_dir) / WEIGHTS_NAME, arch.arch, tensors, kv)
+        if provenance is not None:  # the record every loratools output carries (safetensors: metadata "loratools")
+            kv = {**kv, **provenance.final_metadata()}
+        path = Path(out_dir) / WEIGHTS_NAME
+        write_gguf(path, arch.arch, tensors, kv)
+        (durability or DURABLE).fsync_path(path)
         return [WEIGHTS_NAME]
 
 
@@ -422,7 +428,7 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, torch.Tensor], kv: dict
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, kv["alpha"])
-    for key in (METADATA_CONFIG, METADATA_DTYPE):
+    for key in (METADATA_CONFIG, METADATA_DTYPE, "loratools"):
         if kv.get(key):
             w.add_string(key, kv[key])
     for name, t in tensors.items():
