@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -73,10 +74,7 @@ class GgufArch:
                    permute)
 
     def name_map(self):
-        import gguf
-
-        names = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-        return gguf.get_tensor_name_map(names[self.arch], self.n_blocks)
+        return _name_map(self.arch, self.n_blocks)
 
     def gguf_name(self, module: str) -> str | None:
         """`blk.0.attn_q.weight` for `model.layers.0.self_attn.q_proj` (None: llama.cpp has no such tensor)."""
@@ -90,6 +88,15 @@ class GgufArch:
         leaf = module.rsplit(".", 1)[-1]
         heads = {"q_proj": self.n_head, "k_proj": self.n_kv_head}.get(leaf)
         return None if heads is None else heads
+
+
+@lru_cache(maxsize=8)
+def _name_map(arch: str, n_blocks: int):
+    # ~16 ms to build (80 blocks); looked up once per module
+    import gguf
+
+    names = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    return gguf.get_tensor_name_map(names[arch], n_blocks)
 
 
 def _permute_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
