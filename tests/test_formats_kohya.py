@@ -138,3 +138,18 @@ def test_cli_both_ways_and_refusals(tmp_path):
     r = run_cli("convert", FIXTURES / "llama-mts", "-o", tmp_path / "m", "--to", "kohya", expect=1)
     assert "saved whole" in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
     assert tree_digest(src) == before
+
+
+def test_foreign_kohya_file_fp16_alpha_and_missing_alpha():
+    """As kohya's tools save: alpha in the weights' dtype, or no alpha at all (kohya's default alpha = r)."""
+    files = formats.read(FIXTURES / "llama-lora")
+    tensors, _ = peft_to_kohya(files.config, files.tensors)
+    modules = formats.kohya.base_modules(LLAMA)[0]
+    alphas = [k for k in tensors if k.endswith(".alpha")]
+    tensors[alphas[0]] = tensors[alphas[0]].half()
+    del tensors[alphas[1]]
+    config, back = kohya_to_peft(tensors, None, modules)
+    ad = formats.parse(formats.PeftFiles(config, back))
+    no_alpha = alphas[1][len(DEFAULT_PREFIX) + 1: -len(".alpha")]
+    for n, m in ad.modules.items():
+        assert m.scale == (1.0 if n.replace(".", "_") == no_alpha else files.config["lora_alpha"] / files.config["r"])
