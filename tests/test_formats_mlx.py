@@ -265,3 +265,40 @@ def test_mlx_lm_loads_our_moe_output_with_peft_logits(mixtral):
         plain = pm(torch.tensor(ids)).logits
     assert (ref - plain).abs().max() > 0.1
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
+
+
+def test_moe_round_trip_and_mlx_made_moe_adapter(mixtral, tmp_path):
+    """PEFT -> MLX -> PEFT on the Mixtral gives every parameter's delta back and loads in PEFT with the same
+    logits; an MLX MoE adapter whose gate_proj and up_proj have their own lora_a (as mlx_lm trains them) becomes
+    a gate_up_proj LoRA of rank 2r with the same delta."""
+    run_cli("convert", mixtral.mlx, "-o", tmp_path / "back", "--to", "peft", "--base", mixtral.base_dir)
+    a, b = load_adapter(mixtral.adapters[1]), load_adapter(tmp_path / "back")
+    assert sorted(a.modules) == sorted(b.modules)
+    for n, m in a.modules.items():
+        assert b.modules[n].r == m.r and b.modules[n].param == m.param
+        torch.testing.assert_close(b.modules[n].delta(), m.delta(), rtol=1e-6, atol=1e-7)
+    ids = torch.tensor([[3, 5, 9, 33, 10, 7, 2, 50, 17, 31]])
+    with torch.no_grad():
+        ref = mixtral.peft_model(mixtral.adapters[1])(ids).logits
+        got = mixtral.peft_model(tmp_path / "back")(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # untie gate_proj's and up_proj's lora_a
+    src = tmp_path / "own-a"
+    src.mkdir()
+    (src / "adapter_config.json").write_text((mixtral.mlx / "adapter_config.json").read_text())
+    t = _read(mixtral.mlx / "adapters.safetensors")
+    key = "model.layers.0.block_sparse_moe.switch_mlp.up_proj.lora_a"
+    t[key] = t[key] + 0.01
+    from safetensors.torch import save_file
+    save_file(t, str(src / "adapters.safetensors"))
+    run_cli("convert", src, "-o", tmp_path / "own-a-peft", "--to", "peft", "--base", mixtral.base_dir)
+    m = load_adapter(tmp_path / "own-a-peft").modules["model.layers.0.mlp.experts.gate_up_proj"]
+    S = json.loads((src / "adapter_config.json").read_text())["lora_parameters"]["scale"]
+    pre = "model.layers.0.block_sparse_moe.switch_mlp"
+    want = torch.cat([(S * t[f"{pre}.{p}.lora_b"].float()) @ t[f"{pre}.{p}.lora_a"].float()
+                      for p in ("gate_proj", "up_proj")], dim=1)
+    assert m.r == 2 * a.modules["model.layers.0.mlp.experts.gate_up_proj"].r
+    torch.testing.assert_close(m.delta(), want, rtol=1e-6, atol=1e-7)
+    # without the base: one line
+    r = run_cli("convert", mixtral.mlx, "-o", tmp_path / "nobase", "--to", "peft", expect=1)
+    assert "--base" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import PREFIX, Adapter, adapter_config
+from ..adapter import PREFIX, Adapter, adapter_config, adapter_tensors
 from ..errors import FormatError, UnsupportedError
 from ..io.checkpoint import load_json
 from ..io.durability import DURABLE
@@ -188,11 +188,56 @@ def is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base_shape: tupl
     return module.rsplit(".", 1)[-1] in EMBEDDING_LEAVES
 
 
+def _fuse_gate_up(gate, up):
+    """PEFT's gate_up_proj factors (A_e [E, r', in], B_e [E, 2I, r']) from mlx_lm's gate_proj and up_proj
+    LoRAs ((A, B) each, or None): one shared A when both have the same A (what we write), else A stacked and
+    B block-diagonal (rank 2r). Exact either way: the fused delta is [B_g A_g; B_u A_u]."""
+    if gate is None or up is None:
+        a, b = gate or up
+        gate, up = (gate or (a, torch.zeros_like(b))), (up or (a, torch.zeros_like(b)))
+    (ag, bg), (au, bu) = gate, up
+    if torch.equal(ag, au):
+        return ag, torch.cat([bg, bu], dim=1)
+    E, n_out, r = bg.shape
+    B = bg.new_zeros(E, n_out + bu.shape[1], 2 * r)
+    B[:, :n_out, :r], B[:, n_out:, r:] = bg, bu
+    return torch.cat([ag, au], dim=1), B
+
+
+def _experts_from_mlx(switch_groups: dict, rank: int, scale: float, w_path) -> dict:
+    """PEFT target_parameters LoraModules (packed, nested as PEFT saves them) for mlx_lm SwitchGLU LoRAs:
+    switch_groups = {transformers experts module: {"gate_proj"|"up_proj"|"down_proj": (lora_a, lora_b)}}."""
+    from ..adapter import LoraModule, nest_param_targets
+    from ..lora_math import pack_expert_factors
+
+    mods = {}
+    for hf, projs in switch_groups.items():
+        factors = {}
+        if "gate_proj" in projs or "up_proj" in projs:
+            factors["gate_up_proj"] = _fuse_gate_up(projs.get("gate_proj"), projs.get("up_proj"))
+        if "down_proj" in projs:
+            factors["down_proj"] = projs["down_proj"]
+        for param, (A_e, B_e) in factors.items():
+            r = A_e.shape[1]
+            while r > 1 and not A_e[:, r - 1].any() and not B_e[:, :, r - 1].any():  # zero padding, as _trailing_zero_rank
+                r -= 1
+            if (scale * r) / r != scale:
+                r = A_e.shape[1]
+            A, B = pack_expert_factors(A_e[:, :r], B_e[:, :, :r])
+            name = f"{hf}.{param}"
+            mods[name] = LoraModule(name=name, kind="experts", A=A, B=B, r=r, alpha=scale * r, scale=scale,
+                                    param=param, experts=A_e.shape[0])
+    nest_param_targets(mods)
+    return mods
+
+
 def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None = None,
-             embeddings: set[str] = frozenset()) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
+             embeddings: set[str] = frozenset(), moe_names: dict[str, str] | None = None
+             ) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
     """(adapter_config.json, adapter_model.safetensors tensors, notes) in PEFT's format for an MLX-LM adapter;
-    the modules in `embeddings` are embeddings (see is_embedding). FormatError (naming file and tensor) for a
-    config or tensor that is not MLX-LM's LoRA/DoRA format."""
+    the modules in `embeddings` are embeddings (see is_embedding); `moe_names`: MOE_NAMES of the base's
+    model_type, for SwitchLinear (MoE) LoRAs. FormatError (naming file and tensor) for a config or tensor that
+    is not MLX-LM's LoRA/DoRA format."""
     cfg_path = where / CONFIG_NAME if where else None
     w_path = where / WEIGHTS_NAME if where else None
     kind = config.get("fine_tune_type", "lora")
@@ -217,14 +262,32 @@ def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None 
                               tensor=key)
         parts.setdefault(module, {})[leaf] = t
     out, ranks, notes, trimmed = {}, {}, [], 0
+    inverse = {v: k for k, v in (moe_names or {}).items()}
+    switch_groups: dict[str, dict] = {}
+    params = []  # target_parameters entries (routers, experts)
     for module, p in sorted(parts.items()):
         a, b, m = p.get("lora_a"), p.get("lora_b"), p.get("m")
         if a is None or b is None:
             raise FormatError(f"has {'lora_b' if a is None else 'lora_a'} without "
                               f"{'lora_a' if a is None else 'lora_b'}", path=w_path, tensor=f"{module}.lora_a")
         if a.dim() == 3 or b.dim() == 3:
-            raise UnsupportedError("MoE (SwitchLinear) MLX adapters are not converted yet", path=w_path,
-                                   tensor=f"{module}.lora_a")
+            switch, _, proj = module.rpartition(".")
+            hf = mlx_module(switch, inverse)
+            if not moe_names or hf == switch or proj not in ("gate_proj", "up_proj", "down_proj"):
+                raise UnsupportedError(f"MoE (SwitchLinear) MLX adapters convert to PEFT only with --base of a "
+                                       f"{', '.join(sorted(MOE_NAMES))} model", path=w_path, tensor=f"{module}.lora_a")
+            if a.dim() != 3 or b.dim() != 3 or a.shape[1] != rank or b.shape[2] != rank or a.shape[0] != b.shape[0]:
+                raise FormatError(f"expected lora_a (E, {rank}, in) and lora_b (E, out, {rank}), found lora_a "
+                                  f"{list(a.shape)}, lora_b {list(b.shape)} (wrong orientation or rank)", path=w_path,
+                                  tensor=f"{module}.lora_a")
+            if m is not None:
+                raise UnsupportedError("DoRA on MoE experts is not converted", path=w_path, tensor=f"{module}.m")
+            switch_groups.setdefault(hf, {})[proj] = (a, b)
+            continue
+        hf = mlx_module(module, inverse)
+        if hf != module:  # a MoE router: transformers keeps it as a parameter (target_parameters "<module>.weight")
+            params.append(f"{hf}.weight")
+            module = hf
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[0] != rank:
             raise FormatError(f"expected lora_a (in, {rank}) and lora_b ({rank}, out) for rank {rank}, found lora_a "
                               f"{list(a.shape)}, lora_b {list(b.shape)} (wrong orientation or rank)", path=w_path,
@@ -250,12 +313,19 @@ def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None 
             out[f"{PREFIX}{module}.lora_magnitude_vector"] = m.contiguous()
     if not parts:
         raise FormatError("the adapter holds no lora_a/lora_b tensors", path=w_path)
+    experts = _experts_from_mlx(switch_groups, rank, scale, w_path)
+    out.update(adapter_tensors(experts))
+    ranks.update({n: e.r for n, e in experts.items()})
+    params += list(experts)
+    router_modules = {p[: -len(".weight")] for p in params}
     r0 = max(Counter(ranks.values()).items(), key=lambda kv: (kv[1], kv[0]))[0]
-    pattern = {k: v for k, v in ranks.items() if v != r0}
-    peft_cfg = adapter_config(r=r0, lora_alpha=scale * r0, target_modules=sorted(parts),
+    pattern = {(k + ".weight" if k in router_modules else k): v for k, v in ranks.items() if v != r0}
+    extra = {"target_parameters": sorted(params)} if params else {}
+    peft_cfg = adapter_config(r=r0, lora_alpha=scale * r0,
+                              target_modules=sorted(k for k in ranks if k not in router_modules and k not in experts),
                               base_model_name_or_path=config.get("model"),
                               rank_pattern=pattern, alpha_pattern={k: scale * v for k, v in pattern.items()},
-                              use_dora=kind == "dora")
+                              use_dora=kind == "dora", **extra)
     peft_cfg["lora_dropout"] = float(lp.get("dropout") or 0.0)
     if trimmed:
         notes.append(f"rank: {trimmed} modules had zero-padded rank components, dropped (rank_pattern; exact)")
@@ -339,7 +409,7 @@ class MlxFormat:
                 b = tensors.get(f"{module}.lora_b")
                 if b is not None and b.dim() == 2 and is_embedding(module, a, b, shapes.get(f"{module}.weight")):
                     embeddings.add(module)
-        cfg, out, notes = from_mlx(config, tensors, path, embeddings)
+        cfg, out, notes = from_mlx(config, tensors, path, embeddings, MOE_NAMES.get(_model_type(base)))
         if embeddings and base is None:
             notes.append(f"embedding LoRA told by name ({', '.join(sorted(embeddings))}); give --base to tell by shape")
         files = PeftFiles(config=cfg, tensors=out, source=self.name, path=path, notes=notes)
