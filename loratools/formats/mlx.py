@@ -204,7 +204,7 @@ def _fuse_gate_up(gate, up):
     return torch.cat([ag, au], dim=1), B
 
 
-def _experts_from_mlx(switch_groups: dict, rank: int, scale: float, w_path) -> dict:
+def _experts_from_mlx(switch_groups: dict, scale: float) -> dict:
     """PEFT target_parameters LoraModules (packed, nested as PEFT saves them) for mlx_lm SwitchGLU LoRAs:
     switch_groups = {transformers experts module: {"gate_proj"|"up_proj"|"down_proj": (lora_a, lora_b)}}."""
     from ..adapter import LoraModule, nest_param_targets
@@ -313,7 +313,7 @@ def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None 
             out[f"{PREFIX}{module}.lora_magnitude_vector"] = m.contiguous()
     if not parts:
         raise FormatError("the adapter holds no lora_a/lora_b tensors", path=w_path)
-    experts = _experts_from_mlx(switch_groups, rank, scale, w_path)
+    experts = _experts_from_mlx(switch_groups, scale)
     out.update(adapter_tensors(experts))
     ranks.update({n: e.r for n, e in experts.items()})
     params += list(experts)
