@@ -162,6 +162,11 @@ def test_equals_llama_cpp_converter(name, tmp_path):
             assert torch.equal(ours[g + ".lora_b"], ref[g + ".lora_b"]), g
         else:
             torch.testing.assert_close(ours[g + ".lora_b"], ref[g + ".lora_b"] * f, rtol=1e-6, atol=0)
+    # and the converter's file reads back as the adapter llama.cpp applies: PEFT's, where nothing needed folding
+    got = formats.parse(formats.read(tmp_path / "ref.gguf", base=LLAMA)).modules
+    for n, m in ad.modules.items():
+        if fold_factor(m.scale, files.config["lora_alpha"], m.r) == 1.0:
+            torch.testing.assert_close(got[n].delta(), m.delta(), rtol=1e-6, atol=1e-8)
 
 
 def test_refuses_nan(tmp_path):
