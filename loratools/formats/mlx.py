@@ -251,8 +251,9 @@ def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None 
     rank, scale = lp.get("rank"), lp.get("scale")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise FormatError(f"lora_parameters.rank must be a positive integer, found {rank!r}", path=cfg_path)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale == 0:
-        raise FormatError(f"lora_parameters.scale must be a non-zero number, found {scale!r}", path=cfg_path)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        # PEFT's lora_alpha (= scale · r) must be positive (adapter.read_adapter_config)
+        raise FormatError(f"lora_parameters.scale must be a positive number, found {scale!r}", path=cfg_path)
     scale = float(scale)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
