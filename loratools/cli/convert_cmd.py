@@ -14,7 +14,8 @@ from .options import force_option, json_option, max_shard_size_option, output_op
 @click.option("--to", "to", metavar="FORMAT", default=None,
               help="Adapters: the format to write (peft, mlx, ...); the input's format is detected.")
 @click.option("--base", type=click.Path(path_type=str), default=None,
-              help="Adapters: the base checkpoint, for formats that need its module list (kohya).")
+              help="Adapters: the base checkpoint, for what the adapter alone does not say (kohya module names, "
+                   "GGUF architecture, MLX MoE expert names; docs/formats.md).")
 @force_option
 @json_option
 def command(checkpoint, output, dtype, max_shard_size, to, base, force, as_json):
