@@ -161,6 +161,14 @@ def module_problems(m: LoraModule, target: BaseTarget | None, shapes: dict[str, 
     return out
 
 
+def _unfollowed(module: str, key: str, layout: KeyLayout, apath: str, expected) -> Problem:
+    """A base tensor transformers converts in a way key_layout does not follow (Qwen3-VL-MoE's experts,
+    stored transposed under the model's own name): what the adapter means for it cannot be placed."""
+    return Problem(module, key, apath, expected=expected, found=None,
+                   message=f"module {module}: the base stores {key} in a layout loratools does not follow "
+                           f"({layout.unconverted[key]}); refusing to apply the adapter to it as stored")
+
+
 def adapter_fit_problems(base: Checkpoint, adapter: Adapter, layout: KeyLayout | None = None) -> list[Problem]:
     """Everything that keeps `adapter` from applying to `base`, from headers only; [] when it fits.
 
@@ -174,10 +182,15 @@ def adapter_fit_problems(base: Checkpoint, adapter: Adapter, layout: KeyLayout |
     for m in adapter.modules.values():
         target = locate(lookup, m.base_key, tied)
         why = explain_missing(m.base_key, layout) if target is None and layout is not None else None
+        if target is not None and layout is not None and target.key in layout.unconverted:
+            problems.append(_unfollowed(m.name, target.key, layout, apath, shape_list(m.base_shape)))
+            continue
         problems += module_problems(m, target, lookup, apath, bpath, why)
     for name, t in adapter.saved.items():
         target = locate(lookup, name, tied)
-        if target is None:
+        if target is not None and layout is not None and target.key in layout.unconverted:
+            problems.append(_unfollowed(name.rsplit(".", 1)[0], target.key, layout, apath, shape_list(t.shape)))
+        elif target is None:
             problems.append(Problem(name.rsplit(".", 1)[0], name, apath, expected=shape_list(t.shape), found=None,
                                     message=f"saved tensor {name} (modules_to_save) {shape_list(t.shape)} has no "
                                             f"counterpart in the base {bpath}"

@@ -13,8 +13,10 @@ Note: which conversions are followed.
     Renamings (any), and the expert fusions `MergeModulelist(dim=0)` (experts stacked on dim 0) optionally
     followed by `Concatenate(dim=1)` (per-expert tensors of several source patterns concatenated in the
     pattern order: Mixtral's w1 then w3 is gate then up). Expert e is the e-th key in transformers' own
-    load order (dot_natural_key). A stored tensor that another kind of converter would transform keeps its
-    stored name here, and `unconverted` says so, so that a name mismatch on it is explained, not guessed.
+    load order (dot_natural_key). A `Transpose(check_dims=True)` (Qwen3-VL-MoE's experts) leaves a tensor of
+    the model's shape as it is, and so does this. A stored tensor that another kind of converter would transform
+    keeps its stored name here, and `unconverted` (with `unconverted_into`, the model names it becomes) says so:
+    merge and validate refuse a LoRA on it, quantize a checkpoint where it becomes a weight transformers quantizes.
     GPT-OSS stores its experts fused already ([E, in, out], `is_transposed`): there the names agree and
     `transposed` lists the parameters.
 """
@@ -65,6 +67,7 @@ class KeyLayout:
     stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # stored name -> shape
     transposed: frozenset[str] = frozenset()  # fused expert parameters stored [E, in, out] (is_transposed)
     unconverted: dict[str, str] = field(default_factory=dict)  # stored name -> why it kept its name
+    unconverted_into: dict[str, list[str]] = field(default_factory=dict)  # stored name -> model names it becomes
     _reverse: object = None  # stored_name() for model names with no stored tensor
 
     @cached_property
@@ -172,16 +175,22 @@ def _cached(config_json: str, shapes: tuple) -> KeyLayout:
             new, pattern = key, None
         named[key] = (new, pattern)
     pattern_owner = {pat: c for c in converters for pat in c.source_patterns}
-    parts, unconverted, fused = {}, {}, {}
+    parts, unconverted, unconverted_into, fused = {}, {}, {}, {}
     for key, (new, pattern) in named.items():
         if pattern is None:
             parts[key] = Part(key, new if new in model_sd else key)
             continue
         conv = pattern_owner[pattern]
         ops = [(type(op).__name__, getattr(op, "dim", None)) for op in conv.operations]
+        if len(conv.operations) == 1 and getattr(conv.operations[0], "check_dims", False) and new in model_sd \
+                and tuple(shapes[key]) == tuple(model_sd[new].shape):
+            parts[key] = Part(key, new)  # Transpose(check_dims): transformers keeps a tensor of the model's shape
+            continue
         if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]) or new not in model_sd:
             unconverted[key] = f"transformers converts it into {new} with {', '.join(n for n, _ in ops)}, " \
                                f"which loratools does not follow"
+            first = conv.target_patterns[0]  # a Chunk/Split makes one tensor per target pattern
+            unconverted_into[key] = [new] + [new.replace(first, t) for t in conv.target_patterns[1:] if first in new]
             parts[key] = Part(key, key)
             continue
         fused.setdefault(new, (len(conv.source_patterns), {}))[1].setdefault(
@@ -193,7 +202,7 @@ def _cached(config_json: str, shapes: tuple) -> KeyLayout:
                            for p, _ in m.named_parameters(recurse=False))
     ordered = {k: parts[k] for k in shapes}  # stored order
     return KeyLayout(ordered, out_shapes, "transformers", {k: tuple(s) for k, s in shapes.items()}, transposed,
-                     unconverted, _reverse=_reverse_renamer(renamings, converters))
+                     unconverted, unconverted_into, _reverse=_reverse_renamer(renamings, converters))
 
 
 def _identities(config: dict) -> set[str]:

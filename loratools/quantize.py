@@ -150,6 +150,8 @@ def plan_quantization(ck: Checkpoint, skip_modules: list[str] | None) -> QuantPl
                  if n.endswith(".weight") and len(i.shape) == 2 and i.dtype.is_floating_point
                  and not any(k in n.rsplit(".", 2)[-2] for k in _FALLBACK_DENSE)}
     patterns = defaults + list(layout.keep_in_fp32) + (user or [])
+    if layout.source == "transformers":
+        _refuse_unfollowed(ck, kinds, patterns)
     targets, skipped = {}, []
     for name, module in _stored_modules(ck, layout.source).items():
         kind = kinds.get(module)
@@ -166,6 +168,19 @@ def plan_quantization(ck: Checkpoint, skip_modules: list[str] | None) -> QuantPl
     dtype = FLOAT_DTYPES.get(layout.dtype) if layout.dtype else None
     skip_list = sorted(set(defaults + user)) if user else None
     return QuantPlan(targets, skip_list, dtype, layout.source, sorted(skipped))
+
+
+def _refuse_unfollowed(ck: Checkpoint, kinds: dict[str, str], patterns: list[str]) -> None:
+    """Refuse a stored tensor that transformers converts in a way key_layout does not follow (nomic-bert's
+    `Wqkv` chunked into q/k/v_proj) into a weight it would quantize: left dense here, the output's 4-bit
+    modules would get dense weights on load (bitsandbytes then fails in forward)."""
+    layout = checkpoint_layout(ck)
+    for stored, names in layout.unconverted_into.items():
+        for module in (n.removesuffix(".weight") for n in names if n.endswith(".weight")):
+            if module in kinds and should_convert(module, patterns):
+                raise UnsupportedError(f"{layout.unconverted[stored]}, and transformers quantizes {module}: this "
+                                       f"checkpoint cannot be quantized as transformers does", path=ck.path,
+                                       tensor=stored)
 
 
 def _stored_modules(ck: Checkpoint, source: str) -> dict[str, str]:

@@ -166,3 +166,73 @@ def test_adapter_tensors_refuses_two_entries_under_one_path():
 
     with pytest.raises(RuntimeError, match="under base_model.model.m.experts"):
         adapter_tensors({"m.experts.gate_up_proj": param("gate_up_proj"), "m.experts.down_proj": param("down_proj")})
+
+
+def _qwen3_vl_moe(root):
+    """A tiny Qwen3-VL-MoE (its conversion mapping transposes the experts when their stored shape is not the
+    model's: Transpose(check_dims)) saved by transformers 5, and a PEFT LoRA on both expert parameters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    tc = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=1,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=96, num_experts=4, num_experts_per_tok=2,
+              head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    vc = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+              deepstack_visual_indexes=[0])
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen3_vl_moe", text_config=tc,
+                                                                         vision_config=vc)).eval()
+    model.save_pretrained(root / "base")
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=2, lora_alpha=4, target_modules=[], init_lora_weights=False,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(root / "lora")
+    merged = pm.merge_and_unload().state_dict()
+    return root / "base", root / "lora", {k: v for k, v in merged.items() if ".experts." in k}
+
+
+def test_experts_under_a_transpose_conversion(tmp_path):
+    """Qwen3-VL-MoE: stored as the model holds them (what transformers 5 saves), its experts merge as PEFT
+    merges (key_layout took every Transpose as a conversion it does not follow); stored transposed (the Hub's
+    layout), the adapter is refused in one line naming the conversion, instead of a bare shape mismatch (or,
+    for a square parameter, no error)."""
+    from safetensors.torch import save_file
+
+    base, lora, ref = _qwen3_vl_moe(tmp_path)
+    out = tmp_path / "merged"
+    run_cli("merge", base, lora, "-o", out)
+    got = load_file(out / "model.safetensors")
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+    tensors = load_file(base / "model.safetensors")
+    key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    tensors[key] = tensors[key].transpose(1, 2).contiguous()  # [E, H, 2I], as the original checkpoints store it
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    r = run_cli("merge", base, lora, "-o", tmp_path / "m2", expect=1)
+    assert "Transpose, which loratools does not follow" in r.stderr and key in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "m2").exists()
+
+
+def test_quantize_refuses_a_weight_transformers_splits(tmp_path):
+    """nomic-bert stores q/k/v as one `Wqkv` that transformers chunks into q/k/v_proj and quantizes: quantize
+    kept Wqkv dense and wrote a 4-bit config, and the output failed in forward in transformers (bitsandbytes
+    asserts on a dense weight in a Linear4bit); now one line, nothing written. Skipping the three modules gives
+    an output transformers runs."""
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.for_model(
+        "nomic_bert", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        vocab_size=96, max_position_embeddings=64)).save_pretrained(tmp_path / "base")
+    out = tmp_path / "q"
+    r = run_cli("quantize", tmp_path / "base", "-o", out, expect=1)
+    assert "encoder.layers.0.attn.Wqkv.weight" in r.stderr and "Chunk" in r.stderr and r.stderr.count("\n") == 1
+    assert not out.exists()
+    run_cli("quantize", tmp_path / "base", "-o", out, *[a for m in ("q_proj", "k_proj", "v_proj")
+                                                        for a in ("--skip-modules", m)])
+    hidden = AutoModel.from_pretrained(out)(input_ids=torch.arange(3, 13)[None]).last_hidden_state
+    assert hidden.shape == (1, 10, 64) and torch.isfinite(hidden).all()
