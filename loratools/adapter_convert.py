@@ -10,19 +10,40 @@ import os
 from pathlib import Path
 
 from . import formats
-from .errors import InputError
+from .errors import InputError, UnsupportedError, UsageError
 from .io.atomic import AtomicOutput, check_output_path
 from .io.durability import durability_of
 from .io.provenance import provenance
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
-    """Whether `path` is an adapter in a registered format (not a checkpoint)."""
-    return formats.detect(path) is not None
+    """Whether `path` is an adapter in a registered format, or a PEFT adapter saved as a pickle (not a
+    checkpoint)."""
+    from .formats.legacy_bin import bin_file
+
+    return formats.detect(path) is not None or bin_file(Path(path)) is not None
+
+
+# The refusal of a DoRA module names the way out (one line still).
+AS_LORA_HINT = "; --as-lora --rank R --base BASE writes it as plain LoRA (lossy, the error reported per module)"
+
+
+def _read(adapter: Path, base: Path | None):
+    """(source format name, PeftFiles): a pickle-weights PEFT adapter through legacy_bin (convert is the one
+    command that reads it, weights_only), anything else through its detected format."""
+    from .formats.legacy_bin import bin_file, read_bin_adapter
+
+    if bin_file(adapter) is not None:
+        return "peft-bin", read_bin_adapter(adapter)
+    src = formats.detect(adapter)
+    if src is None:
+        raise InputError(f"not an adapter in a known format ({', '.join(formats.names())})", path=adapter)
+    return src.name, src.read(adapter, base)
 
 
 def convert_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *, to: str,
-                    base: str | os.PathLike | None = None, force: bool = False) -> dict:
+                    base: str | os.PathLike | None = None, force: bool = False, as_lora: bool = False,
+                    rank: int | None = None, on_module=None) -> dict:
     """Convert the adapter at `adapter` into format `to` at `output`.
 
     Args:
@@ -30,29 +51,49 @@ def convert_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *, to
         output: the directory to create (an io.OutputPath carries its durability); refused if it exists
             unless `force`.
         to: a registered format name (formats.names()).
-        base: the base checkpoint, for formats that need its module list (kohya) or its config.
+        base: the base checkpoint, for formats that need its module list (kohya) or its config, and for
+            `as_lora`.
+        as_lora, rank: re-factor every DoRA module as a plain LoRA of rank `rank` (formats/lossy.py: the
+            effective delta on `base`, truncated; lossy, measured). Without it a target that cannot hold
+            DoRA refuses the adapter.
+        on_module: called with each re-factored module's name (progress).
     Returns:
         {"kind": "adapter_convert", "output", "from", "to", "files", "bytes", "modules", "notes",
-        "stale_removed"}; notes list every exact transformation made (scales folded, ranks padded).
+        "stale_removed", "lossy"}; notes list every exact transformation made (scales folded, ranks padded);
+        lossy is null, or one row per re-factored module (module, base_tensor, rank, rel_error,
+        optimal_error, svd, delta_norm).
     Example:
         >>> convert_adapter("fixtures/llama-lora", "/tmp/llama-lora-mlx", to="mlx")["files"]
         ['adapter_config.json', 'adapters.safetensors']
     """
     target = formats.get(to)
-    src = formats.detect(adapter)
-    if src is None:
-        raise InputError(f"not an adapter in a known format ({', '.join(formats.names())})", path=adapter)
+    if rank is not None and not as_lora:
+        raise UsageError("--rank applies with --as-lora (convert is otherwise exact)")
+    if not Path(adapter).exists():
+        raise InputError("no such file or directory", path=adapter)
     base_path = Path(base) if base is not None else None
-    files = src.read(Path(adapter), base_path)
-    target.check(files, base_path)  # before any output exists
+    src_name, files = _read(Path(adapter), base_path)
+    lossy = None
+    if as_lora:
+        from .formats.lossy import as_plain_lora, check_rank
+
+        check_rank(rank)
+        files, lossy = as_plain_lora(files, base_path, rank, on_module=on_module)
+    try:
+        target.check(files, base_path)  # before any output exists
+    except UnsupportedError as e:
+        if not as_lora and files.config.get("use_dora") and "DoRA" in e.message:
+            e.message += AS_LORA_HINT
+        raise
     inputs = [adapter] + ([base] if base is not None else [])
     check_output_path(output, inputs, force)
-    meta = provenance("convert", {"to": to, "from": src.name}, {"adapter": adapter})
+    options = {"to": to, "from": src_name, **({"as_lora": True, "rank": rank} if as_lora else {})}
+    meta = provenance("convert", options, {"adapter": adapter, **({"base": base} if base is not None else {})})
     durability = durability_of(output)
     atomic = AtomicOutput(output, inputs, force, durability)
     with atomic as tmp:
         written = target.write(files, tmp, base_path, provenance=meta, durability=durability)
         nbytes = sum((tmp / f).stat().st_size for f in written)
-    return {"kind": "adapter_convert", "output": str(atomic.out), "from": src.name, "to": target.name,
+    return {"kind": "adapter_convert", "output": str(atomic.out), "from": src_name, "to": target.name,
             "files": sorted(written), "bytes": nbytes, "modules": len(formats.parse(files).modules),
-            "notes": list(files.notes), "stale_removed": [str(p) for p in atomic.stale_removed]}
+            "notes": list(files.notes), "stale_removed": [str(p) for p in atomic.stale_removed], "lossy": lossy}

@@ -16,9 +16,13 @@ from .options import force_option, json_option, max_shard_size_option, output_op
 @click.option("--base", type=click.Path(path_type=str), default=None,
               help="Adapters: the base checkpoint, for what the adapter alone does not say (kohya module names, "
                    "GGUF architecture, MLX MoE expert names; docs/formats.md).")
+@click.option("--as-lora", "as_lora", is_flag=True, default=False,
+              help="Adapters: write DoRA modules as plain LoRA of rank --rank (their merged delta on --base, "
+                   "truncated by SVD; lossy, the error reported per module).")
+@click.option("--rank", type=int, default=None, help="Adapters, with --as-lora: the rank of the re-factored modules.")
 @force_option
 @json_option
-def command(checkpoint, output, dtype, max_shard_size, to, base, force, as_json):
+def command(checkpoint, output, dtype, max_shard_size, to, base, as_lora, rank, force, as_json):
     """Rewrite a checkpoint tensor by tensor (reshard it or change its float dtype), or an adapter in another
     file format (--to).
 
@@ -26,6 +30,7 @@ def command(checkpoint, output, dtype, max_shard_size, to, base, force, as_json)
     Example:
       loratools convert fixtures/tiny-llama -o /tmp/tiny-bf16 --dtype bfloat16 --max-shard-size 200KB
       loratools convert fixtures/llama-lora -o /tmp/llama-lora-mlx --to mlx
+      loratools convert fixtures/llama-dora -o /tmp/dora-gguf --to gguf --base fixtures/tiny-llama --as-lora --rank 8
     """
     start_digests(checkpoint)
     from ..adapter_convert import convert_adapter, is_adapter
@@ -36,17 +41,21 @@ def command(checkpoint, output, dtype, max_shard_size, to, base, force, as_json)
             raise UsageError("converting an adapter needs --to FORMAT (peft, mlx, ...)")
         if dtype != "auto" or click.get_current_context().get_parameter_source("max_shard_size").name != "DEFAULT":
             raise UsageError("--dtype and --max-shard-size apply to checkpoints, not to adapters")
-        summary = convert_adapter(checkpoint, output, to=to, base=base, force=force)
+        summary = convert_adapter(checkpoint, output, to=to, base=base, force=force, as_lora=as_lora, rank=rank)
         if as_json:
             print_json(summary)
         else:
             for note in summary["notes"]:
                 info(f"note: {note}")
+            for row in summary["lossy"] or ():
+                info(f"as-lora: {row['module']}: rank {row['rank']}, relative error {row['rel_error']:.4g} "
+                     f"(optimal {row['optimal_error']:.4g}, {row['svd']} SVD)")
             info(f"wrote {summary['output']}: {summary['from']} -> {summary['to']}, {summary['modules']} modules, "
                  f"{len(summary['files'])} files, {summary['bytes']:,} bytes")
         return
-    if to is not None or base is not None:
-        raise UsageError(f"{checkpoint} is not an adapter in a known format; --to and --base apply to adapters")
+    if to is not None or base is not None or as_lora or rank is not None:
+        raise UsageError(f"{checkpoint} is not an adapter in a known format; --to, --base, --as-lora and --rank "
+                         f"apply to adapters")
     from ..convert import convert_checkpoint
     from ..io import Checkpoint
 
