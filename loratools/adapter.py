@@ -238,8 +238,9 @@ def load_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
     wpath = path / WEIGHTS_NAME
     if not wpath.is_file():
         if (path / "adapter_model.bin").exists():
-            raise UnsupportedError("pickle adapter weights (adapter_model.bin) are not read; re-save the adapter "
-                                   "with safe_serialization=True", path=path / "adapter_model.bin")
+            raise UnsupportedError("pickle adapter weights (adapter_model.bin) are read only by `loratools convert "
+                                   "ADAPTER -o OUT --to peft` (weights only, written as safetensors); convert it "
+                                   "first, or re-save it with safe_serialization=True", path=path / "adapter_model.bin")
         raise InputError(f"adapter has no {WEIGHTS_NAME}", path=path)
     infos, _ = read_header(str(wpath))
     parts: dict[str, dict[str, torch.Tensor]] = {}
