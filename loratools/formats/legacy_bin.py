@@ -11,6 +11,7 @@ Note: why weights_only.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,11 +34,13 @@ def bin_file(path: Path) -> Path | None:
 def load_weights_only(wpath: Path) -> dict[str, torch.Tensor]:
     """{key: tensor} from a pickle state dict with torch's restricted unpickler; one-line errors otherwise."""
     try:
-        sd = torch.load(wpath, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not read: the error says it
+            warnings.simplefilter("ignore")
+            sd = torch.load(wpath, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message names the refused global (e.g. posix.system) over many lines: keep the first
-        first = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln or "GLOBAL" in ln),
-                     str(e).splitlines()[0] if str(e) else "")
+        # torch's message, over many lines, names the refused global (posix.system) or opcode: keep that line
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "unsupported" in ln.lower()), lines[0] if lines else "")
         raise UnsupportedError(f"pickle refused: it holds more than tensors and is not unpickled ({first})",
                                path=wpath) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as e:
