@@ -40,7 +40,7 @@ def weight_files(path: str | Path) -> list[Path]:
     if not p.is_dir():
         return []
     files = [f for f in sorted(p.iterdir()) if f.is_file() and
-             (f.suffix == ".safetensors" or f.name.endswith(".index.json") or f.name == "adapter_config.json")]
+             (f.suffix in (".safetensors", ".gguf") or f.name.endswith(".index.json") or f.name == "adapter_config.json")]
     return files
 
 
