@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import FormatError, InputError, UnsupportedError
+from .errors import FormatError, InputError, LoratoolsError, UnsupportedError
 from .io.checkpoint import load_json
 from .io.safetensors_format import read_header, read_tensor
 from .lora_math import expert_delta, expert_factors, lora_scale, peft_delta, stored_transposed
@@ -173,6 +173,8 @@ class Adapter:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensor name -> full replacement
     dtypes: set = field(default_factory=set)
+    source: str = "peft"  # the file format it was read from (loratools.formats)
+    notes: list[str] = field(default_factory=list)  # what reading another format into PEFT's form changed
 
     @property
     def use_rslora(self) -> bool:
@@ -201,7 +203,12 @@ def read_adapter_config(path: Path) -> dict:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise InputError(f"not a PEFT adapter: no {CONFIG_NAME}", path=path)
-    cfg = load_json(cfg_path, CONFIG_NAME)
+    return check_adapter_config(load_json(cfg_path, CONFIG_NAME), cfg_path)
+
+
+def check_adapter_config(cfg: dict, cfg_path) -> dict:
+    """adapter_config.json's dict checked for what loratools relies on (LoRA, r and alpha positive, patterns
+    as objects; None patterns become {}); `cfg_path` names it in errors. Returns cfg."""
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise UnsupportedError(f"adapter type {cfg.get('peft_type')!r} is not supported; loratools handles "
@@ -223,8 +230,13 @@ def read_adapter_config(path: Path) -> dict:
     return cfg
 
 
-def load_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
-    """Read a PEFT LoRA adapter whole (adapters are small) and resolve r, alpha and scale per module.
+def load_adapter(path: str | Path, *, base: str | Path | None = None, check_finite: bool = True) -> Adapter:
+    """Read a LoRA adapter whole (adapters are small) and resolve r, alpha and scale per module.
+
+    `path` may be in any registered format (loratools.formats: PEFT, MLX-LM, kohya, GGUF LoRA): one that is
+    not PEFT's is read into PEFT's form by its format's reader (`base`: the base checkpoint, which kohya and
+    GGUF names, and MLX MoE experts, need to be read back; without it they refuse in one line). The Adapter
+    keeps `path` as given and says in `source` / `notes` what it was read from and what reading changed.
 
     NaN/Inf in any tensor is refused (merging or combining it would spread it silently through the
     output); `inspect` passes check_finite=False to show such an adapter anyway.
@@ -232,6 +244,12 @@ def load_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or directory", path=path)
+    if not _is_peft_dir(path):
+        from . import formats
+
+        fmt = formats.detect(path)
+        if fmt is not None and fmt.name != "peft":
+            return adapter_from_files(formats.read(path, base), path, check_finite=check_finite)
     if path.is_file():
         raise InputError(f"expected an adapter directory holding {CONFIG_NAME}", path=path)
     cfg = read_adapter_config(path)
@@ -243,27 +261,55 @@ def load_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
                                    "first, or re-save it with safe_serialization=True", path=path / "adapter_model.bin")
         raise InputError(f"adapter has no {WEIGHTS_NAME}", path=path)
     infos, _ = read_header(str(wpath))
+    with open(wpath, "rb", buffering=0) as fh:
+        tensors = ((key, read_tensor(info, fh)) for key, info in infos.items())
+        return _adapter_from_tensors(path, cfg, tensors, wpath, check_finite)
+
+
+def _is_peft_dir(path: Path) -> bool:
+    """A directory PEFT's own loader reads (its weights file, or a config that says peft_type), which no other
+    format's reader may take over; MLX-LM's adapter_config.json has neither."""
+    if not is_adapter_dir(path):
+        return False
+    if (path / WEIGHTS_NAME).is_file() or (path / "adapter_model.bin").exists():
+        return True
+    try:
+        return "peft_type" in load_json(path / CONFIG_NAME, CONFIG_NAME)
+    except LoratoolsError:
+        return True  # let read_adapter_config say what is wrong with it
+
+
+def adapter_from_files(files, path: str | Path | None = None, *, check_finite: bool = True) -> Adapter:
+    """The Adapter of a formats.PeftFiles (an adapter in another format, read into PEFT's form), checked as
+    load_adapter checks a PEFT adapter on disk; `path` (default files.path): the input as the user gave it."""
+    where = Path(path) if path is not None else (files.path or Path(f"<{files.source} adapter>"))
+    cfg = check_adapter_config(dict(files.config), where)
+    ad = _adapter_from_tensors(where, cfg, iter(files.tensors.items()), where, check_finite)
+    ad.source, ad.notes = files.source, list(files.notes)
+    return ad
+
+
+def _adapter_from_tensors(path: Path, cfg: dict, tensors, wpath: Path, check_finite: bool) -> Adapter:
+    """The Adapter from (saved key, tensor) pairs under PEFT's keys; `wpath` names the file in errors."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     dtypes = set()
-    with open(wpath, "rb", buffering=0) as fh:
-        for key, info in infos.items():
-            t = read_tensor(info, fh)
-            dtypes.add(t.dtype)
-            if check_finite and t.is_floating_point():
-                bad = int((~torch.isfinite(t)).sum())
-                if bad:
-                    raise FormatError(f"adapter tensor holds NaN/Inf values ({bad} of {t.numel()} elements)",
-                                      path=wpath, tensor=key)
-            kind, name, role = classify_key(key)
-            if kind is KeyKind.NOT_PEFT:
-                raise FormatError(f"unexpected key (PEFT keys start with {PREFIX!r})", path=wpath, tensor=key)
-            if kind is KeyKind.UNKNOWN_LORA:
-                raise UnsupportedError("unsupported LoRA tensor kind", path=wpath, tensor=key)
-            if kind is KeyKind.FACTOR:
-                parts.setdefault(name, {})[role] = t
-            else:
-                saved[name] = t
+    for key, t in tensors:
+        dtypes.add(t.dtype)
+        if check_finite and t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise FormatError(f"adapter tensor holds NaN/Inf values ({bad} of {t.numel()} elements)",
+                                  path=wpath, tensor=key)
+        kind, name, role = classify_key(key)
+        if kind is KeyKind.NOT_PEFT:
+            raise FormatError(f"unexpected key (PEFT keys start with {PREFIX!r})", path=wpath, tensor=key)
+        if kind is KeyKind.UNKNOWN_LORA:
+            raise UnsupportedError("unsupported LoRA tensor kind", path=wpath, tensor=key)
+        if kind is KeyKind.FACTOR:
+            parts.setdefault(name, {})[role] = t
+        else:
+            saved[name] = t
     modules, issues = parse_modules(parts, cfg)
     if issues:  # load_adapter refuses at the first; validate reports them all
         path_name, issue = issues[0]

@@ -385,11 +385,11 @@ def combine_adapters(adapters: list[str | Path], output: str | Path, *, method: 
                      weights: list[float] | None = None, rank: int | None = None, energy: float | None = None,
                      density: float | None = None, majority_sign: str | None = None, seed: int | None = None,
                      device: str = "auto", force: bool = False, report: str | None = None,
-                     on_module: Callable[[str], None] | None = None) -> dict:
+                     on_module: Callable[[str], None] | None = None, base: str | Path | None = None) -> dict:
     """Combine PEFT LoRA adapters of one base model into one adapter (see the module notes).
 
     Args:
-        adapters: two or more PEFT adapter directories.
+        adapters: two or more adapters, in any format loratools.formats reads (PEFT, MLX-LM, kohya, GGUF LoRA).
         output: adapter directory to write; written atomically, refused if it exists unless `force`.
         method: a registered method (combine_methods.METHODS): "cat", "linear", "ties", "dare_linear",
             "dare_ties" or "magnitude_prune".
@@ -403,6 +403,7 @@ def combine_adapters(adapters: list[str | Path], output: str | Path, *, method: 
         force: replace an existing output once the new one is complete.
         report: also write the returned report as JSON to this file.
         on_module: called with each module's name once it is combined.
+        base: the base checkpoint, which kohya and GGUF LoRA inputs need to be read back (their module names).
 
     Returns:
         The report: output, files, bytes, the options, r and rank_pattern, per-module rows (input ranks, rank,
@@ -418,15 +419,16 @@ def combine_adapters(adapters: list[str | Path], output: str | Path, *, method: 
                          majority_sign=majority_sign, seed=seed)
     dev = resolve_device(device)
     paths = [str(a) for a in adapters]
-    check_output_path(output, paths, force)
+    inputs = paths + ([str(base)] if base is not None else [])
+    check_output_path(output, inputs, force)
     if report is not None:
-        check_report_path(report, output, paths)
-    loaded = [load_adapter(p) for p in paths]
+        check_report_path(report, output, inputs)
+    loaded = [load_adapter(p, base=base) for p in paths]  # any format; kohya/GGUF need `base` for module names
     modules, saved, config, rows, warnings = combine_loaded(loaded, opts, device=dev, on_module=on_module,
                                                             release_inputs=True)
     for w in warnings:
         log.warning("%s", w)
-    meta = provenance("combine", opts.record(), {"adapters": paths})
+    meta = provenance("combine", opts.record(), {"adapters": paths, **({"base": str(base)} if base is not None else {})})
     errors = [row["rel_error"] for row in rows]
 
     def report_doc(summary: dict, sizes: dict[str, int]) -> dict:
@@ -438,6 +440,6 @@ def combine_adapters(adapters: list[str | Path], output: str | Path, *, method: 
             "warnings": warnings, "stale_removed": summary["stale_removed"],
         }
 
-    return write_adapter_dir(output, inputs=paths, force=force, config=config,
+    return write_adapter_dir(output, inputs=inputs, force=force, config=config,
                              tensors=adapter_tensors(modules, saved), provenance=meta, report_doc=report_doc,
                              report=report)

@@ -34,15 +34,17 @@ from .io.safetensors_format import read_header
 from .quantized import is_companion
 
 
-def inspect_path(path: str | Path) -> dict:
-    """What `path` holds (an adapter directory or a checkpoint), as the JSON document described above."""
+def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
+    """What `path` holds (an adapter in any format, or a checkpoint), as the JSON document described above.
+    `base`: the base checkpoint, which kohya and GGUF LoRA adapters need to be read (their module names);
+    without it they are refused in one line that names the format."""
     path = Path(path)
-    if is_adapter_dir(path) or path.is_file():
+    if path.exists():
         from . import formats
 
-        fmt = formats.detect(path)
+        fmt = formats.detect(path)  # a kohya directory or GGUF file is an adapter, not a checkpoint
         if fmt is not None and fmt.name != "peft":  # MLX-LM, kohya, GGUF: described through PEFT's view
-            return inspect_adapter(path, files=fmt.read(path))
+            return inspect_adapter(path, files=formats.read(path, base))
     if is_adapter_dir(path):
         return inspect_adapter(path)
     return inspect_checkpoint(path)

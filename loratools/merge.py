@@ -157,7 +157,7 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
     """
     adapter_paths, weights, dev = _check_options(adapters, weights, dtype, device)
     ck = Checkpoint(base)
-    ads = [load_adapter(p) for p in adapter_paths]
+    ads = [load_adapter(p, base=base) for p in adapter_paths]  # any format: the base names kohya/GGUF modules
     plan = build_plan(ck, ads, weights)
     dense = DenseView(ck, dev)
     specs = [TensorSpec(n, output_dtype(dt, dtype, dense.quantized), shape) for n, (dt, shape) in dense.specs.items()]
@@ -383,7 +383,7 @@ def unmerge_checkpoint(merged: PathLike, adapters: Sequence[PathLike], output: P
     ck = Checkpoint(merged)
     if ck.is_quantized:
         raise InputError("this is a 4-bit checkpoint; unmerge works on the dense checkpoint `merge` wrote", path=merged)
-    ads = [load_adapter(p) for p in adapter_paths]
+    ads = [load_adapter(p, base=merged) for p in adapter_paths]  # the merged checkpoint has the base's names
     plan = build_plan(ck, ads, weights, untie=False)
     _refuse_replaced(plan, adapter_paths)
     norms = _check_dora_unmerge(ck, plan, ads, adapter_paths, weights)

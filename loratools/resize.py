@@ -67,12 +67,12 @@ def resize_module(m: LoraModule, *, rank=None, energy=None, sv_ratio=None, max_r
 
 def resize_adapter(adapter: str | Path, output: str | Path, *, rank: int | None = None,
                    energy: float | None = None, sv_ratio: float | None = None, max_rank: int | None = None,
-                   force: bool = False, report: str | None = None) -> dict:
+                   force: bool = False, report: str | None = None, base: str | Path | None = None) -> dict:
     """Recompute a LoRA adapter at another rank: per module, the optimal truncation of its own B·A·scale,
     without forming it (see the module notes). The output has alpha = rank (scale 1); DoRA is refused.
 
     Args:
-        adapter: a PEFT adapter directory.
+        adapter: an adapter in any format loratools.formats reads (PEFT, MLX-LM, kohya, GGUF LoRA).
         output: adapter directory to write; written atomically, refused if it exists unless `force`.
         rank: the new rank of every module (a module never grows past its current rank); or, exactly one
             instead: `energy`, the fraction of ‖ΔW‖² kept per module, in (0, 1], or `sv_ratio`, keeping
@@ -80,6 +80,7 @@ def resize_adapter(adapter: str | Path, output: str | Path, *, rank: int | None 
         max_rank: a cap on any module's rank.
         force: replace an existing output once the new one is complete.
         report: also write the returned report as JSON to this file.
+        base: the base checkpoint, which kohya and GGUF LoRA inputs need to be read back (their module names).
 
     Returns:
         The report: output, files, bytes, r and lora_alpha, per-module rows (old and new rank, retained energy,
@@ -91,19 +92,20 @@ def resize_adapter(adapter: str | Path, output: str | Path, *, rank: int | None 
         4
     """
     RankRule(rank, energy, sv_ratio, max_rank).check(one_criterion=True)
-    ad = load_adapter(adapter)
+    ad = load_adapter(adapter, base=base)  # any format; kohya/GGUF need `base` for their module names
     dora = [n for n, m in ad.modules.items() if not variant_of(m).additive]
     if ad.use_dora or dora:
         raise UnsupportedError("DoRA adapters cannot be resized: the magnitude vector rescales each row by "
                                "m / ‖W + ΔW‖, which depends on the full base weight, so truncating ΔW changes "
                                "what every stored magnitude means; merge it into its base instead "
-                               "(`loratools merge`)", path=Path(adapter) / "adapter_config.json",
+                               "(`loratools merge`)", path=Path(adapter) / "adapter_config.json" if ad.source == "peft" else adapter,
                                tensor=dora[0] if dora else None)
-    check_output_path(output, [adapter], force)
+    inputs = [adapter] + ([base] if base is not None else [])
+    check_output_path(output, inputs, force)
     if report is not None:
-        check_report_path(report, output, [adapter])
+        check_report_path(report, output, inputs)
     meta = provenance("resize", {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "max_rank": max_rank},
-                      {"adapter": adapter})
+                      {"adapter": adapter, **({"base": base} if base is not None else {})})
     modules, rows = {}, []
     for name, m in ad.modules.items():
         new, stats = resize_module(m, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank)
@@ -133,7 +135,7 @@ def resize_adapter(adapter: str | Path, output: str | Path, *, rank: int | None 
                 "modules": len(rows),
                 "old_parameters": sum(r["old_parameters"] for r in rows),
                 "parameters": sum(r["parameters"] for r in rows),
-                "old_bytes": (Path(adapter) / ADAPTER_WEIGHTS).stat().st_size,
+                "old_bytes": _weights_bytes(Path(adapter)),
                 "bytes": sizes[ADAPTER_WEIGHTS],
                 "rel_error": (e2 / d2) ** 0.5 if d2 > 0 else 0.0,
                 "retained_energy": 1 - e2 / d2 if d2 > 0 else 1.0,
@@ -142,5 +144,12 @@ def resize_adapter(adapter: str | Path, output: str | Path, *, rank: int | None 
             "stale_removed": summary["stale_removed"],
         }
 
-    return write_adapter_dir(output, inputs=[adapter], force=force, config=config, tensors=tensors,
+    return write_adapter_dir(output, inputs=inputs, force=force, config=config, tensors=tensors,
                              provenance=meta, report_doc=report_doc, report=report)
+
+
+def _weights_bytes(path: Path) -> int:
+    """Bytes of an input adapter's tensors: the file (kohya, GGUF) or the directory's weights files."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".gguf"))

@@ -25,13 +25,19 @@ from .rank_options import energy_option, rank_option
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]),
               help="Sign election of ties / dare_ties (default total).")
 @click.option("--seed", type=int, help="Seed of the DARE masks (default 0); same seed, same bytes.")
+@click.option("--base", type=click.Path(path_type=str), default=None,
+              help="The base checkpoint, for adapters whose format needs it to be read (kohya, GGUF LoRA: their "
+                   "module names; MLX-LM MoE experts).")
 @device_option
 @click.option("--report", type=click.Path(path_type=str), help="Also write the JSON report to this file.")
 @force_option
 @json_option
-def command(adapters, output, method, weights, rank, energy, density, majority_sign, seed, device, report,
+def command(adapters, output, method, weights, rank, energy, density, majority_sign, seed, base, device, report,
             force, as_json):
     """Combine LoRA adapters of one base model into one PEFT adapter (weighted sum or task arithmetic).
+
+    Adapters may be in any format `loratools convert` reads (PEFT, MLX-LM, kohya, GGUF LoRA; kohya and
+    GGUF need --base).
 
     cat and linear are exact sums Σ wᵢ·ΔWᵢ (linear then truncates optimally from the factors, never
     forming a dense matrix); the report gives each module's rank, retained energy and relative error.
@@ -42,13 +48,14 @@ def command(adapters, output, method, weights, rank, energy, density, majority_s
       loratools combine A B C -o /tmp/mix --method cat --weight 1 --weight 0.5 --weight -0.25
       loratools combine A B -o /tmp/mix --method dare_ties --density 0.5 --rank 16 --seed 1 --json
     """
-    start_digests(*adapters)
+    start_digests(*adapters, *([base] if base else []))
     from ..combine import combine_adapters
 
     with bar("combine", None) as advance:
         doc = combine_adapters(list(adapters), output, method=method, weights=list(weights), rank=rank,
                                energy=energy, density=density, majority_sign=majority_sign, seed=seed,
-                               device=device, force=force, report=report, on_module=lambda _: advance())
+                               device=device, force=force, report=report, on_module=lambda _: advance(),
+                               base=base)
     if as_json:
         print_json(doc)
         return

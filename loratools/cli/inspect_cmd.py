@@ -9,17 +9,21 @@ from .tables import fmt, human_bytes, kv_table, table
 @click.argument("path", type=click.Path(path_type=str))
 @json_option
 @click.option("--all-modules", is_flag=True, help="List every adapter module instead of grouping uniform ones.")
-def command(path, as_json, all_modules):
-    """Show what a checkpoint, 4-bit checkpoint or adapter (PEFT, MLX-LM, ...) holds (headers only).
+@click.option("--base", type=click.Path(path_type=str), default=None,
+              help="The base checkpoint, for adapters whose format needs it to be read (kohya, GGUF LoRA: their "
+                   "module names; MLX-LM MoE experts).")
+def command(path, as_json, all_modules, base):
+    """Show what a checkpoint, 4-bit checkpoint or adapter (PEFT, MLX-LM, kohya, GGUF LoRA) holds (headers only).
 
     \b
     Example:
       loratools inspect fixtures/tiny-llama
       loratools inspect fixtures/llama-lora --json
+      loratools inspect lora.safetensors --base fixtures/tiny-llama   (kohya and GGUF need the base)
     """
     from ..inspect import group_modules, inspect_path
 
-    doc = inspect_path(path)
+    doc = inspect_path(path, base)
     if as_json:
         print_json(doc)
         return

@@ -14,26 +14,30 @@ from .rank_options import energy_option, max_rank_option, rank_option, sv_ratio_
 @energy_option("Per module, the smallest rank keeping this fraction of the adapter's ‖ΔW‖².")
 @sv_ratio_option
 @max_rank_option
+@click.option("--base", type=click.Path(path_type=str), default=None,
+              help="The base checkpoint, for adapters whose format needs it to be read (kohya, GGUF LoRA: their "
+                   "module names; MLX-LM MoE experts).")
 @click.option("--report", "report_file", type=click.Path(path_type=str), default=None,
               help="Also write the report as JSON to this file.")
 @force_option
 @json_option
-def command(adapter, output, rank, energy, sv_ratio, max_rank, report_file, force, as_json):
+def command(adapter, output, rank, energy, sv_ratio, max_rank, base, report_file, force, as_json):
     """Re-rank a LoRA adapter: the optimal truncation of its own delta, without forming it.
 
     Each module's B·A is recompressed through QR of the factors and an SVD of the small core; the
     output has alpha = rank (scale 1). DoRA adapters are refused (their magnitudes depend on the base).
+    ADAPTER may be in any format `loratools convert` reads (kohya and GGUF LoRA need --base).
 
     \b
     Example:
       loratools resize fixtures/llama-lora -o /tmp/llama-lora-r4 --rank 4
       loratools resize ADAPTER -o OUT --energy 0.95 --report resize.json
     """
-    start_digests(adapter)
+    start_digests(adapter, *([base] if base else []))
     from ..resize import resize_adapter
 
     report = resize_adapter(adapter, output, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank,
-                            force=force, report=report_file)
+                            force=force, report=report_file, base=base)
     moe = any(m.get("experts") for m in report["modules"])  # MoE expert tensors: per-expert errors too
     table("resized modules", ["module", "kind", "rank", "new rank", "retained energy", "rel. error"]
           + (["per expert"] if moe else []),

@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..errors import FormatError, InputError, UnsupportedError
+from ..errors import FormatError, InputError, LoratoolsError, UnsupportedError
 
 
 @dataclass
@@ -127,7 +127,12 @@ def read(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Peft
     fmt = detect(p)
     if fmt is None:
         raise InputError(f"not an adapter in a known format ({', '.join(_FORMATS)})", path=p)
-    return fmt.read(p, Path(base) if base is not None else None)
+    try:
+        return fmt.read(p, Path(base) if base is not None else None)
+    except LoratoolsError as e:  # name the input in every error (e.g. "needs --base"), once
+        if e.path is None and str(p) not in e.message:
+            e.path = str(p)
+        raise
 
 
 def parse(files: PeftFiles):

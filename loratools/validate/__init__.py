@@ -11,7 +11,9 @@ report.py turns the findings into the report (the `--json` document) and the err
 from __future__ import annotations
 
 import math
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -38,7 +40,8 @@ def validate(base: PathLike, adapters: Sequence[PathLike] = (), *, merged: PathL
 
     Args:
         base: the base checkpoint (dense or bitsandbytes 4-bit).
-        adapters: PEFT LoRA adapter directories, applied together (base + Σ wᵢ·ΔWᵢ).
+        adapters: LoRA adapters in any format loratools.formats reads (PEFT, MLX-LM, kohya, GGUF LoRA; read
+            against `base`), applied together (base + Σ wᵢ·ΔWᵢ).
         merged: a checkpoint that should equal base + adapters (tensor by tensor and by logits).
         tuned: a fine-tuned checkpoint; reports how much of base -> tuned the adapters carry.
         quantized: a 4-bit checkpoint that should be BASE quantized.
@@ -73,7 +76,57 @@ def validate(base: PathLike, adapters: Sequence[PathLike] = (), *, merged: PathL
     say = log or (lambda _m: None)
     t_start = time.perf_counter()
     say("static checks: headers and adapter tensors")
-    problems, notes, adapter_ok = static_checks(base_ck, adapter_paths, candidates)
+    with _peft_dirs(adapter_paths, base) as work:
+        report = _validate(base, adapter_paths, work, weights, merged, tuned, quantized, dev, base_ck, compute,
+                           candidates, say, t_start, static_only, batch, seq_len, seed, atol, rtol, min_carried)
+        return _named_as_given(report, dict(zip(map(str, work), map(str, adapter_paths))))
+
+
+@contextmanager
+def _peft_dirs(paths: list[Path], base: PathLike):
+    """PEFT directories holding the adapters at `paths` (each PEFT one itself). validate's header checks and PEFT's own loader
+    (the logits reference) read PEFT directories: an adapter in another format (MLX-LM, kohya, GGUF LoRA) is
+    read once into PEFT's form (formats.read, against the base) and written to a temporary PEFT directory
+    for the run; one that cannot be read at all raises its one-line error, as an unreadable base does."""
+    from .. import formats
+    from ..adapter import _is_peft_dir
+    from ..io.durability import Durability
+
+    with tempfile.TemporaryDirectory(prefix="loratools-validate-") as tmp:
+        work = []
+        for i, p in enumerate(paths):
+            fmt = None if _is_peft_dir(p) or not p.exists() else formats.detect(p)
+            if fmt is None or fmt.name == "peft":
+                work.append(p)
+                continue
+            files = formats.read(p, base)
+            out = Path(tmp) / f"adapter{i}-peft"
+            out.mkdir()
+            formats.get("peft").write(files, out, durability=Durability(sync=False))
+            work.append(out)
+        yield work
+
+
+def _named_as_given(doc, names: dict[str, str]):
+    """The report with every temporary PEFT directory of _peft_dirs named as the adapter the user gave."""
+    names = {k: v for k, v in names.items() if k != v}
+    if not names:
+        return doc
+    if isinstance(doc, str):
+        for k, v in names.items():
+            doc = doc.replace(k, v)
+        return doc
+    if isinstance(doc, dict):
+        return {k: _named_as_given(v, names) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_named_as_given(v, names) for v in doc]
+    return doc
+
+
+def _validate(base, given, adapter_paths, weights, merged, tuned, quantized, dev, base_ck, compute, candidates, say,
+              t_start, static_only, batch, seq_len, seed, atol, rtol, min_carried) -> dict:
+    """validate() on adapters that are PEFT directories (`given`: the paths as the user gave them)."""
+    problems, notes, adapter_ok = static_checks(base_ck, adapter_paths, candidates, given=given)
     adapters_ok = all(adapter_ok)
     loaded = [load_adapter(p) for p in adapter_paths] if adapters_ok else []
     # Note: order of work. The forward passes run before the tensor checks: the tensor checks' many
@@ -91,7 +144,7 @@ def validate(base: PathLike, adapters: Sequence[PathLike] = (), *, merged: PathL
         "passed": not problems,
         "summary": None,
         "base": str(base),
-        "adapters": [{"path": str(p), "weight": w} for p, w in zip(adapter_paths, weights)],
+        "adapters": [{"path": str(p), "weight": w} for p, w in zip(given, weights)],
         "merged": None if merged is None else str(merged),
         "tuned": None if tuned is None else str(tuned),
         "quantized": None if quantized is None else str(quantized),

@@ -202,9 +202,11 @@ def candidate_layout_problems(base: Checkpoint, cand: Checkpoint, role: str, *,
     return problems, notes
 
 
-def static_checks(base: Checkpoint, adapter_paths: list[Path], candidates: dict[str, Checkpoint]
-                  ) -> tuple[list[dict], list[dict], list[bool]]:
-    """(problems, notes, adapter_ok) from headers and the adapters' own tensors; nothing is built."""
+def static_checks(base: Checkpoint, adapter_paths: list[Path], candidates: dict[str, Checkpoint], *,
+                  given: list[Path] | None = None) -> tuple[list[dict], list[dict], list[bool]]:
+    """(problems, notes, adapter_ok) from headers and the adapters' own tensors; nothing is built.
+    `given`: the adapters as the user gave them, when `adapter_paths` are PEFT copies of other formats (the
+    provenance a merge recorded names those)."""
     problems, notes, ok = [], [], []
     notes += [problem_row("base", n) for n in checkpoint_dtype_notes(base, "base")]
     for path in adapter_paths:
@@ -226,7 +228,7 @@ def static_checks(base: Checkpoint, adapter_paths: list[Path], candidates: dict[
         probs, cnotes = candidate_layout_problems(base, ck, role)
         problems += [problem_row(role, p) for p in probs]
         notes += [problem_row(role, n) for n in cnotes + checkpoint_dtype_notes(ck, role)]
-    p_probs, p_notes = provenance_checks(base, adapter_paths, candidates)
+    p_probs, p_notes = provenance_checks(base, given or adapter_paths, candidates)
     problems += p_probs
     notes += p_notes
     if "quantized" in candidates and not candidates["quantized"].is_quantized:
