@@ -223,7 +223,9 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Chec
             w = ck.tensors.get(f"{module}.weight")
             kind = _kind_from_names(module, model_type) if w is not None and len(w.shape) == 2 else "other"
             mtype = "?"
-        if name in mods and _experts_param(mods[name], param, info.shape):
+        if key in keys.unconverted:  # transformers converts it (e.g. splits nomic-bert's Wqkv): no module of
+            kind = "other"  # the model has this name, so a LoRA on it would not load; listed, with the reason
+        elif name in mods and _experts_param(mods[name], param, info.shape):
             kind = "experts"
         elif param != "weight" or len(info.shape) != 2:
             kind = "other" if kind not in ("linear", "conv1d", "head") or param != "bias" else "bias"
@@ -599,6 +601,8 @@ def _carry_rest(diff: _Difference, layout: "CheckpointRoles", selection: "Target
             why = bias_reason
         elif key in selection.excluded:
             why = selection.excluded[key]
+        elif layout.keys is not None and key in layout.keys.unconverted:
+            why = f"{layout.keys.unconverted[key]}; loratools does not follow that conversion"
         elif r.module in excluded_modules:
             why = "belongs to a module excluded from the LoRA targets"
         elif r.module in param_modules:

@@ -278,7 +278,8 @@ class ExpertChanges:
         for name in sorted(self.sums):
             d = [math.sqrt(x) for x, _ in self.sums[name]]
             w = [math.sqrt(y) for _, y in self.sums[name]]
-            rel = [x / y if y > 0 else (0.0 if x == 0 else math.inf) for x, y in zip(d, w)]
+            # None: a zero base expert that changed has no ratio (and JSON has no Infinity)
+            rel = [x / y if y > 0 else (0.0 if x == 0 else None) for x, y in zip(d, w)]
             out.append({"name": name, "experts": self.experts[name], "stored": sorted(self.stored[name]),
                         "expert_delta_norms": d, "expert_base_norms": w, "expert_rel_changes": rel})
         return out

@@ -236,3 +236,47 @@ def test_quantize_refuses_a_weight_transformers_splits(tmp_path):
                                                         for a in ("--skip-modules", m)])
     hidden = AutoModel.from_pretrained(out)(input_ids=torch.arange(3, 13)[None]).last_hidden_state
     assert hidden.shape == (1, 10, 64) and torch.isfinite(hidden).all()
+
+
+def test_extract_lists_a_weight_transformers_converts_instead_of_naming_it(tmp_path):
+    """nomic-bert's stored `Wqkv` is no module of the model transformers builds (it becomes q/k/v_proj):
+    extract used to write it as a LoRA target that PEFT refuses to load (NoMatchingPeftModuleError). It is now
+    listed as not carried, with transformers' conversion as the reason, and what is written loads in PEFT."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("nomic_bert", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                               num_attention_heads=4, vocab_size=96, max_position_embeddings=64)
+    AutoModel.from_config(cfg).save_pretrained(tmp_path / "base")
+    tuned = AutoModel.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.dim() == 2 and ("attn" in name or "mlp" in name):  # in memory: self_attn.q_proj, ...
+                p.add_(torch.randn_like(p) * 0.05)
+    tuned.save_pretrained(tmp_path / "tuned")
+    out, report = tmp_path / "x", tmp_path / "x.json"
+    run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", out, "--rank", "4", "--report", report)
+    cfg_out = json.loads((out / "adapter_config.json").read_text())
+    assert not any("Wqkv" in t for t in cfg_out["target_modules"]), cfg_out["target_modules"]
+    rows = {r["name"]: r["reason"] for r in json.loads(report.read_text())["not_carried"]}
+    assert "loratools does not follow that conversion" in rows["encoder.layers.0.attn.Wqkv.weight"]
+    PeftModel.from_pretrained(AutoModel.from_pretrained(tmp_path / "base"), out)  # loads: no unknown module
+
+
+def test_merge_report_ratio_of_an_all_zero_base_expert_is_null():
+    """An expert whose base is all zeros and that the merge changes has no relative change: null in --json
+    (it was math.inf, which json.dumps writes as `Infinity`, not JSON); unchanged zero experts give 0."""
+    import json
+
+    from loratools.merge import ExpertChanges
+
+    changes = ExpertChanges.__new__(ExpertChanges)  # the accumulated sums are all rows() reads
+    changes.experts = {"m.experts.down_proj": 3}
+    changes.stored = {"m.experts.down_proj": ["m.experts.down_proj"]}
+    changes.sums = {"m.experts.down_proj": [[4.0, 16.0], [9.0, 0.0], [0.0, 0.0]]}
+    (row,) = changes.rows()
+    assert row["expert_rel_changes"] == [0.5, None, 0.0]
+    json.loads(json.dumps(row, allow_nan=False))

@@ -1,3 +1,5 @@
+import math
+
 import click
 
 from ..io.provenance import start_digests
@@ -18,8 +20,9 @@ def report(summary: dict, as_json: bool, verb: str) -> None:
          + (", 4-bit base dequantized" if summary.get("dequantized_base") else ""))
     if summary.get("experts"):  # MoE only: the spread of the per-expert relative change (all in --json)
         rows = summary["experts"]
-        change, name, e = max((c, r["name"], e) for r in rows for e, c in enumerate(r["expert_rel_changes"]))
-        least = min(c for r in rows for c in r["expert_rel_changes"])
+        ratios = [(c, r["name"], e) for r in rows for e, c in enumerate(r["expert_rel_changes"]) if c is not None]
+        change, name, e = max(ratios, default=(math.nan, "-", "-"))
+        least = min((c for c, _, _ in ratios), default=math.nan)
         info(f"experts: {len(rows)} expert parameters ({', '.join(sorted({str(r['experts']) for r in rows}))} "
              f"experts each) changed; ‖ΔW_e‖/‖W_e‖ per expert {least:.3g} to {change:.3g} (largest: {name} "
              f"expert {e})")
