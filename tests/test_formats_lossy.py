@@ -134,3 +134,53 @@ def test_usage_errors(tmp_path, args, needle):
 def test_as_lora_needs_the_base(tmp_path):
     r = run_cli("convert", DORA, "-o", tmp_path / "out", "--to", "peft", "--as-lora", "--rank", "4", expect=2)
     assert "--base" in r.stderr
+
+
+# -- modules saved whole (modules_to_save): their delta against the base, as LoRA ------------------------------
+
+def test_modules_to_save_become_lora_at_the_optimum_and_peft_merges_them(tmp_path):
+    """llama-mts saves lm_head whole: GGUF/MLX/kohya cannot hold it; --as-lora writes LoRA on lm_head of rank R
+    whose error is the optimum of (saved − base), and PEFT's merge of the result equals PEFT's merge of the
+    original everywhere else bit for bit."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    src = FIXTURES / "llama-mts"
+    run_cli("convert", src, "-o", tmp_path / "refused", "--to", "gguf", "--base", LLAMA, expect=1)
+    out = tmp_path / "plain"
+    summary = json.loads(run_cli("convert", src, "-o", out, "--to", "peft", "--base", LLAMA, "--as-lora", "--rank", 5,
+                                 "--json").stdout)
+    (row,) = summary["lossy"]
+    assert (row["module"], row["from"], row["rank"]) == ("lm_head", "modules_to_save", 5)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] is None and "lm_head" in cfg["target_modules"]
+    saved = load_file(src / "adapter_model.safetensors")["base_model.model.lm_head.weight"].double()
+    M = saved - _base_weights()["lm_head.weight"].double()
+    got = _written_deltas(out)["lm_head"]
+    err, opt = float((M - got).norm() / M.norm()), _optimum(M, 5)
+    assert opt > 0.05 and err == pytest.approx(opt, rel=1e-4) and row["rel_error"] == pytest.approx(err, rel=1e-4)
+
+    def merged(adapter):
+        model = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32)
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+
+    ref, plain = merged(src), merged(out)
+    assert sorted(ref) == sorted(plain)
+    for k in ref:
+        if k != "lm_head.weight":
+            assert torch.equal(ref[k], plain[k]), k  # the plain LoRA modules: same r and scale, same bits
+    diff = float((plain["lm_head.weight"].double() - ref["lm_head.weight"].double()).norm() / M.norm())
+    assert diff == pytest.approx(row["rel_error"], rel=1e-3)
+    run_cli("convert", src, "-o", tmp_path / "g", "--to", "gguf", "--base", LLAMA, "--as-lora", "--rank", 5)
+
+
+def test_embedding_base_layer_equal_to_the_base_is_left_out(tmp_path):
+    pytest.importorskip("gguf")
+    r = run_cli("convert", FIXTURES / "llama-embed", "-o", tmp_path / "g", "--to", "gguf", "--base", LLAMA,
+                "--as-lora", "--rank", 4, "--json")
+    summary = json.loads(r.stdout)
+    assert summary["lossy"] == [] and any("equals the base's own bit for bit" in n for n in summary["notes"])
+    back = formats.parse(formats.read(tmp_path / "g", LLAMA))
+    ref = load_adapter(FIXTURES / "llama-embed")
+    for n, m in ref.modules.items():  # nothing lossy: llama.cpp's factors give PEFT's deltas
+        torch.testing.assert_close(back.modules[n].delta(), m.delta(), rtol=1e-6, atol=1e-7)

@@ -18,6 +18,7 @@ what it was.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -37,9 +38,10 @@ def effective_delta(base: torch.Tensor, m: LoraModule) -> torch.Tensor:
     return merged.double() - base.double()
 
 
-def refactor(delta: torch.Tensor, m: LoraModule, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(B, A, stats): B·A (scale 1, rank ≤ `rank`) ≈ `delta` in PEFT's factor layout, A and B in `dtype`."""
-    M = to_layout(delta, m.transposed).float()
+def refactor(delta: torch.Tensor, transposed: bool, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(B, A, stats): B·A (scale 1, rank ≤ `rank`) ≈ `delta` in PEFT's factor layout (`transposed`: an
+    embedding's, ΔWᵀ), A and B in `dtype`."""
+    M = to_layout(delta, transposed).float()
     t = truncate(M, rank=rank)
     B, A = t.factors(1.0)
     B, A = B.to(dtype), A.to(dtype)
@@ -79,58 +81,121 @@ def check_rank(rank) -> int:
     return int(rank)
 
 
-def as_plain_lora(files: PeftFiles, base: Path | None, rank: int, *, on_module=None) -> tuple[PeftFiles, list[dict]]:
-    """`files` with every DoRA module replaced by a rank-`rank` LoRA of its effective delta on `base`.
+def _factor_keys(stem: str, embedding: bool) -> tuple[str, str]:
+    """PEFT's saved keys of (A, B) under module path `stem`."""
+    return (stem + ".lora_embedding_A", stem + ".lora_embedding_B") if embedding else \
+        (stem + ".lora_A.weight", stem + ".lora_B.weight")
 
-    Returns the new PeftFiles and one report row per converted module (name, rank, rel_error,
-    optimal_error, svd, delta_norm). Plain modules and saved tensors are kept as they are."""
+
+def _without_module(entries, module: str):
+    """modules_to_save without the entries that name `module` (PEFT: exact name or a dotted suffix)."""
+    kept = [e for e in entries or () if not (module == e or module.endswith("." + e))]
+    return kept or None
+
+
+def _with_target(target, module: str):
+    """target_modules that also matches `module` exactly (a list gains the name, a regex an alternative)."""
+    if isinstance(target, str):
+        return f"(?:{target})|{re.escape(module)}"
+    return sorted(set(target or ()) | {module})
+
+
+def as_plain_lora(files: PeftFiles, base: Path | None, rank: int, *, on_module=None) -> tuple[PeftFiles, list[dict]]:
+    """`files` as a plain LoRA adapter: every DoRA module, and every module saved whole (modules_to_save),
+    replaced by a rank-`rank` LoRA of what it changes on `base` (W' − W₀).
+
+    Returns the new PeftFiles and one report row per re-factored module (module, from: "dora" |
+    "modules_to_save", base_tensor, rank, rel_error, optimal_error, svd, delta_norm). Plain modules keep
+    their tensors; a saved tensor equal to the base's bit for bit is dropped."""
+    from ..extract import model_layout
     from ..io import Checkpoint
-    from ..plan import build_plan
+    from ..plan import BASE_LAYER, _saved_kind, build_plan
     from ..quantized import DenseView
 
     rank = check_rank(rank)
     ad = parse(files)
     where = files.path
     dora = {n: m for n, m in ad.modules.items() if m.magnitude is not None}
-    if dora and base is None:
-        raise UsageError("--as-lora needs --base BASE: a DoRA module's effective delta depends on the base weight")
+    if (dora or ad.saved) and base is None:
+        raise UsageError("--as-lora needs --base BASE: the effective delta of a DoRA module or a module saved whole "
+                         "is taken against the base weight")
     for m in dora.values():
         if m.bias is not None or m.kind == "experts":
             what = "a lora_B.bias" if m.bias is not None else "expert tensors"
             raise UnsupportedError(f"DoRA module with {what}: --as-lora cannot carry it", path=where,
                                    tensor=PREFIX + m.key_path)
     tensors = dict(files.tensors)
+    config = dict(files.config)
     rows: list[dict] = []
-    if dora:
+    notes = list(files.notes)
+
+    def replace(module_path: str, embedding: bool, B, A, row):
+        for k in [k for k in tensors if classify_key(k)[:2] == (KeyKind.FACTOR, module_path)]:
+            del tensors[k]
+        ka, kb = _factor_keys(PREFIX + module_path, embedding)
+        tensors[ka], tensors[kb] = A.contiguous(), B.contiguous()
+        rows.append(row)
+        if on_module is not None:
+            on_module(row["module"])
+
+    if dora or ad.saved:
         ck = Checkpoint(base)
-        plan = build_plan(ck, [ad], [1.0])
         view = DenseView(ck)
+    if dora:
+        plan = build_plan(ck, [ad], [1.0])
         for key, p in plan.tensors.items():
             for step in p.steps:
                 m = step.module
                 if p.is_bias or m.name not in dora:
                     continue
                 w0 = view.read(p.source)
-                B, A, stats = refactor(effective_delta(w0, m), m, rank, m.A.dtype)
+                B, A, stats = refactor(effective_delta(w0, m), m.transposed, rank, m.A.dtype)
                 del w0
-                emb = m.kind == "embedding"
-                for k in [k for k in tensors if classify_key(k)[:2] == (KeyKind.FACTOR, m.key_path)]:
-                    del tensors[k]
-                # PEFT's keys: lora_embedding_A [r, num_embeddings] = (A of the transposed layout)
-                stem = PREFIX + m.key_path
-                tensors[stem + (".lora_embedding_A" if emb else ".lora_A.weight")] = A.contiguous()
-                tensors[stem + (".lora_embedding_B" if emb else ".lora_B.weight")] = B.contiguous()
-                rows.append({"module": m.name, "base_tensor": key, **stats})
-                if on_module is not None:
-                    on_module(m.name)
+                replace(m.key_path, m.kind == "embedding", B, A,
+                        {"module": m.name, "from": "dora", "base_tensor": key, **stats})
+    new_modules: list[str] = []
+    if ad.saved:
+        roles = model_layout(ck)
+        by_param = {f"{r.module}.{r.param}": r for r in roles.roles.values()}
+        saved_keys = {classify_key(k).name: k for k in files.tensors if classify_key(k).kind is KeyKind.SAVED}
+        for name, t in sorted(ad.saved.items()):
+            key = saved_keys.get(name, PREFIX + name)
+            role = by_param.get(name)
+            if role is None:
+                raise UnsupportedError("saved whole, and the base has no such tensor: --as-lora cannot take its "
+                                       "delta", path=where, tensor=key)
+            w0 = view.read(role.key)
+            del tensors[key]
+            if tuple(w0.shape) == tuple(t.shape) and torch.equal(w0.to(t.dtype), t):
+                notes.append(f"--as-lora: {name} saved whole equals the base's own bit for bit: left out")
+                continue
+            module = role.module
+            if _saved_kind(ad, name) == BASE_LAYER or role.param != "weight" or t.dim() != 2 or \
+                    role.kind not in ("linear", "head", "embedding") or (role.kind == "head" and roles.tied_head):
+                raise UnsupportedError(
+                    f"saved whole ({role.kind} {role.param}, changed from the base): --as-lora turns only the weight "
+                    f"of a Linear, untied head or embedding saved whole (modules_to_save) into LoRA", path=where,
+                    tensor=key)
+            if tuple(w0.shape) != tuple(t.shape):
+                raise UnsupportedError(f"saved whole with shape {list(t.shape)}, the base's is {list(w0.shape)}",
+                                       path=where, tensor=key)
+            embedding = role.kind == "embedding"
+            B, A, stats = refactor(t.double() - w0.double(), embedding, rank, t.dtype)
+            del w0
+            replace(module, embedding, B, A, {"module": module, "from": "modules_to_save", "base_tensor": role.key,
+                                              **stats})
+            config["modules_to_save"] = _without_module(config.get("modules_to_save"), module)
+            config["target_modules"] = _with_target(config.get("target_modules"), module)
+            new_modules.append(module)
     ranks = {n: (m.r, m.scale) for n, m in ad.modules.items() if n not in dora}
     ranks.update({r["module"]: (r["rank"], 1.0) for r in rows})
-    config = plain_config(files.config, ranks, rank) if dora else dict(files.config)
-    notes = list(files.notes)
     if rows:
+        config = plain_config(config, ranks, rank)
         worst = max(rows, key=lambda r: r["rel_error"])
-        notes.append(f"--as-lora: {len(rows)} DoRA modules re-factored as plain LoRA at rank {rank} (lossy): largest "
+        notes.append(f"--as-lora: {len(rows)} module(s) re-factored as plain LoRA at rank {rank} (lossy): largest "
                      f"relative error {worst['rel_error']:.3g} on {worst['module']} (optimal {worst['optimal_error']:.3g})")
     else:
-        notes.append("--as-lora: no DoRA module, nothing re-factored")
-    return PeftFiles(config=config, tensors=tensors, source=files.source, path=files.path, notes=notes), rows
+        notes.append("--as-lora: no DoRA module and no module saved whole, nothing re-factored")
+    out = PeftFiles(config=config, tensors=tensors, source=files.source, path=files.path, notes=notes)
+    parse(out)  # the result is a PEFT adapter loratools reads back
+    return out, rows
