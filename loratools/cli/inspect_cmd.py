@@ -13,13 +13,14 @@ from .tables import fmt, human_bytes, kv_table, table
               help="The base checkpoint, for adapters whose format needs it to be read (kohya, GGUF LoRA: their "
                    "module names; MLX-LM MoE experts).")
 def command(path, as_json, all_modules, base):
-    """Show what a checkpoint, 4-bit checkpoint or adapter (PEFT, MLX-LM, kohya, GGUF LoRA) holds (headers only).
+    """Show what a checkpoint, 4-bit checkpoint or adapter (PEFT, MLX-LM, kohya, GGUF LoRA) holds (headers only);
+    kohya and GGUF adapters need --base.
 
     \b
     Example:
       loratools inspect fixtures/tiny-llama
       loratools inspect fixtures/llama-lora --json
-      loratools inspect lora.safetensors --base fixtures/tiny-llama   (kohya and GGUF need the base)
+      loratools inspect lora.safetensors --base fixtures/tiny-llama
     """
     from ..inspect import group_modules, inspect_path
 
