@@ -82,6 +82,10 @@ def test_bin_converts_to_other_formats(peft_saved, tmp_path):
     out = tmp_path / "mlx"
     run_cli("convert", peft_saved[0], "-o", out, "--to", "mlx")
     assert (out / "adapters.safetensors").is_file()
+    # the .bin file itself names the adapter too
+    run_cli("convert", peft_saved[0] / "adapter_model.bin", "-o", tmp_path / "p", "--to", "peft")
+    assert load_file(tmp_path / "p" / "adapter_model.safetensors").keys() == \
+        load_file(peft_saved[1] / "adapter_model.safetensors").keys()
 
 
 @pytest.mark.parametrize("how", ["torch", "pickle"])

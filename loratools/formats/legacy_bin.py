@@ -24,8 +24,12 @@ BIN_NAMES = ("adapter_model.bin", "pytorch_model.bin")
 
 
 def bin_file(path: Path) -> Path | None:
-    """The pickle weights file of a PEFT adapter directory that has no safetensors weights, else None."""
+    """The pickle weights file of a PEFT adapter directory that has no safetensors weights (given as the
+    directory or as the file), else None."""
     path = Path(path)
+    if path.is_file() and path.name in BIN_NAMES:
+        found = bin_file(path.parent)
+        return found if found == path else None
     if not path.is_dir() or not (path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).exists():
         return None
     return next((path / n for n in BIN_NAMES if (path / n).is_file()), None)
@@ -65,7 +69,7 @@ def read_bin_adapter(path: Path) -> PeftFiles:
 
     wpath = bin_file(path)
     assert wpath is not None, path
-    cfg = read_adapter_config(Path(path))
+    cfg = read_adapter_config(wpath.parent)
     files = PeftFiles(config=dict(cfg), tensors=load_weights_only(wpath), source="peft", path=wpath,
                       notes=[f"read {wpath.name} with torch.load(weights_only=True); written as safetensors"])
     parse(files)  # the same key and shape checks as a safetensors adapter
