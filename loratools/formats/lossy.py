@@ -1,10 +1,12 @@
-"""`convert --as-lora --rank R`: DoRA modules re-expressed as plain LoRA, lossy and measured.
+"""`convert --as-lora --rank R`: DoRA modules and modules saved whole re-expressed as plain LoRA, lossy and
+measured.
 
 A DoRA module's merged weight is m / ‖W₀ + ΔW‖ · (W₀ + ΔW) (lora_math's Dora.merge, PEFT's bits): its
 effective update W' − W₀ is not B·A, so formats without a magnitude (GGUF) or a user who wants plain LoRA
 get the best rank-R approximation of W' − W₀ instead, through the same truncation `extract` uses
 (lowrank.truncate, randomized SVD when R is small against the matrix). One module at a time: the base
-tensor is read, merged, differenced and factored, then dropped.
+tensor is read, merged, differenced and factored, then dropped. A module saved whole (modules_to_save) is
+the same with W' = the saved weight: it becomes a LoRA on that module (moved to target_modules).
 
 Per module the report gives `rel_error` = ‖ΔW − B·A·s‖_F / ‖ΔW‖_F of the factors as written (measured
 again after the cast to the adapter's dtype) and `optimal_error`, the Eckart–Young tail
@@ -33,9 +35,17 @@ from . import PeftFiles, parse
 # -- pure tensor functions -------------------------------------------------------------------------------
 
 def effective_delta(base: torch.Tensor, m: LoraModule) -> torch.Tensor:
-    """W' − W₀ of one module in float64, in the base tensor's layout, W' merged as PEFT merges it (float32)."""
+    """W' − W₀ of one module in float32, in the base tensor's layout, W' merged as PEFT merges it (float32).
+
+    In place on the merged copy: one float32 tensor beside the merge's own workspace. The subtraction
+    rounds once, relative to W' − W₀ itself (W₀ in 16 bits is exact in float32)."""
     merged, _ = merge_weight(base, [Step(m, 1.0, 0)], device=base.device, out_dtype=torch.float32)
-    return merged.double() - base.double()
+    return merged.sub_(base)
+
+
+def _norm(x: torch.Tensor) -> float:
+    """‖x‖_F accumulated in float64 (float32's own reduction is off by ~1e-3 on large tensors; lowrank.py)."""
+    return math.sqrt(float(torch.sum(x * x, dtype=torch.float64)))
 
 
 def refactor(delta: torch.Tensor, transposed: bool, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -45,11 +55,10 @@ def refactor(delta: torch.Tensor, transposed: bool, rank: int, dtype: torch.dtyp
     t = truncate(M, rank=rank)
     B, A = t.factors(1.0)
     B, A = B.to(dtype), A.to(dtype)
-    Md = M.double()
-    norm = float(torch.linalg.matrix_norm(Md))
+    norm = _norm(M)
     if norm == 0:
         return B, A, {"rank": t.rank, "rel_error": 0.0, "optimal_error": 0.0, "svd": t.method, "delta_norm": 0.0}
-    rel = float(torch.linalg.matrix_norm(Md - B.double() @ A.double())) / norm
+    rel = _norm(M - B.float() @ A.float()) / norm  # what is written, after the cast to `dtype`
     if t.method == "full":  # the exact SVD ran: its tail is the optimum
         optimal = t.rel_error
     else:  # the randomized SVD has no tail: the exact singular values, for the report
@@ -180,7 +189,7 @@ def as_plain_lora(files: PeftFiles, base: Path | None, rank: int, *, on_module=N
                 raise UnsupportedError(f"saved whole with shape {list(t.shape)}, the base's is {list(w0.shape)}",
                                        path=where, tensor=key)
             embedding = role.kind == "embedding"
-            B, A, stats = refactor(t.double() - w0.double(), embedding, rank, t.dtype)
+            B, A, stats = refactor(t.float().sub_(w0), embedding, rank, t.dtype)
             del w0
             replace(module, embedding, B, A, {"module": module, "from": "modules_to_save", "base_tensor": role.key,
                                               **stats})
