@@ -45,7 +45,10 @@ def report(summary: dict, as_json: bool, verb: str) -> None:
 @force_option
 @json_option
 def command(base, adapters, output, weights, dtype, device, max_shard_size, force, as_json):
-    """Fold one or more PEFT LoRA adapters into BASE and write a plain dense checkpoint.
+    """Fold one or more LoRA adapters into BASE and write a plain dense checkpoint.
+
+    An adapter may be in any format `loratools convert` reads (PEFT, MLX-LM, kohya, GGUF LoRA); BASE names
+    the modules of kohya and GGUF files.
 
     Matches PEFT's merge_and_unload() (rsLoRA, rank/alpha patterns, fan_in_fan_out, embeddings,
     lora_bias, modules_to_save, DoRA). Several adapters are applied in the order given, in float32,

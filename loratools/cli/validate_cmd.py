@@ -38,6 +38,7 @@ def command(base, adapters, merged, tuned, quantized, weights, device, dtype, ba
             min_carried, static_only, as_json):
     """Check adapters against a base, and a merged, fine-tuned or 4-bit checkpoint against base + adapters.
 
+    Adapters may be in any format `loratools convert` reads (PEFT, MLX-LM, kohya, GGUF LoRA).
     Static checks read headers (and the adapters' small tensors): every problem is listed at once.
     Tensor checks stream the checkpoints and name the module that is wrong. Forward passes build the
     models with transformers (local files only) and compare logits on one deterministic batch; they
