@@ -110,7 +110,7 @@ def inspect_adapter(path: str | Path, files=None) -> dict:
         from . import formats
 
         ad = formats.parse(files)
-        meta = {}
+        meta = _safetensors_metadata(files.path)  # kohya's and MLX-LM's files carry the provenance we wrote
     else:
         ad = load_adapter(path, check_finite=False)
         _, meta = read_header(str(Path(path) / WEIGHTS_NAME))
@@ -152,6 +152,14 @@ def inspect_adapter(path: str | Path, files=None) -> dict:
         "provenance": read_provenance(meta),
         "target_parameters": sorted(cfg["target_parameters"]) if cfg.get("target_parameters") else None,
     }
+
+
+def _safetensors_metadata(path: Path | None) -> dict:
+    """The metadata of the adapter's one safetensors file (`path` or the one in that directory); {} otherwise."""
+    if path is not None and path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        path = found[0] if len(found) == 1 else None
+    return read_header(str(path))[1] if path is not None and path.suffix == ".safetensors" else {}
 
 
 def _expert_norms(m) -> list[float | None]:

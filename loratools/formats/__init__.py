@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..errors import FormatError, InputError, LoratoolsError, UnsupportedError
+from ..errors import InputError, LoratoolsError
 
 
 @dataclass
@@ -137,26 +137,8 @@ def read(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Peft
 
 def parse(files: PeftFiles):
     """The loratools.adapter.Adapter of `files` (modules with r, alpha, scale, DoRA magnitude, experts; saved
-    tensors), resolved exactly as load_adapter resolves a PEFT adapter on disk; FormatError on factors that
-    do not describe a LoRA module."""
-    from ..adapter import PREFIX, Adapter, KeyKind, classify_key, parse_modules
+    tensors), resolved and checked exactly as load_adapter resolves a PEFT adapter on disk (NaN/Inf shown, not
+    refused); FormatError on factors that do not describe a LoRA module."""
+    from ..adapter import adapter_from_files
 
-    where = files.path or Path(f"<{files.source} adapter>")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    saved: dict[str, torch.Tensor] = {}
-    for key, t in files.tensors.items():
-        kind, name, role = classify_key(key)
-        if kind is KeyKind.NOT_PEFT:
-            raise FormatError(f"unexpected key (PEFT keys start with {PREFIX!r})", path=where, tensor=key)
-        if kind is KeyKind.UNKNOWN_LORA:
-            raise UnsupportedError("unsupported LoRA tensor kind", path=where, tensor=key)
-        if kind is KeyKind.FACTOR:
-            parts.setdefault(name, {})[role] = t
-        else:
-            saved[name] = t
-    modules, issues = parse_modules(parts, files.config)
-    if issues:
-        path_name, issue = issues[0]
-        raise issue.error(issue.message, path=where, tensor=PREFIX + path_name)
-    return Adapter(path=where, config=files.config, modules=dict(sorted(modules.items())), saved=saved,
-                   dtypes={t.dtype for t in files.tensors.values()})
+    return adapter_from_files(files, check_finite=False)
