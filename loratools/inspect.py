@@ -8,7 +8,7 @@ JSON schema (stable; fields are only ever added):
                                        "compute_dtype", "quant_storage", "quantized_tensors",
                                        "quantized_parameters", "skip_modules"},
                "provenance": null | {...what loratools recorded when it wrote the file...}}
-  adapter:    {"kind": "adapter", "format" (peft, mlx, ...: the file format; other formats are shown as the
+  adapter:    {"kind": "adapter", "format" (peft, mlx, kohya, gguf: the file format; kohya and gguf need the base; other formats are shown as the
                PEFT adapter they convert to, with "format_notes" on what reading them changed), "path", "peft_type", "task_type", "base_model", "target_modules",
                "use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save",
                "trainable_parameters", "dtypes", "bytes_on_disk",

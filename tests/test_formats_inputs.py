@@ -164,3 +164,18 @@ def test_without_base_one_line_and_nothing_written(work, fmt):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "--base" in lines[0] and str(path.parent) in lines[0], (args, r.stderr)
         assert "Traceback" not in r.stderr and not (root / "x").exists()
+
+
+def test_an_adapter_for_another_base_one_line_and_nothing_written(work):
+    """A kohya file read against a base without its modules (GPT-2's names): one line naming the file, exit 1."""
+    from conftest import GPT2
+
+    root, _, conv, _ = work
+    path = conv["llama-patterns", "kohya"]
+    for args in (["merge", GPT2, path, "-o", root / "y"],
+                 ["validate", GPT2, path, "--static-only"],
+                 ["resize", path, "-o", root / "y", "--rank", "2", "--base", GPT2]):
+        r = run_cli(*args, expect=1)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not (root / "y").exists()

@@ -21,7 +21,8 @@ from .options import device_option, force_option, json_option, max_shard_size_op
 def command(merged, adapters, output, weights, dtype, device, max_shard_size, force, as_json):
     """Take adapters back out of a merged checkpoint: subtract the deltas `merge` added.
 
-    Give the adapters (and --weight values) the merge used. A DoRA merge is undone with the norms
+    Give the adapters (and --weight values) the merge used, in any format `loratools convert` reads (the
+    merged checkpoint names the modules of kohya and GGUF files). A DoRA merge is undone with the norms
     `loratools merge` recorded in MERGED/loratools-dora/; without that record it is refused.
     Tensors an adapter replaced whole (modules_to_save) cannot be restored and are refused.
 
