@@ -24,8 +24,19 @@ def is_adapter(path: str | os.PathLike) -> bool:
     return formats.detect(path) is not None or bin_file(Path(path)) is not None
 
 
-# The refusal of a DoRA module names the way out (one line still).
+# The refusal of a DoRA module or a tensor saved whole names the way out (one line still).
 AS_LORA_HINT = "; --as-lora --rank R --base BASE writes it as plain LoRA (lossy, the error reported per module)"
+
+
+def _as_lora_would_carry(files, message: str) -> bool:
+    """Whether a target's refusal is about what --as-lora re-factors: a DoRA magnitude, or a tensor saved
+    whole (modules_to_save)."""
+    from .adapter import KeyKind, classify_key
+
+    if files.config.get("use_dora") and "DoRA" in message:
+        return True
+    saved = any(classify_key(k).kind is KeyKind.SAVED for k in files.tensors)
+    return saved and ("saved whole" in message or "whole tensors" in message)
 
 
 def _read(adapter: Path, base: Path | None):
@@ -82,7 +93,7 @@ def convert_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *, to
     try:
         target.check(files, base_path)  # before any output exists
     except UnsupportedError as e:
-        if not as_lora and files.config.get("use_dora") and "DoRA" in e.message:
+        if not as_lora and _as_lora_would_carry(files, e.message):
             e.message += AS_LORA_HINT
         raise
     inputs = [adapter] + ([base] if base is not None else [])

@@ -146,7 +146,10 @@ def test_modules_to_save_become_lora_at_the_optimum_and_peft_merges_them(tmp_pat
     from transformers import AutoModelForCausalLM
 
     src = FIXTURES / "llama-mts"
-    run_cli("convert", src, "-o", tmp_path / "refused", "--to", "gguf", "--base", LLAMA, expect=1)
+    for to in ("gguf", "mlx", "kohya"):  # each refuses it in one line naming the way out
+        r = run_cli("convert", src, "-o", tmp_path / "refused", "--to", to, "--base", LLAMA, expect=1)
+        assert "--as-lora --rank R" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "refused").exists()
     out = tmp_path / "plain"
     summary = json.loads(run_cli("convert", src, "-o", out, "--to", "peft", "--base", LLAMA, "--as-lora", "--rank", 5,
                                  "--json").stdout)
