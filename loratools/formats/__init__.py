@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..errors import InputError, LoratoolsError
+from ..errors import InputError, LoratoolsError, UnsupportedError
 
 
 @dataclass
@@ -142,3 +142,25 @@ def parse(files: PeftFiles):
     from ..adapter import adapter_from_files
 
     return adapter_from_files(files, check_finite=False)
+
+
+def factor_modules(config: dict, tensors: dict[str, torch.Tensor], target: str) -> dict:
+    """The LoRA modules (name -> adapter.LoraModule) of PEFT-keyed `tensors`, for a target format that holds
+    factors only (kohya, GGUF): a tensor saved whole or a non-LoRA key is refused in one line naming `target`;
+    factors that do not describe a module are refused as load_adapter refuses them."""
+    from ..adapter import PREFIX, KeyKind, classify_key, parse_modules
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        kind, name, role = classify_key(key)
+        if kind is not KeyKind.FACTOR:
+            raise UnsupportedError(f"{target} cannot hold a tensor saved whole (modules_to_save, an embedding's "
+                                   "base layer) or a non-LoRA key", tensor=key)
+        parts.setdefault(name, {})[role] = t
+    cfg = {**config, "rank_pattern": config.get("rank_pattern") or {},
+           "alpha_pattern": config.get("alpha_pattern") or {}}
+    modules, issues = parse_modules(parts, cfg)
+    if issues:
+        path, issue = issues[0]
+        raise issue.error(issue.message, tensor=PREFIX + path)
+    return modules

@@ -30,11 +30,10 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import (PREFIX, KeyKind, LoraModule, adapter_config, classify_key, nest_param_targets, parse_modules,
-                       pattern_value)
+from ..adapter import PREFIX, LoraModule, adapter_config, nest_param_targets, pattern_value
 from ..errors import FormatError, InputError, LoratoolsError, UnsupportedError, UsageError
 from ..lora_math import lora_scale, pack_expert_factors
-from . import PeftFiles, register
+from . import PeftFiles, factor_modules, register
 
 METADATA_CONFIG = "loratools.peft_config"
 METADATA_DTYPE = "loratools.dtype"
@@ -120,20 +119,8 @@ def peft_to_gguf(config: dict, tensors: dict[str, torch.Tensor], arch: GgufArch
     Refuses (UnsupportedError, one line) what llama.cpp's LoRA cannot apply: DoRA magnitudes, lora_bias,
     tensors saved whole (modules_to_save), target_parameters (expert) entries, Conv1D (fan_in_fan_out) and
     modules the GGUF arch has no tensor for."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        kind, name, role = classify_key(key)
-        if kind is not KeyKind.FACTOR:
-            raise UnsupportedError("GGUF LoRA cannot hold a tensor saved whole (modules_to_save, an embedding's "
-                                   "base layer) or a non-LoRA key", tensor=key)
-        parts.setdefault(name, {})[role] = t
-    cfg = {**config, "rank_pattern": config.get("rank_pattern") or {},
-           "alpha_pattern": config.get("alpha_pattern") or {}}
-    modules, issues = parse_modules(parts, cfg)
-    if issues:
-        path, issue = issues[0]
-        raise issue.error(issue.message, tensor=PREFIX + path)
-    alpha = float(cfg["lora_alpha"])
+    modules = factor_modules(config, tensors, "GGUF LoRA")
+    alpha = float(config["lora_alpha"])
     out: dict[str, torch.Tensor] = {}
     folded = []
     for name, m in sorted(modules.items()):
@@ -152,7 +139,7 @@ def peft_to_gguf(config: dict, tensors: dict[str, torch.Tensor], arch: GgufArch
             out[gname + ".lora_a"] = A.contiguous()
             out[gname + ".lora_b"] = (B if f == 1.0 else B * f).contiguous()
     notes = [f"GGUF LoRA: {len(folded)} module(s) have a scale other than adapter.lora.alpha / r "
-             f"({'rsLoRA' if cfg.get('use_rslora') else 'alpha_pattern'}); folded into lora_b"] if folded else []
+             f"({'rsLoRA' if config.get('use_rslora') else 'alpha_pattern'}); folded into lora_b"] if folded else []
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     kv = {"alpha": alpha, METADATA_CONFIG: json.dumps(config, sort_keys=True),
           METADATA_DTYPE: dtypes[0] if len(dtypes) == 1 else "float32"}

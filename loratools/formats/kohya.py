@@ -27,9 +27,9 @@ from typing import Iterable
 
 import torch
 
-from ..adapter import PREFIX, KeyKind, adapter_config, classify_key, parse_modules, pattern_value
+from ..adapter import PREFIX, adapter_config, pattern_value
 from ..errors import FormatError, LoratoolsError, UnsupportedError, UsageError
-from . import PeftFiles, register
+from . import PeftFiles, factor_modules, register
 
 DEFAULT_PREFIX = "lora_te"
 METADATA_CONFIG = "loratools.peft_config"
@@ -54,19 +54,7 @@ def peft_to_kohya(config: dict, tensors: dict[str, torch.Tensor], prefix: str = 
     tensors and target_parameters (expert) adapters."""
     if not _PREFIX_RE.match(prefix + "_x"):
         raise UnsupportedError(f"kohya prefix {prefix!r} must look like lora_<word> (lora_te, lora_unet)")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        kind, name, role = classify_key(key)
-        if kind is not KeyKind.FACTOR:
-            raise UnsupportedError("kohya LoRA keys cannot hold a tensor saved whole (modules_to_save, an "
-                                   "embedding's base layer) or a non-LoRA key", tensor=key)
-        parts.setdefault(name, {})[role] = t
-    cfg = {**config, "rank_pattern": config.get("rank_pattern") or {},
-           "alpha_pattern": config.get("alpha_pattern") or {}}
-    modules, issues = parse_modules(parts, cfg)
-    if issues:
-        path, issue = issues[0]
-        raise issue.error(issue.message, tensor=PREFIX + path)
+    modules = factor_modules(config, tensors, "kohya LoRA keys")
     out: dict[str, torch.Tensor] = {}
     for name, m in sorted(modules.items()):
         what = ("an embedding" if m.kind == "embedding" else "a target_parameters entry" if m.param
