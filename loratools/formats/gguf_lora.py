@@ -59,6 +59,7 @@ class GgufArch:
     n_head: int
     n_kv_head: int
     permute_qk: bool
+    tied: bool = False  # the base stores no lm_head: llama.cpp's output is token_embd itself (see peft_to_gguf)
 
     @classmethod
     def from_config(cls, config: dict | None, where=None) -> "GgufArch":
@@ -130,6 +131,12 @@ def peft_to_gguf(config: dict, tensors: dict[str, torch.Tensor], arch: GgufArch
                 else "a Conv1D (fan_in_fan_out) module" if m.fan_in_fan_out else None)
         if what:
             raise UnsupportedError(f"GGUF LoRA cannot hold {what}", tensor=PREFIX + m.key_path)
+        if arch.tied and (m.kind == "embedding" or arch.gguf_name(m.name) == "output.weight"):
+            # llama.cpp looks LoRAs up by tensor name and its tied output *is* token_embd.weight: an embedding
+            # LoRA would be applied to the output matmul too (PEFT: input only), an lm_head one finds no tensor
+            raise UnsupportedError(f"GGUF LoRA cannot hold {'an embedding' if m.kind == 'embedding' else 'an lm_head'} "
+                                   f"LoRA for a base with tied word embeddings (llama.cpp's output is token_embd)",
+                                   tensor=PREFIX + m.key_path)
         f = fold_factor(m.scale, alpha, m.r)
         if f != 1.0:
             folded.append(name)
@@ -366,6 +373,21 @@ def base_names(base: Path) -> tuple[list[str], list[str]]:
             [k for k, s in shapes.items() if len(s) == 3])
 
 
+def _write_arch(base: Path | None) -> GgufArch:
+    """The base's GgufArch for writing, `tied` when it stores no lm_head (convert_hf_to_gguf writes no output)."""
+    from dataclasses import replace
+
+    from ..checks import tied_embedding_key
+    from ..io.checkpoint import Checkpoint
+
+    arch = GgufArch.from_config(_base_config(base, "writing"), base)
+    ck = Checkpoint(base)
+    try:
+        return replace(arch, tied=tied_embedding_key(ck) is not None)
+    finally:
+        ck.close()
+
+
 class GgufLoraFormat:
     name = "gguf"
 
@@ -393,7 +415,7 @@ class GgufLoraFormat:
 
     def check(self, files: PeftFiles, base: Path | None = None) -> None:
         _gguf()
-        arch = GgufArch.from_config(_base_config(base, "writing"), base)
+        arch = _write_arch(base)
         try:
             peft_to_gguf(files.config, {k: t.to("meta") for k, t in files.tensors.items()}, arch)
         except LoratoolsError as e:
@@ -402,7 +424,7 @@ class GgufLoraFormat:
 
     def write(self, files: PeftFiles, out_dir: Path, base: Path | None = None, *, provenance=None,
               durability=None) -> list[str]:
-        arch = GgufArch.from_config(_base_config(base, "writing"), base)
+        arch = _write_arch(base)
         from ..io.durability import DURABLE
 
         tensors, kv, notes = peft_to_gguf(files.config, files.tensors, arch)

@@ -130,7 +130,12 @@ def kohya_to_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
                               f"{list(B.shape)}", tensor=key + ".lora_up.weight")
         if "alpha" in p and p["alpha"].numel() != 1:
             raise FormatError(f"alpha must be one number, found shape {list(p['alpha'].shape)}", tensor=key + ".alpha")
-        if "magnitude" in p and p["magnitude"].numel() != B.shape[0]:
+        if "magnitude" in p and tuple(p["magnitude"].shape) not in ((B.shape[0], 1), (B.shape[0],)):
+            # by shape, not size: LyCORIS's wd_on_out=False [1, in] has as many numbers for a square weight
+            if tuple(p["magnitude"].shape) == (1, A.shape[1]):
+                raise UnsupportedError(f"dora_scale [1, {A.shape[1]}] normalises the weight's input columns "
+                                       f"(LyCORIS wd_on_out=False); PEFT's DoRA magnitude is per output row",
+                                       tensor=key + ".dora_scale")
             raise FormatError(f"dora_scale has shape {list(p['magnitude'].shape)}, expected [{B.shape[0]}, 1]",
                               tensor=key + ".dora_scale")
         resolved[names[0]] = p
