@@ -90,6 +90,7 @@ def convert_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *, to
 
         check_rank(rank)
         files, lossy = as_plain_lora(files, base_path, rank, on_module=on_module)
+    modules = len(formats.parse(files).modules)  # a read that is no valid adapter fails before any output
     try:
         target.check(files, base_path)  # before any output exists
     except UnsupportedError as e:
@@ -106,5 +107,5 @@ def convert_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *, to
         written = target.write(files, tmp, base_path, provenance=meta, durability=durability)
         nbytes = sum((tmp / f).stat().st_size for f in written)
     return {"kind": "adapter_convert", "output": str(atomic.out), "from": src_name, "to": target.name,
-            "files": sorted(written), "bytes": nbytes, "modules": len(formats.parse(files).modules),
+            "files": sorted(written), "bytes": nbytes, "modules": modules,
             "notes": list(files.notes), "stale_removed": [str(p) for p in atomic.stale_removed], "lossy": lossy}

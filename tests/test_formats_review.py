@@ -71,3 +71,50 @@ def test_gguf_refuses_an_embedding_lora_on_a_tied_base(tied_llama, tmp_path):
     out = tmp_path / "gguf"
     r = run_cli("convert", src, "-o", out, "--to", "gguf", "--base", tied_llama, expect=None)
     _one_line_refusal(r, out, "tied word embeddings", "embed_tokens")
+
+
+def test_convert_of_an_invalid_adapter_leaves_no_output(tmp_path):
+    """A kohya file whose alpha is 0 reads as lora_alpha 0, which no PEFT adapter has: convert --to peft said so
+    (exit 1) only after writing the output."""
+    src = tmp_path / "k"
+    run_cli("convert", FIXTURES / "llama-lora", "-o", src, "--to", "kohya")
+    t = load_file(src / "lora.safetensors")
+    save_file({k: (torch.tensor(0.0) if k.endswith(".alpha") else v) for k, v in t.items()}, src / "lora.safetensors")
+    out = tmp_path / "peft"
+    r = run_cli("convert", src, "-o", out, "--to", "peft", "--base", LLAMA, expect=None)
+    _one_line_refusal(r, out, "lora_alpha must be a positive number")
+
+
+def _gguf_of(name, tmp_path, alpha=None, keep_config=True):
+    from loratools.formats.gguf_lora import read_gguf, write_gguf
+
+    ours = tmp_path / f"{name}-ours"
+    run_cli("convert", FIXTURES / name, "-o", ours, "--to", "gguf", "--base", LLAMA)
+    tensors, kv = read_gguf(ours / "adapter.gguf")
+    kv = {k: v for k, v in kv.items() if keep_config or k == "alpha"} | ({} if alpha is None else {"alpha": alpha})
+    path = tmp_path / f"{name}-{alpha}.gguf"
+    write_gguf(path, "llama", tensors, kv)
+    return path, kv
+
+
+def test_gguf_alpha_zero_is_llama_cpps_scale_one(tmp_path):
+    """llama.cpp's get_scale: alpha 0 applies lora_b @ lora_a with scale 1 (any rank). It was refused."""
+    path, _ = _gguf_of("llama-patterns", tmp_path, alpha=0.0, keep_config=False)
+    ref = formats.parse(formats.read(FIXTURES / "llama-patterns")).modules
+    got = formats.parse(formats.read(path, base=LLAMA)).modules
+    assert {m.r for m in ref.values()} == {2, 4, 8}
+    for n, m in ref.items():
+        # our lora_b holds B · s / (8 / r); with scale 1 llama.cpp applies B·A · s · r / 8
+        assert got[n].scale == 1.0
+        torch.testing.assert_close(got[n].delta(), m.delta() * m.r / 8, rtol=1e-5, atol=1e-7)
+
+
+def test_gguf_whose_alpha_changed_since_we_wrote_it_reads_as_llama_cpp_applies_it(tmp_path):
+    """Our stored config no longer matches (adapter.lora.alpha 8 -> 4): the lora_b were divided by our fold
+    factors anyway and the config came from the file, a delta neither PEFT's nor llama.cpp's."""
+    path, kv = _gguf_of("llama-rslora", tmp_path, alpha=4.0)
+    assert "loratools.peft_config" in kv
+    ref = formats.parse(formats.read(FIXTURES / "llama-rslora")).modules
+    got = formats.parse(formats.read(path, base=LLAMA)).modules
+    for n, m in ref.items():  # llama.cpp: lora_b (= B · s / (8 / r)) @ lora_a · 4 / r = PEFT's delta / 2
+        torch.testing.assert_close(got[n].delta(), m.delta() / 2, rtol=1e-5, atol=1e-7)

@@ -202,8 +202,9 @@ def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, mod
     """GGUF LoRA tensors + KV (`alpha`, and our METADATA_* when we wrote the file) -> PEFT config + tensors,
     GGUF names resolved through the base's `modules` (2-D weights' modules) and `params` (3-D expert
     parameters, as target_parameters). With our metadata the config is restored and folded scales are
-    divided out again; otherwise the config says what llama.cpp applies: lora_alpha = the file's alpha, r
-    the most common rank, other ranks in rank_pattern, target_modules = full module names."""
+    divided out again; otherwise the config says what llama.cpp applies: lora_alpha = the file's alpha (0:
+    llama.cpp's scale 1, so each module's alpha is its rank), r the most common rank, other ranks in
+    rank_pattern, target_modules = full module names."""
     reverse = _reverse_names(arch, modules, list(params))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -214,7 +215,6 @@ def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, mod
         pairs.setdefault(base, {})[role] = t.float() if t.dtype != torch.float32 else t
     alpha = float(kv["alpha"])
     stored = _stored_config(kv.get(METADATA_CONFIG))
-    dtype = getattr(torch, str(kv.get(METADATA_DTYPE) or "float32"), torch.float32) if stored else torch.float32
     plain: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # module -> (A, B, embedding)
     experts: dict[str, dict[str | None, tuple[torch.Tensor, torch.Tensor]]] = {}  # param -> part -> (A_e, B_e)
     for gname, p in sorted(pairs.items()):
@@ -266,6 +266,10 @@ def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, mod
                 m.param, m.name = "weight", f"{name}.weight"
     nest_param_targets(found)
     ranks = {m.name: m.r for m in found.values()}
+    if stored is not None and not (float(stored["lora_alpha"]) == alpha and all(
+            int(pattern_value(stored.get("rank_pattern") or {}, n, stored["r"])) == r for n, r in ranks.items())):
+        stored = None  # not what we wrote (alpha or a rank changed since): read it as llama.cpp applies it
+    dtype = getattr(torch, str(kv.get(METADATA_DTYPE) or "float32"), torch.float32) if stored else torch.float32
     out: dict[str, torch.Tensor] = {}
     for m in found.values():
         B = m.B
@@ -276,14 +280,16 @@ def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, mod
         roles = ("lora_embedding_A", "lora_embedding_B") if m.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
         out[f"{PREFIX}{m.key_path}.{roles[0]}"] = m.A.to(dtype).contiguous()
         out[f"{PREFIX}{m.key_path}.{roles[1]}"] = B.to(dtype).contiguous()
-    if stored is not None and all(int(pattern_value(stored.get("rank_pattern") or {}, n, stored["r"])) == r
-                                  for n, r in ranks.items()) and float(stored["lora_alpha"]) == alpha:
+    if stored is not None:
         return stored, out
     r = Counter(ranks.values()).most_common(1)[0][0]
     leaves = sorted({m.param for m in found.values() if m.param})
-    config = adapter_config(r=r, lora_alpha=alpha, target_modules=[m.name for m in found.values() if not m.param],
+    # llama.cpp's get_scale: alpha 0 means scale 1 for every tensor, i.e. PEFT's alpha = each module's rank
+    config = adapter_config(r=r, lora_alpha=alpha or float(r),
+                            target_modules=[m.name for m in found.values() if not m.param],
                             base_model_name_or_path=base_model_name_or_path,
                             rank_pattern={n: v for n, v in sorted(ranks.items()) if v != r},
+                            alpha_pattern={} if alpha else {n: float(v) for n, v in sorted(ranks.items()) if v != r},
                             target_parameters=leaves or None)
     return config, out
 
