@@ -118,3 +118,15 @@ def test_gguf_whose_alpha_changed_since_we_wrote_it_reads_as_llama_cpp_applies_i
     got = formats.parse(formats.read(path, base=LLAMA)).modules
     for n, m in ref.items():  # llama.cpp: lora_b (= B · s / (8 / r)) @ lora_a · 4 / r = PEFT's delta / 2
         torch.testing.assert_close(got[n].delta(), m.delta() / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_a_truncated_kohya_file_is_named_as_truncated(tmp_path):
+    """Detection read the whole header check, so a kohya file cut short was 'not an adapter in a known
+    format' (exit 2) in convert, not what is wrong with it."""
+    src = tmp_path / "k"
+    run_cli("convert", FIXTURES / "llama-lora", "-o", src, "--to", "kohya")
+    data = (src / "lora.safetensors").read_bytes()
+    (src / "lora.safetensors").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "peft"
+    r = run_cli("convert", src, "-o", out, "--to", "peft", "--base", LLAMA, expect=None)
+    _one_line_refusal(r, out, "lora.safetensors", "truncated")

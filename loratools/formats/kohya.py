@@ -222,20 +222,25 @@ def _weights_file(path: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
+def _header_names(f: Path) -> list[str] | None:
+    """The tensor names of a safetensors header, its data unchecked: a kohya file cut short is still told
+    apart by its names, and read() then says what is wrong with it (None: no readable header)."""
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n <= 100_000_000 else None
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else None
+
+
 class KohyaFormat:
     name = "kohya"
 
     def detect(self, path: Path) -> bool:
-        from ..io.safetensors_format import read_header
-
         f = _weights_file(Path(path))
-        if f is None:
-            return False
-        try:
-            infos, _ = read_header(str(f))
-        except Exception:  # not ours to judge: another format (or none) will say what is wrong
-            return False
-        return bool(infos) and all(is_kohya_key(k) for k in infos)
+        names = _header_names(f) if f is not None else None
+        return bool(names) and all(is_kohya_key(k) for k in names)
 
     def read(self, path: Path, base: Path | None = None) -> PeftFiles:
         from ..io.safetensors_format import read_header, read_tensor
