@@ -130,3 +130,19 @@ def test_a_truncated_kohya_file_is_named_as_truncated(tmp_path):
     out = tmp_path / "peft"
     r = run_cli("convert", src, "-o", out, "--to", "peft", "--base", LLAMA, expect=None)
     _one_line_refusal(r, out, "lora.safetensors", "truncated")
+
+
+def test_kohya_module_on_an_embedding_is_refused(tmp_path):
+    """kohya keys on the base's nn.Embedding became lora_A/lora_B of embed_tokens: exit 0, and PEFT, which keys
+    an embedding's LoRA lora_embedding_A/B, loaded the output as no change at all (a warning), while merge
+    applied it."""
+    src = tmp_path / "k"
+    src.mkdir()
+    key = "lora_te_model_embed_tokens"
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 64), f"{key}.lora_up.weight": torch.randn(384, 4),
+               f"{key}.alpha": torch.tensor(4.0)}, src / "lora.safetensors")
+    out = tmp_path / "peft"
+    r = run_cli("convert", src, "-o", out, "--to", "peft", "--base", LLAMA, expect=None)
+    _one_line_refusal(r, out, key, "embedding model.embed_tokens")
+    r = run_cli("merge", LLAMA, src, "-o", tmp_path / "merged", expect=None)
+    _one_line_refusal(r, tmp_path / "merged", "embedding model.embed_tokens")

@@ -89,10 +89,11 @@ def module_index(modules: Iterable[str]) -> dict[str, list[str]]:
 
 
 def kohya_to_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, modules: Iterable[str],
-                  conv1d: Iterable[str] = (), base_model_name_or_path: str | None = None
-                  ) -> tuple[dict, dict[str, torch.Tensor]]:
+                  conv1d: Iterable[str] = (), base_model_name_or_path: str | None = None,
+                  embeddings: Iterable[str] = ()) -> tuple[dict, dict[str, torch.Tensor]]:
     """kohya-keyed tensors -> PEFT config + PEFT-keyed tensors, names resolved against the base's `modules`
-    (`conv1d`: those stored [in, out], GPT-2's Conv1D, which PEFT adapts with fan_in_fan_out).
+    (`conv1d`: those stored [in, out], GPT-2's Conv1D, which PEFT adapts with fan_in_fan_out; `embeddings`:
+    nn.Embedding modules, refused: PEFT keys their LoRA lora_embedding_A/B and would ignore lora_A/lora_B).
 
     The config comes from METADATA_CONFIG when every module's rank and alpha agree with it (our own files);
     otherwise from the tensors: the most common rank/alpha as r/lora_alpha, the others as exact-name
@@ -121,6 +122,9 @@ def kohya_to_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
             what = (f"matches {len(names)} modules of the base ({', '.join(sorted(names)[:3])})" if names else
                     "matches no module of the base (its name with '.' written as '_')")
             raise FormatError(f"kohya module {key} {what}", tensor=key + ".lora_down.weight")
+        if names[0] in embeddings:  # as the writer: kohya LoRA keys hold Linear LoRAs
+            raise UnsupportedError(f"kohya module {key} is the base's embedding {names[0]}; kohya LoRA keys are read "
+                                   f"as Linear LoRAs only", tensor=key + ".lora_down.weight")
         missing = [s for s, role in (("lora_down.weight", "A"), ("lora_up.weight", "B")) if role not in p]
         if missing:
             raise FormatError(f"kohya module has no {missing[0]} tensor", tensor=f"{key}.{missing[0]}")
@@ -198,10 +202,12 @@ def _derived_config(ranks: dict[str, int], alphas: dict[str, float], fan_in_fan_
 WEIGHTS_NAME = "lora.safetensors"  # what `write` names its one file (kohya files have no fixed name)
 
 
-def base_modules(base: Path) -> tuple[list[str], set[str]]:
-    """(module names, Conv1D modules) of the checkpoint at `base`, named as the loaded model names them (what
-    PEFT names adapter modules after): every 2-D `<module>.weight`."""
-    from ..hf_layout import layout_for
+def base_modules(base: Path) -> tuple[list[str], set[str], set[str]]:
+    """(module names, Conv1D modules, embedding modules) of the checkpoint at `base`, named as the loaded
+    model names them (what PEFT names adapter modules after): every 2-D `<module>.weight`. Embeddings are
+    the nn.Embedding modules of the model class (by leaf name where transformers cannot build it)."""
+    from ..extract import EMBEDDING_LEAVES
+    from ..hf_layout import layout_for, meta_model
     from ..io.checkpoint import Checkpoint
     from ..key_layout import checkpoint_layout
 
@@ -212,7 +218,10 @@ def base_modules(base: Path) -> tuple[list[str], set[str]]:
         ck.close()
     modules = [k[: -len(".weight")] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2]
     layout = layout_for(ck.config)
-    return modules, {m for m in modules if layout.is_conv1d(m)}
+    model = meta_model(ck.config)
+    embeddings = ({n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)} if model is not None
+                  else {m for m in modules if m.rsplit(".", 1)[-1] in EMBEDDING_LEAVES})
+    return modules, {m for m in modules if layout.is_conv1d(m)}, embeddings & set(modules)
 
 
 def _weights_file(path: Path) -> Path | None:
@@ -249,7 +258,7 @@ class KohyaFormat:
         if base is None:
             raise UsageError(f"{f}: kohya keys name modules with '.' written as '_'; reading them back needs the "
                              f"base checkpoint's module list (--base BASE)")
-        modules, conv1d = base_modules(Path(base))
+        modules, conv1d, embeddings = base_modules(Path(base))
         infos, metadata = read_header(str(f))
         with open(f, "rb", buffering=0) as fh:
             tensors = {k: read_tensor(info, fh) for k, info in infos.items()}
@@ -257,7 +266,8 @@ class KohyaFormat:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise FormatError("adapter tensor holds NaN/Inf values", path=f, tensor=k)
         try:
-            config, peft = kohya_to_peft(tensors, metadata, modules, conv1d, base_model_name_or_path=str(base))
+            config, peft = kohya_to_peft(tensors, metadata, modules, conv1d, base_model_name_or_path=str(base),
+                                         embeddings=embeddings)
         except LoratoolsError as e:
             e.path = e.path or str(f)
             raise
