@@ -196,16 +196,8 @@ def _reverse_names(arch: GgufArch, modules: list[str], params: list[str]) -> dic
     return reverse
 
 
-def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, modules: list[str],
-                 base_model_name_or_path: str | None = None, params: list[str] = ()
-                 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """GGUF LoRA tensors + KV (`alpha`, and our METADATA_* when we wrote the file) -> PEFT config + tensors,
-    GGUF names resolved through the base's `modules` (2-D weights' modules) and `params` (3-D expert
-    parameters, as target_parameters). With our metadata the config is restored and folded scales are
-    divided out again; otherwise the config says what llama.cpp applies: lora_alpha = the file's alpha (0:
-    llama.cpp's scale 1, so each module's alpha is its rank), r the most common rank, other ranks in
-    rank_pattern, target_modules = full module names."""
-    reverse = _reverse_names(arch, modules, list(params))
+def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """GGUF base tensor name -> {"lora_a"/"lora_b": float32 tensor}; UnsupportedError for any other tensor."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         base, dot, role = key.rpartition(".")
@@ -213,8 +205,14 @@ def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, mod
             raise UnsupportedError("GGUF LoRA tensor is neither .lora_a nor .lora_b (norm tensors from "
                                    "mergekit-extract-lora are not carried)", tensor=key)
         pairs.setdefault(base, {})[role] = t.float() if t.dtype != torch.float32 else t
-    alpha = float(kv["alpha"])
-    stored = _stored_config(kv.get(METADATA_CONFIG))
+    return pairs
+
+
+def _modules(pairs: dict[str, dict[str, torch.Tensor]], arch: GgufArch, reverse: dict, params: list[str],
+             alpha: float) -> dict[str, LoraModule]:
+    """The LoraModules (scale not yet known) of a GGUF LoRA's tensor pairs, each name resolved through
+    `reverse` (_reverse_names): q/k rows back in transformers' order, token_embd's lora_a transposed back,
+    stacked experts packed as PEFT's target_parameters (gate and up joined into one gate_up_proj)."""
     plain: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # module -> (A, B, embedding)
     experts: dict[str, dict[str | None, tuple[torch.Tensor, torch.Tensor]]] = {}  # param -> part -> (A_e, B_e)
     for gname, p in sorted(pairs.items()):
@@ -257,6 +255,22 @@ def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, mod
         A, B = pack_expert_factors(A_e, B_e)
         found[name] = LoraModule(name=name, kind="experts", A=A, B=B, r=int(A_e.shape[1]), alpha=alpha, scale=0.0,
                                  param=name.rpartition(".")[2], experts=int(A_e.shape[0]))
+    return found
+
+
+def gguf_to_peft(tensors: dict[str, torch.Tensor], kv: dict, arch: GgufArch, modules: list[str],
+                 base_model_name_or_path: str | None = None, params: list[str] = ()
+                 ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """GGUF LoRA tensors + KV (`alpha`, and our METADATA_* when we wrote the file) -> PEFT config + tensors,
+    GGUF names resolved through the base's `modules` (2-D weights' modules) and `params` (3-D expert
+    parameters, as target_parameters). With our metadata the config is restored and folded scales are
+    divided out again; otherwise the config says what llama.cpp applies: lora_alpha = the file's alpha (0:
+    llama.cpp's scale 1, so each module's alpha is its rank), r the most common rank, other ranks in
+    rank_pattern, target_modules = full module names."""
+    pairs = _pairs(tensors)
+    alpha = float(kv["alpha"])
+    stored = _stored_config(kv.get(METADATA_CONFIG))
+    found = _modules(pairs, arch, _reverse_names(arch, modules, list(params)), list(params), alpha)
     if not found:
         raise FormatError("no LoRA tensors in the GGUF file")
     if stored is not None:  # a router's LoRA PEFT made on its `weight` parameter (target_parameters "gate.weight")
