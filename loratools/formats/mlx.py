@@ -231,6 +231,32 @@ def _experts_from_mlx(switch_groups: dict, scale: float) -> dict:
     return mods
 
 
+def _module_from_mlx(module: str, p: dict[str, torch.Tensor], rank: int, scale: float, kind: str,
+                     embedding: bool, w_path: Path | None) -> tuple[int, dict[str, torch.Tensor]]:
+    """(rank kept, PEFT tensors) for one Linear/embedding MLX LoRA `p` {lora_a (in, R), lora_b (R, out), m?}:
+    shapes checked, trailing zero-padded rank components dropped where alpha = scale · r stays exact."""
+    a, b, m = p["lora_a"], p["lora_b"], p.get("m")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[0] != rank:
+        raise FormatError(f"expected lora_a (in, {rank}) and lora_b ({rank}, out) for rank {rank}, found lora_a "
+                          f"{list(a.shape)}, lora_b {list(b.shape)} (wrong orientation or rank)", path=w_path,
+                          tensor=f"{module}.lora_a")
+    if m is not None and tuple(m.shape) != (b.shape[1],):
+        raise FormatError(f"m has shape {list(m.shape)}, expected [{b.shape[1]}]", path=w_path, tensor=f"{module}.m")
+    if (m is not None) != (kind == "dora"):
+        raise FormatError(f"fine_tune_type is {kind!r} but the module {'has' if m is not None else 'lacks'} "
+                          f"a DoRA magnitude m", path=w_path, tensor=f"{module}.m")
+    if embedding and m is not None:
+        raise UnsupportedError("DoRA on an embedding is not converted from MLX", path=w_path, tensor=f"{module}.m")
+    r = _trailing_zero_rank(a, b)
+    if r != rank and (scale * r) / r != scale:  # PEFT recomputes alpha / r: keep the rank where that is inexact
+        r = rank
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+    out = {f"{PREFIX}{module}.{a_key}": a[:, :r].T.contiguous(), f"{PREFIX}{module}.{b_key}": b[:r].T.contiguous()}
+    if m is not None:
+        out[f"{PREFIX}{module}.lora_magnitude_vector"] = m.contiguous()
+    return r, out
+
+
 def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None = None,
              embeddings: set[str] = frozenset(), moe_names: dict[str, str] | None = None
              ) -> tuple[dict, dict[str, torch.Tensor], list[str]]:
@@ -289,29 +315,9 @@ def from_mlx(config: dict, tensors: dict[str, torch.Tensor], where: Path | None 
         if hf != module:  # a MoE router: transformers keeps it as a parameter (target_parameters "<module>.weight")
             params.append(f"{hf}.weight")
             module = hf
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != rank or b.shape[0] != rank:
-            raise FormatError(f"expected lora_a (in, {rank}) and lora_b ({rank}, out) for rank {rank}, found lora_a "
-                              f"{list(a.shape)}, lora_b {list(b.shape)} (wrong orientation or rank)", path=w_path,
-                              tensor=f"{module}.lora_a")
-        if m is not None and tuple(m.shape) != (b.shape[1],):
-            raise FormatError(f"m has shape {list(m.shape)}, expected [{b.shape[1]}]", path=w_path,
-                              tensor=f"{module}.m")
-        if (m is not None) != (kind == "dora"):
-            raise FormatError(f"fine_tune_type is {kind!r} but the module {'has' if m is not None else 'lacks'} "
-                              f"a DoRA magnitude m", path=w_path, tensor=f"{module}.m")
-        r = _trailing_zero_rank(a, b)
-        if r != rank and (scale * r) / r != scale:  # PEFT recomputes alpha / r: keep the rank where that is inexact
-            r = rank
-        ranks[module] = r
-        trimmed += r < rank
-        a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if module in embeddings
-                        else ("lora_A.weight", "lora_B.weight"))
-        if module in embeddings and m is not None:
-            raise UnsupportedError("DoRA on an embedding is not converted from MLX", path=w_path, tensor=f"{module}.m")
-        out[f"{PREFIX}{module}.{a_key}"] = a[:, :r].T.contiguous()
-        out[f"{PREFIX}{module}.{b_key}"] = b[:r].T.contiguous()
-        if m is not None:
-            out[f"{PREFIX}{module}.lora_magnitude_vector"] = m.contiguous()
+        ranks[module], tensors_m = _module_from_mlx(module, p, rank, scale, kind, module in embeddings, w_path)
+        trimmed += ranks[module] < rank
+        out.update(tensors_m)
     if not parts:
         raise FormatError("the adapter holds no lora_a/lora_b tensors", path=w_path)
     experts = _experts_from_mlx(switch_groups, scale)
