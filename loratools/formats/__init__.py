@@ -28,11 +28,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from ..errors import InputError, LoratoolsError, UnsupportedError
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
 
 
 @dataclass
@@ -135,7 +138,7 @@ def read(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Peft
         raise
 
 
-def parse(files: PeftFiles):
+def parse(files: PeftFiles) -> Adapter:
     """The loratools.adapter.Adapter of `files` (modules with r, alpha, scale, DoRA magnitude, experts; saved
     tensors), resolved and checked exactly as load_adapter resolves a PEFT adapter on disk (NaN/Inf shown, not
     refused); FormatError on factors that do not describe a LoRA module."""

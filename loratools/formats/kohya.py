@@ -43,6 +43,7 @@ def kohya_alpha(scale: float, r: int) -> float:
 
 
 def is_kohya_key(key: str) -> bool:
+    """Whether `key` is a kohya/LyCORIS LoRA tensor name (lora_<word>[N]_ or lycoris_ prefix, known suffix)."""
     return any(key.endswith(s) for s in _SUFFIXES) and _PREFIX_RE.match(key) is not None
 
 

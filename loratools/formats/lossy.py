@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -97,7 +98,8 @@ def plain_config(config: dict, ranks: dict[str, tuple[int, float]], rank: int) -
 
 # -- the plumbing ----------------------------------------------------------------------------------------
 
-def check_rank(rank) -> int:
+def check_rank(rank: int | None) -> int:
+    """`rank` as --as-lora's positive target rank; UsageError (exit 2) when absent or below 1."""
     if rank is None or rank < 1:
         raise UsageError("--as-lora needs --rank R (a positive integer): the rank of the plain LoRA it writes")
     return int(rank)
@@ -122,7 +124,8 @@ def _with_target(target, module: str):
     return sorted(set(target or ()) | {module})
 
 
-def as_plain_lora(files: PeftFiles, base: Path | None, rank: int, *, on_module=None) -> tuple[PeftFiles, list[dict]]:
+def as_plain_lora(files: PeftFiles, base: Path | None, rank: int, *, on_module: Callable[[str], None] | None = None
+                  ) -> tuple[PeftFiles, list[dict]]:
     """`files` as a plain LoRA adapter: every DoRA module, and every module saved whole (modules_to_save),
     replaced by a rank-`rank` LoRA of what it changes on `base` (W' − W₀).
 
