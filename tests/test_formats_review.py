@@ -146,3 +146,26 @@ def test_kohya_module_on_an_embedding_is_refused(tmp_path):
     _one_line_refusal(r, out, key, "embedding model.embed_tokens")
     r = run_cli("merge", LLAMA, src, "-o", tmp_path / "merged", expect=None)
     _one_line_refusal(r, tmp_path / "merged", "embedding model.embed_tokens")
+
+
+def test_kohya_file_whose_dora_scale_was_removed_is_plain_lora(tmp_path):
+    """Our stored config (use_dora) was restored for a file without dora_scale: PEFT then applies DoRA with
+    magnitudes of its own to what the file says is plain LoRA (exit 0, no magnitudes, use_dora true)."""
+    from safetensors import safe_open
+
+    run_cli("convert", FIXTURES / "llama-dora", "-o", tmp_path / "k", "--to", "kohya")
+    with safe_open(tmp_path / "k" / "lora.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert "loratools.peft_config" in metadata
+    t = load_file(tmp_path / "k" / "lora.safetensors")
+    (tmp_path / "plain").mkdir()
+    save_file({k: v for k, v in t.items() if not k.endswith(".dora_scale")}, tmp_path / "plain" / "lora.safetensors",
+              metadata=metadata)
+    run_cli("convert", tmp_path / "plain", "-o", tmp_path / "peft", "--to", "peft", "--base", LLAMA)
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is False
+    ref = formats.parse(formats.read(FIXTURES / "llama-dora")).modules
+    got = formats.parse(formats.read(tmp_path / "peft")).modules
+    for n, m in ref.items():  # the plain LoRA the file holds: the same factors and scale, no magnitude
+        assert got[n].magnitude is None and got[n].scale == m.scale
+        assert torch.equal(got[n].A, m.A) and torch.equal(got[n].B, m.B)

@@ -157,8 +157,9 @@ def kohya_to_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     if len(dora) > 1:
         raise UnsupportedError("only some kohya modules carry dora_scale; a PEFT adapter is DoRA everywhere or "
                                "nowhere")
-    config = _stored_config(metadata, ranks, alphas) or _derived_config(
-        ranks, alphas, fifo.pop(), dora.pop(), base_model_name_or_path)
+    fan_in_fan_out, use_dora = fifo.pop(), dora.pop()
+    config = _stored_config(metadata, ranks, alphas, fan_in_fan_out, use_dora) or _derived_config(
+        ranks, alphas, fan_in_fan_out, use_dora, base_model_name_or_path)
     out: dict[str, torch.Tensor] = {}
     for name, p in resolved.items():
         out[f"{PREFIX}{name}.lora_A.weight"] = p["A"]
@@ -168,13 +169,18 @@ def kohya_to_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     return config, out
 
 
-def _stored_config(metadata: dict | None, ranks: dict[str, int], alphas: dict[str, float]) -> dict | None:
-    """The PEFT config we stored on writing, when the file's ranks and alphas still say what it says."""
+def _stored_config(metadata: dict | None, ranks: dict[str, int], alphas: dict[str, float], fan_in_fan_out: bool,
+                   use_dora: bool) -> dict | None:
+    """The PEFT config we stored on writing, when the file's ranks, alphas, layout (Conv1D or not) and DoRA
+    (dora_scale present or not) still say what it says: PEFT would apply a stored use_dora to a file whose
+    dora_scale is gone, with magnitudes of its own."""
     text = (metadata or {}).get(METADATA_CONFIG)
     if not text:
         return None
     try:
         config = json.loads(text)
+        if bool(config.get("use_dora")) != use_dora or bool(config.get("fan_in_fan_out")) != fan_in_fan_out:
+            return None
         rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
         for name, r in ranks.items():
             if int(pattern_value(rp, name, config["r"])) != r:
