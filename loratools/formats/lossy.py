@@ -124,6 +124,67 @@ def _with_target(target, module: str):
     return sorted(set(target or ()) | {module})
 
 
+def _refactor_dora(ck, view, ad, dora: dict, rank: int, replace: Callable) -> None:
+    """Each DoRA module of `ad` (names in `dora`) re-factored at `rank` from its effective delta on the base
+    (`view` of checkpoint `ck`), handed to `replace(module_path, embedding, B, A, row)`."""
+    from ..plan import build_plan
+
+    plan = build_plan(ck, [ad], [1.0])
+    for key, p in plan.tensors.items():
+        for step in p.steps:
+            m = step.module
+            if p.is_bias or m.name not in dora:
+                continue
+            w0 = view.read(p.source)
+            B, A, stats = refactor(effective_delta(w0, m), m.transposed, rank, m.A.dtype)
+            del w0
+            replace(m.key_path, m.kind == "embedding", B, A, {"module": m.name, "from": "dora", "base_tensor": key,
+                                                              **stats})
+
+
+def _refactor_saved(ck, view, ad, files: PeftFiles, rank: int, replace: Callable, tensors: dict, notes: list,
+                    config: dict) -> dict:
+    """Each tensor `ad` saves whole re-factored at `rank` as a LoRA of (saved − base), handed to `replace`
+    and moved from modules_to_save to target_modules in the returned config; one equal to the base's bit
+    for bit is dropped from `tensors` with a note; others refused in one line."""
+    from ..extract import model_layout
+    from ..plan import BASE_LAYER, _saved_kind
+
+    where = files.path
+    roles = model_layout(ck)
+    by_param = {f"{r.module}.{r.param}": r for r in roles.roles.values()}
+    saved_keys = {classify_key(k).name: k for k in files.tensors if classify_key(k).kind is KeyKind.SAVED}
+    for name, t in sorted(ad.saved.items()):
+        key = saved_keys.get(name, PREFIX + name)
+        role = by_param.get(name)
+        if role is None:
+            raise UnsupportedError("saved whole, and the base has no such tensor: --as-lora cannot take its "
+                                   "delta", path=where, tensor=key)
+        w0 = view.read(role.key)
+        del tensors[key]
+        if tuple(w0.shape) == tuple(t.shape) and torch.equal(w0.to(t.dtype), t):
+            notes.append(f"--as-lora: {name} saved whole equals the base's own bit for bit: left out")
+            continue
+        module = role.module
+        if _saved_kind(ad, name) == BASE_LAYER or role.param != "weight" or t.dim() != 2 or \
+                role.kind not in ("linear", "head", "embedding") or (role.kind == "head" and roles.tied_head):
+            raise UnsupportedError(
+                f"saved whole ({role.kind} {role.param}, changed from the base): --as-lora turns only the weight "
+                f"of a Linear, untied head or embedding saved whole (modules_to_save) into LoRA", path=where,
+                tensor=key)
+        if tuple(w0.shape) != tuple(t.shape):
+            raise UnsupportedError(f"saved whole with shape {list(t.shape)}, the base's is {list(w0.shape)}",
+                                   path=where, tensor=key)
+        embedding = role.kind == "embedding"
+        B, A, stats = refactor(t.float().sub_(w0), embedding, rank, t.dtype)
+        del w0
+        replace(module, embedding, B, A, {"module": module, "from": "modules_to_save", "base_tensor": role.key,
+                                          **stats})
+        config["modules_to_save"] = _without_module(config.get("modules_to_save"), module)
+        config["target_modules"] = _with_target(config.get("target_modules"), module)
+    return config
+
+
 def as_plain_lora(files: PeftFiles, base: Path | None, rank: int, *, on_module: Callable[[str], None] | None = None
                   ) -> tuple[PeftFiles, list[dict]]:
     """`files` as a plain LoRA adapter: every DoRA module, and every module saved whole (modules_to_save),
@@ -132,9 +193,7 @@ def as_plain_lora(files: PeftFiles, base: Path | None, rank: int, *, on_module: 
     Returns the new PeftFiles and one report row per re-factored module (module, from: "dora" |
     "modules_to_save", base_tensor, rank, rel_error, optimal_error, svd, delta_norm). Plain modules keep
     their tensors; a saved tensor equal to the base's bit for bit is dropped."""
-    from ..extract import model_layout
     from ..io import Checkpoint
-    from ..plan import BASE_LAYER, _saved_kind, build_plan
     from ..quantized import DenseView
 
     rank = check_rank(rank)
@@ -167,51 +226,9 @@ def as_plain_lora(files: PeftFiles, base: Path | None, rank: int, *, on_module: 
         ck = Checkpoint(base)
         view = DenseView(ck)
     if dora:
-        plan = build_plan(ck, [ad], [1.0])
-        for key, p in plan.tensors.items():
-            for step in p.steps:
-                m = step.module
-                if p.is_bias or m.name not in dora:
-                    continue
-                w0 = view.read(p.source)
-                B, A, stats = refactor(effective_delta(w0, m), m.transposed, rank, m.A.dtype)
-                del w0
-                replace(m.key_path, m.kind == "embedding", B, A,
-                        {"module": m.name, "from": "dora", "base_tensor": key, **stats})
-    new_modules: list[str] = []
+        _refactor_dora(ck, view, ad, dora, rank, replace)
     if ad.saved:
-        roles = model_layout(ck)
-        by_param = {f"{r.module}.{r.param}": r for r in roles.roles.values()}
-        saved_keys = {classify_key(k).name: k for k in files.tensors if classify_key(k).kind is KeyKind.SAVED}
-        for name, t in sorted(ad.saved.items()):
-            key = saved_keys.get(name, PREFIX + name)
-            role = by_param.get(name)
-            if role is None:
-                raise UnsupportedError("saved whole, and the base has no such tensor: --as-lora cannot take its "
-                                       "delta", path=where, tensor=key)
-            w0 = view.read(role.key)
-            del tensors[key]
-            if tuple(w0.shape) == tuple(t.shape) and torch.equal(w0.to(t.dtype), t):
-                notes.append(f"--as-lora: {name} saved whole equals the base's own bit for bit: left out")
-                continue
-            module = role.module
-            if _saved_kind(ad, name) == BASE_LAYER or role.param != "weight" or t.dim() != 2 or \
-                    role.kind not in ("linear", "head", "embedding") or (role.kind == "head" and roles.tied_head):
-                raise UnsupportedError(
-                    f"saved whole ({role.kind} {role.param}, changed from the base): --as-lora turns only the weight "
-                    f"of a Linear, untied head or embedding saved whole (modules_to_save) into LoRA", path=where,
-                    tensor=key)
-            if tuple(w0.shape) != tuple(t.shape):
-                raise UnsupportedError(f"saved whole with shape {list(t.shape)}, the base's is {list(w0.shape)}",
-                                       path=where, tensor=key)
-            embedding = role.kind == "embedding"
-            B, A, stats = refactor(t.float().sub_(w0), embedding, rank, t.dtype)
-            del w0
-            replace(module, embedding, B, A, {"module": module, "from": "modules_to_save", "base_tensor": role.key,
-                                              **stats})
-            config["modules_to_save"] = _without_module(config.get("modules_to_save"), module)
-            config["target_modules"] = _with_target(config.get("target_modules"), module)
-            new_modules.append(module)
+        config = _refactor_saved(ck, view, ad, files, rank, replace, tensors, notes, config)
     ranks = {n: (m.r, m.scale) for n, m in ad.modules.items() if n not in dora}
     ranks.update({r["module"]: (r["rank"], 1.0) for r in rows})
     if rows:
