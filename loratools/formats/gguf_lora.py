@@ -118,8 +118,9 @@ def peft_to_gguf(config: dict, tensors: dict[str, torch.Tensor], arch: GgufArch
     """PEFT config + tensors -> (GGUF tensors by name, float32; KV; notes on scales folded into lora_b).
 
     Refuses (UnsupportedError, one line) what llama.cpp's LoRA cannot apply: DoRA magnitudes, lora_bias,
-    tensors saved whole (modules_to_save), target_parameters (expert) entries, Conv1D (fan_in_fan_out) and
-    modules the GGUF arch has no tensor for."""
+    tensors saved whole (modules_to_save), experts stored [E, in, out], Conv1D (fan_in_fan_out), modules the
+    GGUF arch has no tensor for, and an embedding or lm_head LoRA when `arch.tied` (llama.cpp's output tensor
+    is then token_embd.weight)."""
     modules = factor_modules(config, tensors, "GGUF LoRA")
     alpha = float(config["lora_alpha"])
     out: dict[str, torch.Tensor] = {}
