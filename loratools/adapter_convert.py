@@ -39,6 +39,25 @@ def _as_lora_would_carry(files, message: str) -> bool:
     return saved and ("saved whole" in message or "whole tensors" in message)
 
 
+def _check_fits(files, base: Path) -> None:
+    """MismatchError (one line) when the adapter does not fit the `base` given with --base: every target
+    format that reads the base (tied head, MoE names, GGUF arch) assumes it is the adapter's."""
+    from .checks import adapter_fit_problems, first_problem_error
+    from .io import Checkpoint
+    from .plan import base_layout, mark_transposed_experts
+
+    ck = Checkpoint(base)
+    try:
+        ad = formats.parse(files)
+        layout = base_layout(ck)
+        mark_transposed_experts([ad], layout, ck.path)
+        err = first_problem_error(adapter_fit_problems(ck, ad, layout))
+    finally:
+        ck.close()
+    if err is not None:
+        raise err
+
+
 def _read(adapter: Path, base: Path | None):
     """(source format name, PeftFiles): a pickle-weights PEFT adapter through legacy_bin (convert is the one
     command that reads it, weights_only), anything else through its detected format."""
@@ -63,7 +82,7 @@ def convert_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *, to
             unless `force`.
         to: a registered format name (formats.names()).
         base: the base checkpoint, for formats that need its module list (kohya) or its config, and for
-            `as_lora`.
+            `as_lora`; when given, the adapter must fit it (MismatchError otherwise).
         as_lora, rank: re-factor every DoRA module as a plain LoRA of rank `rank` (formats/lossy.py: the
             effective delta on `base`, truncated; lossy, measured). Without it a target that cannot hold
             DoRA refuses the adapter.
@@ -91,6 +110,8 @@ def convert_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *, to
         check_rank(rank)
         files, lossy = as_plain_lora(files, base_path, rank, on_module=on_module)
     modules = len(formats.parse(files).modules)  # a read that is no valid adapter fails before any output
+    if base_path is not None:
+        _check_fits(files, base_path)
     try:
         target.check(files, base_path)  # before any output exists
     except UnsupportedError as e:

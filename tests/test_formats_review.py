@@ -169,3 +169,13 @@ def test_kohya_file_whose_dora_scale_was_removed_is_plain_lora(tmp_path):
     for n, m in ref.items():  # the plain LoRA the file holds: the same factors and scale, no magnitude
         assert got[n].magnitude is None and got[n].scale == m.scale
         assert torch.equal(got[n].A, m.A) and torch.equal(got[n].B, m.B)
+
+
+@pytest.mark.parametrize("to,base,needle", [
+    ("mlx", "tiny-gpt2", "has no tensor model.layers.0"),  # was written (exit 0), the base read only for ties
+    ("kohya", "missing-dir", "no such file or directory"),  # --base was ignored (exit 0)
+])
+def test_convert_checks_the_base_it_is_given(tmp_path, to, base, needle):
+    out = tmp_path / "out"
+    r = run_cli("convert", FIXTURES / "llama-lora", "-o", out, "--to", to, "--base", FIXTURES / base, expect=None)
+    _one_line_refusal(r, out, needle)
