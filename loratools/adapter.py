@@ -363,6 +363,10 @@ def parse_module(name: str, parts: dict[str, torch.Tensor], cfg: dict) -> tuple[
         source = "rank_pattern" if pattern_value(cfg["rank_pattern"], name, None) is not None else "r"
         issues.append(FactorIssue(f"adapter_config.json says r={cfg_r} ({source}) but its factors have rank {r}",
                                   f"r={cfg_r} ({source})", f"rank {r}"))
+    if cfg.get("use_dora") and linear and "magnitude" not in parts:  # PEFT would apply DoRA with magnitudes
+        # of its own (the base's row norms), so merging it as plain LoRA would differ from PEFT: refuse
+        issues.append(FactorIssue("use_dora is set but the adapter has no DoRA magnitude for it "
+                                  "(lora_magnitude_vector)", "lora_magnitude_vector", None))
     alpha = float(pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
     m = LoraModule(name=name, kind=kind, A=A, B=B, r=r, alpha=alpha,
                    scale=lora_scale(alpha, r, bool(cfg.get("use_rslora"))),

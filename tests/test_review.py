@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import FIXTURES, LLAMA, run_cli
 
 EXPERTS = "model.layers.0.mlp.experts.down_proj"
 
@@ -280,3 +281,20 @@ def test_merge_report_ratio_of_an_all_zero_base_expert_is_null():
     (row,) = changes.rows()
     assert row["expert_rel_changes"] == [0.5, None, 0.0]
     json.loads(json.dumps(row, allow_nan=False))
+
+
+def test_use_dora_without_magnitudes_is_refused(tmp_path):
+    """An adapter whose config says use_dora but that stores no lora_magnitude_vector: PEFT applies DoRA with
+    magnitudes of its own (the base's row norms), so merging it as plain LoRA (what merge did, exit 0) differs
+    from PEFT. One line naming the module, exit 1, nothing written."""
+    from safetensors.torch import save_file
+
+    ad = tmp_path / "dora-no-m"
+    shutil.copytree(FIXTURES / "llama-dora", ad)
+    t = load_file(ad / "adapter_model.safetensors")
+    save_file({k: v for k, v in t.items() if "magnitude" not in k}, ad / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    out = tmp_path / "m"
+    r = run_cli("merge", LLAMA, ad, "-o", out, expect=1)
+    assert "use_dora is set but the adapter has no DoRA magnitude" in r.stderr and r.stderr.count("\n") == 1
+    assert not out.exists()

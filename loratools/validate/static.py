@@ -79,11 +79,6 @@ def adapter_from_header(path: str | Path) -> tuple[Adapter, list[Problem]]:
                                      for name, p in sorted(parts.items())}, cfg)
     problems += [Problem(name, PREFIX + name, apath, expected=i.expected, found=i.found,
                          message=f"module {name}: {i.message}") for name, i in issues]
-    for name, m in modules.items():
-        if cfg.get("use_dora") and m.magnitude is None and m.kind == "linear":
-            problems.append(Problem(name, PREFIX + name, apath, expected="lora_magnitude_vector", found=None,
-                                    message=f"module {name}: use_dora is set but the adapter has no DoRA magnitude "
-                                            f"for it"))
     adapter = Adapter(path=path, config=cfg, modules=modules, saved=saved,
                       dtypes={i.dtype for i in infos.values()})
     return adapter, problems
