@@ -179,3 +179,17 @@ def test_convert_checks_the_base_it_is_given(tmp_path, to, base, needle):
     out = tmp_path / "out"
     r = run_cli("convert", FIXTURES / "llama-lora", "-o", out, "--to", to, "--base", FIXTURES / base, expect=None)
     _one_line_refusal(r, out, needle)
+
+
+def test_mlx_refuses_an_embedding_lora_on_a_base_tied_by_default(tied_llama, tmp_path):
+    """mlx_lm ties a Llama's head when config.json leaves tie_word_embeddings out (transformers' default too):
+    the MLX writer decided by the config key alone, so such a base slipped through; it now uses the rule the
+    GGUF writer uses (no lm_head stored)."""
+    base = tmp_path / "tied-by-default"
+    shutil.copytree(tied_llama, base)
+    cfg = json.loads((base / "config.json").read_text())
+    del cfg["tie_word_embeddings"]
+    (base / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "mlx"
+    r = run_cli("convert", FIXTURES / "llama-embed", "-o", out, "--to", "mlx", "--base", base, expect=1)
+    assert "ties its word embeddings" in r.stderr and r.stderr.count("\n") == 1 and not out.exists()

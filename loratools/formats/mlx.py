@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import PREFIX, Adapter, adapter_config, adapter_tensors
+from ..checks import tied_embedding_key
 from ..errors import FormatError, UnsupportedError
 from ..io.checkpoint import load_json
 from ..io.durability import DURABLE
@@ -355,7 +356,8 @@ def without_base_copies(files: PeftFiles, base: Path | None) -> PeftFiles:
             dropped += 1
             continue
         tensors[key] = t
-    if (ck.config or {}).get("tie_word_embeddings") and any(k.endswith(".lora_embedding_A") for k in tensors):
+    # the rule GGUF uses: the base stores no lm_head (tied, also when config.json leaves the default)
+    if any(k.endswith(".lora_embedding_A") for k in tensors) and tied_embedding_key(ck) is not None:
         raise UnsupportedError("cannot convert to MLX-LM: the base ties its word embeddings, and mlx_lm applies an "
                                "embedding's LoRA to the output head as well, PEFT does not", path=files.path)
     notes = list(files.notes)
