@@ -307,7 +307,7 @@ def test_device(tmp_path):
 @pytest.mark.parametrize("ckpt", [LLAMA, GPT2])
 def test_names_and_model_class_agree(ckpt):
     """The fast path (standard names, no modeling code) classifies exactly as the meta-device model does."""
-    from loratools.extract import model_layout
+    from loratools.tensor_roles import model_layout
 
     by_names = model_layout(Checkpoint(ckpt), use_model_class=False)
     by_class = model_layout(Checkpoint(ckpt), use_model_class=True)

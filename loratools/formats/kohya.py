@@ -213,7 +213,7 @@ def base_modules(base: Path) -> tuple[list[str], set[str], set[str]]:
     """(module names, Conv1D modules, embedding modules) of the checkpoint at `base`, named as the loaded
     model names them (what PEFT names adapter modules after): every 2-D `<module>.weight`. Embeddings are
     the nn.Embedding modules of the model class (by leaf name where transformers cannot build it)."""
-    from ..extract import EMBEDDING_LEAVES
+    from ..tensor_roles import EMBEDDING_LEAVES
     from ..hf_layout import layout_for, meta_model
     from ..io.checkpoint import Checkpoint
     from ..key_layout import checkpoint_layout

@@ -147,7 +147,7 @@ def _refactor_saved(ck, view, ad, files: PeftFiles, rank: int, replace: Callable
     """Each tensor `ad` saves whole re-factored at `rank` as a LoRA of (saved − base), handed to `replace`
     and moved from modules_to_save to target_modules in the returned config; one equal to the base's bit
     for bit is dropped from `tensors` with a note; others refused in one line."""
-    from ..extract import model_layout
+    from ..tensor_roles import model_layout
     from ..plan import BASE_LAYER, _saved_kind
 
     where = files.path

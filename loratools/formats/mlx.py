@@ -180,7 +180,7 @@ def is_embedding(module: str, a: torch.Tensor, b: torch.Tensor, base_shape: tupl
     """Whether the MLX LoRA of `module` (lora_a, lora_b) is an embedding's (LoRAEmbedding): by the base
     tensor's shape when known and not square ([num_embeddings, dim] = (a rows, b cols), a Linear's is
     (b cols, a rows)), else by its name (an MLX file does not say which LoRA is an embedding's)."""
-    from ..extract import EMBEDDING_LEAVES
+    from ..tensor_roles import EMBEDDING_LEAVES
 
     if base_shape is not None and len(base_shape) == 2 and base_shape[0] != base_shape[1]:
         return tuple(base_shape) == (a.shape[0], b.shape[1])
