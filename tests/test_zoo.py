@@ -22,7 +22,11 @@ from test_merge import round_trip_stats
 from zoo import FAMILIES, Zoo, auto_class, quiet, tokens
 
 ALL = list(FAMILIES)
-DORA = ALL  # a family without DoRA says why in its not_run
+
+
+def runs(command: str) -> list[str]:
+    """The families the zoo runs `command` on (the others' rows give the reason: Family.not_run_reason)."""
+    return [f for f in ALL if FAMILIES[f].not_run_reason(command) is None]
 
 
 @pytest.fixture(scope="session")
@@ -147,9 +151,8 @@ def check_inspect(case, adapter, dora: bool):
     return len(ours)
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", runs("inspect"))
 def test_inspect(zoo, family, record_property):
-    FAMILIES[family].skip("inspect")
     case = zoo.get(family)
     n = check_inspect(case, case.adapter, dora=False)
     check_inspect(case, case.adapter2, dora=False)  # rsLoRA, rank_pattern, alpha_pattern
@@ -179,9 +182,8 @@ def check_merge(zoo, outputs, family, adapter_attr):
     return case, out, total
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", runs("merge"))
 def test_merge(zoo, outputs, family, record_property):
-    FAMILIES[family].skip("merge")
     case, out, total = check_merge(zoo, outputs, family, "adapter")
     # loaded by transformers (no missing/unexpected keys), it computes what the unmerged PEFT model computes,
     # up to the rounding of the merged weights
@@ -217,9 +219,8 @@ def assert_refused(case, command: str, args, tmp_path: Path, record_property):
     record_property("note", why)
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", runs("unmerge"))
 def test_unmerge(zoo, outputs, family, tmp_path, record_property):
-    FAMILIES[family].skip("unmerge")
     case = zoo.get(family)
     if "unmerge" in case.family.refuses:
         return assert_refused(case, "unmerge", (merged(outputs, case, case.adapter), case.adapter), tmp_path,
@@ -231,9 +232,8 @@ def test_unmerge(zoo, outputs, family, tmp_path, record_property):
 
 # -- validate ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", runs("validate"))
 def test_validate(zoo, outputs, family, tmp_path, record_property):
-    FAMILIES[family].skip("validate")
     case = zoo.get(family)
     out = merged(outputs, case, case.adapter)
     opts = ("--batch", "2", "--seq-len", "12")
@@ -273,12 +273,11 @@ def assert_scaled_module_named(case, merged_dir: Path, key: str, bad: Path):
 
 # -- quantize ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", runs("quantize"))
 def test_quantize(zoo, outputs, family, tmp_path, record_property):
     """Our --nf4 checkpoint holds transformers' own 4-bit save byte for byte, and loaded by transformers it
     gives that model's outputs (the same bitsandbytes kernels run on both, so this holds on CPUs where
     bitsandbytes' CPU dequantization is wrong; the format itself is tested in tests/test_quantize.py)."""
-    FAMILIES[family].skip("quantize")
     from test_quantize import eager_bitsandbytes, raw_bytes
 
     from loratools.io import Checkpoint
@@ -312,14 +311,11 @@ def test_quantize(zoo, outputs, family, tmp_path, record_property):
 
 # -- merge into the 4-bit base (QLoRA) ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", runs("qlora"))
 def test_qlora(zoo, outputs, family, record_property):
     """merge NF4-BASE ADAPTER --dtype <the family's dtype>: bit-identical to PEFT merging into transformers'
     dequantization of that 4-bit model (float32, rounded once). transformers' dequantize() turns GPT-2's
     Conv1D into nn.Linear, so its saved weights are the transpose of the checkpoint's for those."""
-    FAMILIES[family].skip("qlora")
-    if not FAMILIES[family].quantizes:
-        pytest.skip("no 4-bit base: transformers quantizes no weight of this family")
     from peft import PeftModel
     from test_quantize import eager_bitsandbytes
     from transformers.pytorch_utils import Conv1D
@@ -343,13 +339,12 @@ def test_qlora(zoo, outputs, family, record_property):
 
 # -- extract -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", runs("extract"))
 def test_extract(zoo, outputs, family, record_property):
     """From PEFT's merge (ours is bit-identical to it) back to an adapter at its rank: PEFT loads every tensor,
     and the adapter it gives acts as the one that made the merge. The tuned weights are rounded to the
     stored dtype, so the reference is the merged checkpoint itself: the extracted adapter must be as close
     to it as the original adapter is (both differ from it only by that rounding)."""
-    FAMILIES[family].skip("extract")
     case = zoo.get(family)
     tuned = merged(outputs, case, case.adapter)
     # at the adapter's largest rank (PEFT gives a MoE's fused gate_up_proj 2r); a head the adapter saved whole
@@ -383,9 +378,8 @@ def test_extract(zoo, outputs, family, record_property):
 
 # -- combine -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", runs("combine"))
 def test_combine(zoo, outputs, family, tmp_path, record_property):
-    FAMILIES[family].skip("combine")
     case = zoo.get(family)
     w = (0.7, -0.4)
     if "combine" in case.family.refuses:
@@ -405,9 +399,8 @@ def test_combine(zoo, outputs, family, tmp_path, record_property):
 
 # -- DoRA ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", DORA)
+@pytest.mark.parametrize("family", runs("dora"))
 def test_dora(zoo, outputs, family, record_property):
-    FAMILIES[family].skip("dora")
     case = zoo.get(family)
     check_inspect(case, case.dora, dora=True)
     _, _, total = check_merge(zoo, outputs, family, "dora")
@@ -420,11 +413,10 @@ def test_dora(zoo, outputs, family, record_property):
 
 # -- bad input -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", runs("refusal"))
 def test_refusal(zoo, family, tmp_path, record_property):
     """Another family's adapter (other module names) on this base: one line naming a module, exit 1,
     nothing written (not even the temporary)."""
-    FAMILIES[family].skip("refusal")
     case = zoo.get(family)
     names = {m["name"] for m in json.loads(run_cli("inspect", case.adapter, "--json").stdout)["modules"]}
     other = next(zoo.get(f) for f in ("gpt2", "llama")
