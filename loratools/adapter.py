@@ -149,9 +149,9 @@ class LoraModule:
         """Mark experts as stored [E, in, out] when `base_shape` (the base tensor's) is that and not [E, out, in];
         returns whether the factors fit the base tensor. No-op check for other kinds.
 
-        A square [E, n, n] tensor fits both ways and is left as set: set experts_transposed from the model
-        first (transformers' experts classes declare it: `use_experts_implementation(is_transposed=True)` on
-        GPT-OSS, Aria, OpenAI privacy filter in transformers 5.24)."""
+        A square [E, n, n] tensor fits both ways and is left as set: only the model can say
+        (`use_experts_implementation(is_transposed=True)`: GPT-OSS, Aria, OpenAI privacy filter in transformers
+        5.24), so plan.mark_transposed_experts asks the model and refuses a square tensor without one."""
         shape = tuple(base_shape)
         if self.kind == "experts" and shape != self.base_shape:
             self.experts_transposed = not self.experts_transposed

@@ -44,12 +44,13 @@ def _check_fits(files, base: Path) -> None:
     format that reads the base (tied head, MoE names, GGUF arch) assumes it is the adapter's."""
     from .checks import adapter_fit_problems, first_problem_error
     from .io import Checkpoint
-    from .plan import base_layout, mark_transposed_experts
+    from .key_layout import checkpoint_layout
+    from .plan import mark_transposed_experts
 
     ck = Checkpoint(base)
     try:
         ad = formats.parse(files)
-        layout = base_layout(ck)
+        layout = checkpoint_layout(ck)
         mark_transposed_experts([ad], layout, ck.path)
         err = first_problem_error(adapter_fit_problems(ck, ad, layout))
     finally:

@@ -71,9 +71,6 @@ def _saved_kind(adapter: Adapter, name: str) -> str:
     return BASE_LAYER if name.rsplit(".", 1)[0] in adapter.modules else MODULES_TO_SAVE
 
 
-base_layout = checkpoint_layout  # the base's tensors under the model's names (key_layout.py)
-
-
 def mark_transposed_experts(adapters: list[Adapter], layout: KeyLayout, base_path=None) -> None:
     """Tell expert modules whose base stores [E, in, out] (GPT-OSS) so: their adapter cannot know it.
 
@@ -88,22 +85,19 @@ def mark_transposed_experts(adapters: list[Adapter], layout: KeyLayout, base_pat
             shape = layout.shapes.get(m.base_key)
             if layout.source == "transformers" or shape is None:
                 continue
-            m.experts_transposed = True
-            fits_in_out = tuple(shape) == m.base_shape
-            m.experts_transposed = False
-            if fits_in_out and tuple(shape) == m.base_shape:
+            if len(shape) == 3 and shape[1] == shape[2] and tuple(shape) == m.base_shape:  # fits both ways
                 raise UnsupportedError(
                     f"expert parameter of square shape {list(shape)}: whether its experts are stored [E, out, in] or "
                     f"[E, in, out] (transformers' is_transposed) is known only from the model class, and "
                     f"config.json names none transformers can build", path=base_path, tensor=m.base_key)
-            m.experts_transposed = fits_in_out
+            m.orient_experts(shape)
 
 
 def build_plan(base: Checkpoint, adapters: list[Adapter], weights: list[float], *, untie: bool = True) -> MergePlan:
     """Map every adapter tensor onto the base; refuse (MismatchError) before anything is written.
 
     `untie=False` (unmerge) keeps a tied head tied: its steps apply to the shared embedding."""
-    layout = base_layout(base)
+    layout = checkpoint_layout(base)
     mark_transposed_experts(adapters, layout, base.path)
     for ad in adapters:
         err = first_problem_error(adapter_fit_problems(base, ad, layout))
@@ -210,5 +204,5 @@ def _plan_tied_head(plans: dict[str, TensorPlan], tied: str, head_key: str, adap
     return None
 
 
-__all__ = ["BASE_LAYER", "MODULES_TO_SAVE", "MergePlan", "Step", "TensorPlan", "base_layout", "build_plan",
+__all__ = ["BASE_LAYER", "MODULES_TO_SAVE", "MergePlan", "Step", "TensorPlan", "build_plan",
            "expert_part", "mark_transposed_experts"]

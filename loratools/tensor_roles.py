@@ -124,7 +124,6 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Chec
     roles: dict[str, TensorRole] = {}
     mods: dict[str, object] = {}
     head = emb = None
-    prefix = None
     if model is not None:
         mods = dict(model.named_modules())
         by_id = {id(m): n for n, m in mods.items()}
@@ -132,7 +131,6 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Chec
         inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         head = by_id.get(id(out)) if out is not None else None
         emb = by_id.get(id(inp)) if inp is not None else None
-        prefix = getattr(model, "base_model_prefix", None) or None
     for key, info in ck.tensors.items():
         part = keys.parts[key]
         module, _, param = part.param.rpartition(".")
@@ -141,9 +139,7 @@ def model_layout(ck: Checkpoint, *, use_model_class: bool | None = None) -> Chec
             roles[key] = TensorRole(key, module, param, "experts" if m is not None else "other",
                                     type(m).__name__ if m is not None else "?", part)
             continue
-        name = module
-        if mods and module not in mods and prefix and f"{prefix}.{module}" in mods:
-            name = f"{prefix}.{module}"  # a checkpoint saved from the backbone alone (e.g. gpt2's h.0...)
+        name = module  # key_layout already gave a backbone-only checkpoint (gpt2's h.0...) the model's prefix
         if name in mods:
             m = mods[name]
             kind = "head" if name == head else _module_kind(m)
