@@ -3,6 +3,7 @@ import click
 from ..io.provenance import start_digests
 from .console import bar, info, print_json
 from .options import force_option, json_option, max_shard_size_option, output_option
+from .rank_options import energy_option, max_rank_option, sv_ratio_option
 
 
 @click.command("convert")
@@ -19,10 +20,18 @@ from .options import force_option, json_option, max_shard_size_option, output_op
 @click.option("--as-lora", "as_lora", is_flag=True, default=False,
               help="Adapters: write DoRA modules as plain LoRA of rank --rank (their merged delta on --base, "
                    "truncated by SVD; lossy, the error reported per module).")
-@click.option("--rank", type=int, default=None, help="Adapters, with --as-lora: the rank of the re-factored modules.")
+@click.option("--rank", type=int, default=None, help="Adapters, with --as-lora: the rank of the re-factored modules; "
+              "with --to lora: the rank of every module (docs/convert_lora.md).")
+@click.option("--initial", type=click.Path(path_type=str), default=None,
+              help="With --to lora: the initial adapter a PiSSA/OLoRA/CorDA adapter was trained from; writes "
+                   "B·A − B₀·A₀ as a LoRA on the original base (rank 2r, as PEFT does, or truncated).")
+@energy_option("With --to lora: per module, the smallest rank keeping this fraction of ‖ΔW‖².")
+@sv_ratio_option
+@max_rank_option
 @force_option
 @json_option
-def command(checkpoint, output, dtype, max_shard_size, to, base, as_lora, rank, force, as_json):
+def command(checkpoint, output, dtype, max_shard_size, to, base, as_lora, rank, initial, energy, sv_ratio, max_rank,
+            force, as_json):
     """Rewrite a checkpoint tensor by tensor (reshard it or change its float dtype), or an adapter in another
     file format (--to).
 
@@ -31,8 +40,14 @@ def command(checkpoint, output, dtype, max_shard_size, to, base, as_lora, rank, 
       loratools convert fixtures/tiny-llama -o /tmp/tiny-bf16 --dtype bfloat16 --max-shard-size 200KB
       loratools convert fixtures/llama-lora -o /tmp/llama-lora-mlx --to mlx
       loratools convert fixtures/llama-dora -o /tmp/dora-gguf --to gguf --base fixtures/tiny-llama --as-lora --rank 8
+      loratools convert pissa-trained --to lora --initial pissa-init -o /tmp/pissa-as-lora [--rank 8]
     """
-    start_digests(checkpoint)
+    start_digests(checkpoint, *([initial] if initial else []))
+    if to == "lora" or initial is not None or energy is not None or sv_ratio is not None or max_rank is not None:
+        from .convert_to_lora import convert_to_lora
+
+        return convert_to_lora(checkpoint, output, to=to, initial=initial, base=base, as_lora=as_lora, rank=rank,
+                               energy=energy, sv_ratio=sv_ratio, max_rank=max_rank, force=force, as_json=as_json)
     from ..adapter_convert import convert_adapter, is_adapter
     from ..errors import UsageError
 

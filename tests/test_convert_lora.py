@@ -1,0 +1,214 @@
+"""`loratools convert ... --to lora` (docs/convert_lora.md).
+
+PiSSA / OLoRA (and the CorDA file pair) -> plain LoRA against PEFT's own save-time conversion
+(`save_pretrained(..., path_initial_model_for_weight_conversion=)`): the same tensors bit for bit, the same
+config, merged onto the ORIGINAL base equal to the trained model on its residual base; the rsLoRA + pattern
+case PEFT refuses against the dense definition; truncation against torch.linalg.svd's optimum.
+"""
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import LLAMA, run_cli
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _peft_pair(root, init, **cfg_kw):
+    """PEFT's own files for a PiSSA/OLoRA adapter: init/ (as initialised), trained/ (factors perturbed), and,
+    where PEFT converts, converted/; plus the trained model merged on its residual base (float32)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, target_modules=TARGETS, **cfg_kw)
+    pm = get_peft_model(model, cfg)
+    pm.save_pretrained(root / "init")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # "training": every factor moves
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(root / "trained")
+    refused = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pm.save_pretrained(root / "converted", path_initial_model_for_weight_conversion=str(root / "init"))
+        except ValueError as e:
+            refused = str(e)
+    merged = {k: v.clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    return {"root": root, "merged": merged, "refused": refused}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pissa")
+    out = {}
+    for init in ("pissa", "olora"):
+        (root / init).mkdir()
+        out[init] = _peft_pair(root / init, init)
+    (root / "rs").mkdir()
+    out["rs"] = _peft_pair(root / "rs", "pissa", use_rslora=True, rank_pattern={"q_proj": 2},
+                           alpha_pattern={"v_proj": 3})
+    return out
+
+
+def convert(adapter, out, *args, expect=0):
+    r = run_cli("convert", adapter, "--to", "lora", "-o", out, *args, "--json", expect=expect)
+    return json.loads(r.stdout) if r.stdout.strip() else None, r
+
+
+def _merged_on_original(adapter) -> dict:
+    """PEFT: the adapter loaded on the original base (float32), merge_and_unload, state dict."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32)
+    pm = PeftModel.from_pretrained(model, adapter)
+    return pm.merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_equals_peft_converted_adapter(pairs, tmp_path, init):
+    root = pairs[init]["root"]
+    assert pairs[init]["refused"] is None
+    rep, _ = convert(root / "trained", tmp_path / "out", "--initial", root / "init")
+    ours, peft = load_file(tmp_path / "out/adapter_model.safetensors"), load_file(root / "converted/adapter_model.safetensors")
+    assert ours.keys() == peft.keys()
+    for k in peft:
+        assert ours[k].dtype == peft[k].dtype and torch.equal(ours[k], peft[k]), k
+    c_ours = json.loads((tmp_path / "out/adapter_config.json").read_text())
+    c_peft = json.loads((root / "converted/adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights",
+                "target_modules"):
+        assert c_ours[key] == c_peft[key], key
+    assert rep["r"] == 8 and all(r["rank"] == 8 and r["svd"] == "exact" for r in rep["modules"])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_on_original_base_is_the_trained_model(pairs, tmp_path, init):
+    """Ours merged on the original base: PEFT's converted adapter merged there (same bits), and the trained
+    adapter on its residual base (float32 rounding of a different sum)."""
+    root = pairs[init]["root"]
+    convert(root / "trained", tmp_path / "out", "--initial", root / "init")
+    ours, peft = _merged_on_original(tmp_path / "out"), _merged_on_original(root / "converted")
+    trained = pairs[init]["merged"]
+    for k, w in trained.items():
+        assert torch.equal(ours[k], peft[k]), k
+        assert torch.allclose(ours[k], w, rtol=0, atol=1e-6 * (1 + float(w.abs().max()))), k
+
+
+def test_merge_command_on_original_base(pairs, tmp_path):
+    """`loratools merge` of ours into the fp16 fixture base equals merging PEFT's converted adapter."""
+    root = pairs["pissa"]["root"]
+    convert(root / "trained", tmp_path / "ours", "--initial", root / "init")
+    for name in ("ours", "peft"):
+        adapter = tmp_path / "ours" if name == "ours" else root / "converted"
+        run_cli("merge", LLAMA, adapter, "-o", tmp_path / f"m-{name}", "--no-sync")
+    from loratools.io import Checkpoint
+
+    a, b = Checkpoint(tmp_path / "m-ours"), Checkpoint(tmp_path / "m-peft")
+    assert set(a.tensors) == set(b.tensors)
+    assert all(torch.equal(a.read(k), b.read(k)) for k in a.tensors)
+
+
+def test_rslora_with_patterns_peft_refuses(pairs, tmp_path):
+    """PEFT refuses rsLoRA with rank_pattern / alpha_pattern; ours keeps every module's scale (alpha × √2 with
+    r × 2) and reproduces the trained model on the original base."""
+    rs = pairs["rs"]
+    assert rs["refused"] is not None and "rank_pattern" in rs["refused"]
+    root = rs["root"]
+    rep, _ = convert(root / "trained", tmp_path / "out", "--initial", root / "init")
+    cfg = json.loads((tmp_path / "out/adapter_config.json").read_text())
+    assert cfg["use_rslora"] and cfg["r"] == 8 and cfg["rank_pattern"] == {"q_proj": 4}
+    assert cfg["lora_alpha"] == pytest.approx(8 * 2 ** 0.5) and cfg["alpha_pattern"]["v_proj"] == pytest.approx(3 * 2 ** 0.5)
+    ours, trained = _merged_on_original(tmp_path / "out"), rs["merged"]
+    from loratools.adapter import load_adapter
+
+    t, i, new = load_adapter(root / "trained"), load_adapter(root / "init"), load_adapter(tmp_path / "out")
+    assert {r["module"] for r in rep["modules"]} == set(t.modules) == set(new.modules)
+    for name, m in t.modules.items():
+        n = new.modules[name]
+        assert n.r == 2 * m.r and n.scale == pytest.approx(m.scale, rel=1e-6)
+        dense = m.delta() - i.modules[name].delta()  # the definition: s·(B·A − B₀·A₀)
+        assert torch.allclose(n.delta(), dense, rtol=0, atol=1e-6 * float(dense.abs().max())), name
+        key, w = f"{name}.weight", trained[f"{name}.weight"]
+        assert torch.allclose(ours[key], w, rtol=0, atol=1e-6 * (1 + float(w.abs().max()))), key
+
+
+def test_truncated_is_the_optimal_truncation(pairs, tmp_path):
+    from loratools.adapter import load_adapter
+
+    root = pairs["pissa"]["root"]
+    rep, _ = convert(root / "trained", tmp_path / "out", "--initial", root / "init", "--rank", "3")
+    t, i, new = load_adapter(root / "trained"), load_adapter(root / "init"), load_adapter(tmp_path / "out")
+    rows = {r["module"]: r for r in rep["modules"]}
+    for name, m in t.modules.items():
+        dense = (m.delta() - i.modules[name].delta()).double()
+        S = torch.linalg.svdvals(dense)
+        optimal = float(S[3:].norm() / S.norm())
+        err = float((new.modules[name].delta().double() - dense).norm() / dense.norm())
+        assert new.modules[name].r == 3 and optimal > 0.05  # a real truncation
+        assert err <= 1.01 * optimal, name
+        assert rows[name]["rel_error"] == pytest.approx(err, rel=1e-4)
+        assert rows[name]["optimal_error"] == pytest.approx(optimal, rel=1e-4)
+    cfg = json.loads((tmp_path / "out/adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 3 and cfg["init_lora_weights"] is True and not cfg["use_rslora"]
+    rep_e, _ = convert(root / "trained", tmp_path / "e", "--initial", root / "init", "--energy", "0.9")
+    for r in rep_e["modules"]:
+        assert r["rel_error"] ** 2 <= 0.1 + 1e-6 and r["rank"] <= 8
+
+
+def test_corda_pair(pairs, tmp_path):
+    """CorDA: PEFT 0.21.2's CorDA initialisation cannot run here (peft/tuners/lora/corda.py imports `attr`, which
+    the test environment does not install, and it needs calibration forward passes), so it is tested as the file
+    pair it produces: the same adapter_config.json + factors as PiSSA's, init_lora_weights "corda"."""
+    root = pairs["pissa"]["root"]
+    for sub in ("init", "trained"):
+        d = tmp_path / sub
+        d.mkdir()
+        cfg = json.loads((root / sub / "adapter_config.json").read_text())
+        cfg["init_lora_weights"] = "corda" if sub == "trained" else True
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        (d / "adapter_model.safetensors").write_bytes((root / sub / "adapter_model.safetensors").read_bytes())
+    _, r = convert(tmp_path / "trained", tmp_path / "none", expect=2)
+    assert "corda" in r.stderr and "--initial" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "none").exists()
+    convert(tmp_path / "trained", tmp_path / "out", "--initial", tmp_path / "init")
+    ours, peft = load_file(tmp_path / "out/adapter_model.safetensors"), load_file(root / "converted/adapter_model.safetensors")
+    assert ours.keys() == peft.keys() and all(torch.equal(ours[k], peft[k]) for k in peft)
+
+
+@pytest.mark.parametrize("initial, what", [("llama-lora", "has no module"), ("rs", "in the initial adapter, 2 (r=4, alpha=8) in the trained one")])
+def test_mismatched_initial_refused(pairs, tmp_path, initial, what):
+    from conftest import FIXTURES
+
+    root = pairs["pissa"]["root"]
+    init = FIXTURES / initial if initial.startswith("llama") else pairs[initial]["root"] / "init"
+    _, r = convert(root / "trained", tmp_path / "out", "--initial", init, expect=1)
+    line = r.stderr.strip()
+    assert what in line and str(init) in line and "tensor base_model.model." in line and len(line.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_stack_initial_bias_and_experts_are_the_definition():
+    """What PEFT's conversion cannot take (a lora_B.bias: PEFT allows none with PiSSA/OLoRA; expert
+    parameters, whose packed rows interleave experts) is still s·(B·A − B₀·A₀) (+ s·(b − b₀))."""
+    from loratools.adapter import LoraModule
+    from loratools.lora_convert import stack_initial
+
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    for kind, E in (("linear", 1), ("experts", 3)):
+        mk = lambda: LoraModule(name="m", kind=kind, A=rnd(2 * E, 5), B=rnd(7, 2 * E), r=2, alpha=3.0,  # noqa: E731
+                                scale=1.5, experts=E, bias=rnd(7) if kind == "linear" else None)
+        m, m0 = mk(), mk()
+        s = stack_initial(m, m0, use_rslora=False)
+        assert s.r == 4 and s.scale == pytest.approx(1.5)
+        assert torch.allclose(s.delta(), m.delta() - m0.delta(), atol=1e-5)
+        if m.bias is not None:
+            assert torch.equal(s.bias, m.bias - m0.bias)
