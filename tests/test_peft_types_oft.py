@@ -1,0 +1,259 @@
+"""OFT and BOFT from files (loratools/peft_types/oft.py, boft.py) against PEFT 0.21.2 itself.
+
+Every adapter here is made by PEFT (get_peft_model with init_weights=False, so the rotations are far from the
+identity; save_pretrained) on the tiny Llama (fp16) and the tiny GPT-2 (bf16: OFT on its embedding, BOFT on
+its tied head: PEFT refuses OFT/BOFT on Conv1D). The references are PEFT's own merge and unmerge of the
+model loaded in float32, rounded once to the base dtype; ours read the saved adapter file.
+
+Unmerge round-trip bound, per variant (test_roundtrip_within_bound checks it on every element):
+    |W' - W| <= (1/2 ulp(M)) @ |R^-1|^T  +  1/2 ulp(x)  +  2^-16 (|M| @ |R^-1|^T)
+(M the rounded merged weight, x the float32 unmerged value, W' = round(x); for an embedding |R^-1| without the
+transpose; for BOFT |R| in place of |R^-1|^T and everything divided by |s|). The first term is the merged
+weight's rounding carried through the inverse rotation: its row sums are ||R^-1 row||_1, at most sqrt(b) for
+an orthogonal b x b block (exact Cayley, coft) and whatever the Neumann series' inverse has (not orthogonal:
+test_neumann_rotation_is_not_orthogonal). The last term is float32 arithmetic (and, for BOFT, PEFT's use of
+R^T for R^-1, orthogonal to ~1e-6).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loratools.peft_types import boft, oft
+from loratools.validate.tensors import ulp
+
+from conftest import GPT2, LLAMA
+
+PREFIX = "base_model.model."
+
+
+def _oft(**kw):
+    from peft import OFTConfig
+    return OFTConfig(init_weights=False, **kw)
+
+
+def _boft(**kw):
+    from peft import BOFTConfig
+    return BOFTConfig(init_weights=False, **kw)
+
+
+# name: (base, config factory, butterfly factors PEFT builds (>1 needs its CUDA extension, emulated below))
+CASES = {
+    "oft-neumann": (LLAMA, lambda: _oft(oft_block_size=16, target_modules=["q_proj", "down_proj", "embed_tokens"]), 1),
+    "oft-cayley": (LLAMA, lambda: _oft(oft_block_size=16, use_cayley_neumann=False,
+                                       target_modules=["k_proj", "up_proj", "embed_tokens"]), 1),
+    "oft-coft-share": (LLAMA, lambda: _oft(r=4, oft_block_size=0, coft=True, eps=1e-2, block_share=True,
+                                           use_cayley_neumann=False, target_modules=["q_proj", "up_proj"]), 1),
+    "oft-coft-neumann7": (LLAMA, lambda: _oft(oft_block_size=8, coft=True, eps=0.3, num_cayley_neumann_terms=7,
+                                              target_modules=["o_proj", "gate_proj"]), 1),
+    "oft-gpt2-wte": (GPT2, lambda: _oft(oft_block_size=16, target_modules=["wte"]), 1),
+    "boft": (LLAMA, lambda: _boft(boft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]), 1),
+    "boft-2": (LLAMA, lambda: _boft(boft_block_size=8, boft_n_butterfly_factor=2,
+                                    target_modules=["q_proj", "down_proj"]), 2),
+    "boft-3": (LLAMA, lambda: _boft(boft_block_size=0, boft_block_num=8, boft_n_butterfly_factor=3,
+                                    target_modules=["k_proj", "down_proj"]), 3),
+    "boft-gpt2-head": (GPT2, lambda: _boft(boft_block_size=8, target_modules=["lm_head"]), 1),
+}
+
+
+class _EmulatedFbd:
+    """PEFT builds more than one butterfly factor only with its CUDA block-diagonal kernel; stand in the CPU
+    block_diag (what that kernel computes) so that PEFT's own code makes and merges N > 1 adapters here."""
+
+    def __enter__(self):
+        import peft.tuners.boft.layer as bl
+        self.bl, self.saved = bl, (bl.get_fbd_cuda, bl.FastBlockDiag.apply)
+        bl.get_fbd_cuda = lambda: True
+        bl.FastBlockDiag.apply = staticmethod(
+            lambda x: torch.stack([torch.block_diag(*torch.unbind(b)) for b in x]))
+
+    def __exit__(self, *exc):
+        self.bl.get_fbd_cuda, self.bl.FastBlockDiag.apply = self.saved[0], staticmethod(self.saved[1])
+
+
+def _base_key(module: str, keys) -> str:
+    key = f"{module}.weight"
+    return key if key in keys else "transformer.wte.weight"  # GPT-2's head is tied to (stored as) wte
+
+
+def _read_base(base) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(base.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _make(name, tmp_path_factory) -> dict:
+    """PEFT adapter on disk + PEFT's float32 merge and unmerge, rounded once, per targeted weight."""
+    from peft import PeftModel, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoModelForCausalLM
+
+    base, make_cfg, factors = CASES[name]
+    stored = _read_base(base)
+    dtype = next(iter(stored.values())).dtype
+    out_dir = tmp_path_factory.mktemp(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctx = _EmulatedFbd() if factors > 1 else None
+        if ctx:
+            ctx.__enter__()
+        try:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            pm = get_peft_model(model, make_cfg())
+            pm.save_pretrained(out_dir)
+            layers = {n[len("base_model.model."):]: m for n, m in pm.named_modules()
+                      if isinstance(m, BaseTunerLayer)}
+            pm.merge_adapter()  # PEFT's merge, in float32
+            merged = {_base_key(n, stored): m.get_base_layer().weight.detach().to(dtype).clone()
+                      for n, m in layers.items()}
+            # PEFT's unmerge, in float32, of the rounded merged weight, by a model that read the adapter from
+            # its files (coft projects the stored vectors in place each time R is built, so the model that
+            # merged would unmerge with twice-projected vectors: a rotation no file holds)
+            pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out_dir)
+            layers = {n[len("base_model.model."):]: m for n, m in pm.named_modules()
+                      if isinstance(m, BaseTunerLayer)}
+            for n, m in layers.items():
+                m.get_base_layer().weight.data = merged[_base_key(n, stored)].float()
+                m.merged_adapters = ["default"]
+            pm.unmerge_adapter()
+            unmerged = {_base_key(n, stored): m.get_base_layer().weight.detach().to(dtype).clone()
+                        for n, m in layers.items()}
+        finally:
+            if ctx:
+                ctx.__exit__()
+    import json
+    return {"dir": out_dir, "base": stored, "dtype": dtype, "merged": merged, "unmerged": unmerged,
+            "config": json.loads((out_dir / "adapter_config.json").read_text()),
+            "adapter": load_file(out_dir / "adapter_model.safetensors"), "factors": factors}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    cases = {name: _make(name, tmp_path_factory) for name in CASES}
+    for case in cases.values():
+        case["ops"] = _ops(case)
+    return cases
+
+
+def _ops(case) -> list[tuple[str, object, object]]:
+    """(base key, merge(acc), unmerge(acc)) per adapted weight, built from the saved adapter tensors."""
+    cfg, ad, base = case["config"], case["adapter"], case["base"]
+    ops = []
+    if cfg["peft_type"] == "OFT":
+        settings = oft.OftSettings.from_config(cfg)
+        for k, t in ad.items():
+            for leaf, emb in ((".oft_R.weight", False), (".oft_embedding_R.weight", True)):
+                if k.endswith(leaf):
+                    key = _base_key(k[len(PREFIX):-len(leaf)], base)
+                    in_f = base[key].shape[1]
+                    assert oft.check_shape(tuple(t.shape), in_f, settings.block_share) is None
+                    R = oft.rotation(t, in_f, settings)
+                    ops.append((key, R, emb))
+    else:
+        for k, t in ad.items():
+            if k.endswith(".boft_R"):
+                key = _base_key(k[len(PREFIX):-len(".boft_R")], base)
+                s = ad[k[:-1] + "s"]
+                out_f, in_f = base[key].shape
+                assert boft.check_shapes(tuple(t.shape), tuple(s.shape), in_f, out_f, cfg) is None
+                assert t.shape[0] == case["factors"]
+                ops.append((key, boft.rotation(t), s))
+    assert ops
+    return ops
+
+
+def _merge(case, key, R, extra):
+    acc = case["base"][key].float()
+    (oft.merge(acc, R, extra) if case["config"]["peft_type"] == "OFT" else boft.merge(acc, R, extra))
+    return acc
+
+
+def _unmerge32(case, merged, R, extra):
+    acc = merged.float()
+    (oft.unmerge(acc, R, extra) if case["config"]["peft_type"] == "OFT" else boft.unmerge(acc, R, extra))
+    return acc
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_merge_is_peft_bits(made, name):
+    """Our merge of each weight, from the saved files, has the bits of PEFT's float32 merge rounded once, and
+    the rotation is far from the identity (most elements change)."""
+    case = made[name]
+    for key, R, extra in case["ops"]:
+        ours = _merge(case, key, R, extra).to(case["dtype"])
+        ref = case["merged"][key]
+        assert torch.equal(_bits(ours), _bits(ref)), (name, key, int((_bits(ours) != _bits(ref)).sum()))
+        changed = (_bits(ours) != _bits(case["base"][key])).float().mean().item()
+        assert changed > 0.5, (name, key, changed)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_unmerge_is_peft_bits(made, name):
+    """Our unmerge of PEFT's (rounded) merged weight has the bits of PEFT's float32 unmerge rounded once
+    (OFT: linalg.inv(R); BOFT: R^T and 1/s)."""
+    case = made[name]
+    for key, R, extra in case["ops"]:
+        ours = _unmerge32(case, case["merged"][key], R, extra).to(case["dtype"])
+        assert torch.equal(_bits(ours), _bits(case["unmerged"][key])), (name, key)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_roundtrip_within_bound(made, name):
+    """base -> merge -> (rounded) -> unmerge -> (rounded) is within the bound of the module docstring on every
+    element; and it is not exact (the bound is not vacuous: something is lost to rounding)."""
+    case = made[name]
+    dt, is_oft = case["dtype"], case["config"]["peft_type"] == "OFT"
+    for key, R, extra in case["ops"]:
+        W = case["base"][key].float()
+        M = _merge(case, key, R, extra).to(dt)
+        x = _unmerge32(case, M, R, extra)
+        err = (x.to(dt).float() - W).abs()
+        e, Mabs = ulp(M.float(), dt) / 2, M.float().abs()
+        if is_oft:
+            A = torch.linalg.inv(R).abs()
+            carry = (e @ A, Mabs @ A) if extra else (e @ A.T, Mabs @ A.T)
+        else:
+            s = extra.float().abs()
+            carry = ((e @ R.abs()) / s, (Mabs @ R.abs()) / s)
+        bound = carry[0] + ulp(x, dt) / 2 + 2.0 ** -16 * carry[1]
+        assert bool((err <= bound).all()), (name, key, (err / bound).max().item())
+        assert err.max().item() > 0, (name, key)
+
+
+def test_neumann_rotation_is_not_orthogonal(made):
+    """Why unmerge uses inv(R) for OFT: the Neumann series (PEFT's default) is not orthogonal (R^T is not its
+    inverse), the exact Cayley transform (and BOFT's) is, up to float32 error."""
+    neumann = [oft.orthogonality_error(R) for _, R, _ in made["oft-neumann"]["ops"]]
+    cayley = [oft.orthogonality_error(R) for _, R, _ in made["oft-cayley"]["ops"]]
+    butterfly = [oft.orthogonality_error(R) for _, R, _ in made["boft-3"]["ops"]]
+    assert min(neumann) > 1e-2
+    assert max(cayley) < 1e-5 and max(butterfly) < 1e-5
+
+
+def test_block_size_from_width():
+    assert [oft.block_size_of(n) for n in (1, 3, 120, 496)] == [2, 3, 16, 32]
+    assert oft.block_size_of(0) is None and oft.block_size_of(7) is None
+
+
+def test_bad_shapes_are_named():
+    assert "not b(b-1)/2" in oft.check_shape((4, 119), 64, False)
+    assert "does not divide" in oft.check_shape((4, 1128), 64, False)  # b = 48
+    assert "expected 4 (one per block)" in oft.check_shape((1, 120), 64, False)
+    assert "expected 1 (block_share)" in oft.check_shape((4, 120), 64, True)
+    assert oft.check_shape((4, 120), 64, False) is None
+    cfg = {"boft_block_size": 8, "boft_block_num": 0, "boft_n_butterfly_factor": 2}
+    assert boft.check_shapes((2, 8, 8, 8), (64, 1), 64, 64, cfg) is None
+    assert boft.check_shapes((1, 8, 8, 8), (64, 1), 64, 64, cfg) is None  # what PEFT saves on a CPU
+    assert "3 butterfly factors" in boft.check_shapes((3, 8, 8, 8), (64, 1), 64, 64, cfg)
+    assert "do not cover" in boft.check_shapes((1, 4, 8, 8), (64, 1), 64, 64, cfg)
+    assert "boft_s" in boft.check_shapes((1, 8, 8, 8), (32, 1), 64, 64, cfg)
+    assert "disagree" in boft.check_shapes((1, 16, 4, 4), (64, 1), 64, 64, cfg)
