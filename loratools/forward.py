@@ -331,8 +331,11 @@ def _unify_dense_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 module._buffers[name] = b.to(dtype)
 
 
-def attach_adapters(model: torch.nn.Module, adapters: list[Path], weights: list[float]) -> torch.nn.Module:
+def attach_adapters(model: torch.nn.Module, adapters: list[Path], weights: list[float], *,
+                    low_cpu_mem_usage: bool = False) -> torch.nn.Module:
     """A PeftModel with every adapter loaded and active (unmerged), each delta scaled by its weight.
+    `low_cpu_mem_usage`: PEFT assigns the file's tensors instead of initialising the LoRA layers first
+    (validate's streamed passes, whose base weights are placeholders until their block runs).
 
     Several active adapters add their outputs, i.e. the model computes with W + Σ wᵢ·ΔWᵢ, which is what
     `loratools merge` folds in. A weight multiplies PEFT's per-layer `scaling` (lora_alpha/r), as
@@ -344,9 +347,10 @@ def attach_adapters(model: torch.nn.Module, adapters: list[Path], weights: list[
     names = [f"adapter{i}" for i in range(len(adapters))]
     with quiet_transformers():
         try:
-            pm = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=names[0], is_trainable=False)
+            pm = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=names[0], is_trainable=False,
+                                           low_cpu_mem_usage=low_cpu_mem_usage)
             for name, path in zip(names[1:], adapters[1:]):
-                pm.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                pm.load_adapter(str(path), adapter_name=name, is_trainable=False, low_cpu_mem_usage=low_cpu_mem_usage)
         except Exception as e:
             raise InputError(f"PEFT cannot load this adapter onto the base: {type(e).__name__}: {e}"
                              + task_type_hint(model, adapters), path=adapters[0] if len(adapters) == 1 else None) from None

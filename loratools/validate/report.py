@@ -49,7 +49,18 @@ def _comparison_message(c: dict) -> str:
         return (f"logits: tuned: base + adapters carries {c['carried']:.3g} of the fine-tune (residual "
                 f"{c['residual']:.3g}), below --min-carried {c['min_carried']}")
     return (f"logits: {c['name']}: max |Δlogit| {c['max_abs']:.3g} (allowed {c['atol']:.3g}), relative error "
-            f"{c['rel_err']:.3g} (allowed {c['rtol']:.3g}) against {c['reference']}")
+            f"{c['rel_err']:.3g} (allowed {c['rtol']:.3g}) against {c['reference']}" + _first_divergence(c))
+
+
+def _first_divergence(c: dict) -> str:
+    """Where a streamed comparison's hidden states first part from the reference's ('' if it did not say)."""
+    d = c.get("divergence") or {}
+    i = d.get("first_divergence_index")
+    if i is None:
+        return ""
+    r = d["blocks"][i]
+    err = "not finite" if not r["finite"] else f"rel err {r['rel_err']:.3g}"
+    return f"; first diverging block: {r['block']} ({err}, allowed {d['allowance']:.3g})"
 
 
 def _comparison_expected(c: dict):
