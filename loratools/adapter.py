@@ -170,7 +170,7 @@ class LoraModule:
 class Adapter:
     path: Path
     config: dict
-    modules: dict[str, LoraModule] = field(default_factory=dict)
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # peft_types.TypedModule of another peft_type
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensor name -> full replacement
     dtypes: set = field(default_factory=set)
     source: str = "peft"  # the file format it was read from (loratools.formats)
@@ -188,7 +188,14 @@ class Adapter:
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
+    @property
+    def peft_type(self) -> str:
+        """"LORA", or the peft_types type whose modules `modules` holds (load_adapter(..., typed=True))."""
+        return str(self.config.get("peft_type", "LORA")).upper()
+
     def trainable_parameters(self) -> int:
+        if self.peft_type != "LORA":
+            return sum(m.parameters() for m in self.modules.values()) + sum(t.numel() for t in self.saved.values())
         n = sum(m.A.numel() + m.B.numel() + (m.magnitude.numel() if m.magnitude is not None else 0)
                 + (m.bias.numel() if m.bias is not None else 0) for m in self.modules.values())
         return n + sum(t.numel() for t in self.saved.values())
@@ -199,20 +206,32 @@ def is_adapter_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / CONFIG_NAME).is_file()
 
 
-def read_adapter_config(path: Path) -> dict:
+def read_adapter_config(path: Path, typed: bool = False) -> dict:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise InputError(f"not a PEFT adapter: no {CONFIG_NAME}", path=path)
-    return check_adapter_config(load_json(cfg_path, CONFIG_NAME), cfg_path)
+    return check_adapter_config(load_json(cfg_path, CONFIG_NAME), cfg_path, typed)
 
 
-def check_adapter_config(cfg: dict, cfg_path) -> dict:
+def check_adapter_config(cfg: dict, cfg_path, typed: bool = False) -> dict:
     """adapter_config.json's dict checked for what loratools relies on (LoRA, r and alpha positive, patterns
-    as objects; None patterns become {}); `cfg_path` names it in errors. Returns cfg."""
+    as objects; None patterns become {}); `cfg_path` names it in errors. Returns cfg.
+
+    `typed`: the caller also takes the adapter types of loratools.peft_types (LoHa, LoKr, ...), whose
+    configs their own parsers check; otherwise such an adapter is refused in one line (never read as LoRA)."""
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise UnsupportedError(f"adapter type {cfg.get('peft_type')!r} is not supported; loratools handles "
-                               f"LoRA adapters (peft_type \"LORA\") only", path=cfg_path)
+        from .peft_types import REGISTRY
+
+        if peft_type not in REGISTRY:
+            raise UnsupportedError(f"adapter type {cfg.get('peft_type')!r} (peft_type) is not supported; loratools "
+                                   f"handles LORA, and {', '.join(REGISTRY)} in merge, unmerge, validate and inspect",
+                                   path=cfg_path)
+        if not typed:
+            raise UnsupportedError(f"this is a {peft_type} adapter (peft_type); this command takes LoRA adapters only "
+                                   f"(merge, unmerge, validate and inspect take {peft_type} directly): convert it "
+                                   f"first with `loratools convert ADAPTER --to lora --rank R`", path=cfg_path)
+        return cfg
     for key in ("r", "lora_alpha"):
         v = cfg.get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
@@ -230,7 +249,8 @@ def check_adapter_config(cfg: dict, cfg_path) -> dict:
     return cfg
 
 
-def load_adapter(path: str | Path, *, base: str | Path | None = None, check_finite: bool = True) -> Adapter:
+def load_adapter(path: str | Path, *, base: str | Path | None = None, check_finite: bool = True,
+                 typed: bool = False) -> Adapter:
     """Read a LoRA adapter whole (adapters are small) and resolve r, alpha and scale per module.
 
     `path` may be in any registered format (loratools.formats: PEFT, MLX-LM, kohya, GGUF LoRA): one that is
@@ -240,6 +260,10 @@ def load_adapter(path: str | Path, *, base: str | Path | None = None, check_fini
 
     NaN/Inf in any tensor is refused (merging or combining it would spread it silently through the
     output); `inspect` passes check_finite=False to show such an adapter anyway.
+
+    `typed=True`: a PEFT directory of another registered adapter type (loratools.peft_types: LoHa, LoKr, VeRA,
+    AdaLoRA, IA3, ...) is read too, its modules being that type's TypedModules (`Adapter.peft_type` says
+    which); without it such an adapter is refused in one line pointing to `convert --to lora`.
     """
     path = Path(path)
     if not path.exists():
@@ -252,7 +276,7 @@ def load_adapter(path: str | Path, *, base: str | Path | None = None, check_fini
             return adapter_from_files(formats.read(path, base), path, check_finite=check_finite)
     if path.is_file():
         raise InputError(f"expected an adapter directory holding {CONFIG_NAME}", path=path)
-    cfg = read_adapter_config(path)
+    cfg = read_adapter_config(path, typed)
     wpath = path / WEIGHTS_NAME
     if not wpath.is_file():
         if (path / "adapter_model.bin").exists():
@@ -263,6 +287,11 @@ def load_adapter(path: str | Path, *, base: str | Path | None = None, check_fini
     infos, _ = read_header(str(wpath))
     with open(wpath, "rb", buffering=0) as fh:
         tensors = ((key, read_tensor(info, fh)) for key, info in infos.items())
+        if str(cfg.get("peft_type")).upper() != "LORA":  # a peft_types adapter (checked: typed=True)
+            from .peft_types import read_typed
+
+            modules, saved, dtypes = read_typed(cfg, tensors, wpath, check_finite)
+            return Adapter(path=path, config=cfg, modules=modules, saved=saved, dtypes=dtypes)
         return _adapter_from_tensors(path, cfg, tensors, wpath, check_finite)
 
 

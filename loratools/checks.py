@@ -129,6 +129,12 @@ def module_problems(m: LoraModule, target: BaseTarget | None, shapes: dict[str, 
                                 f"{shape_list(m.base_shape)}); {why}")]
     found = tuple(target.shape)
     expected = tuple(m.base_shape)
+    fit = getattr(m, "fit", None)  # a peft_types module checks (and takes open dimensions from) the base itself
+    if fit is not None:
+        problem = fit(found)
+        return [] if problem is None else [Problem(
+            m.name, target.key, adapter_path, expected=shape_list(expected), found=shape_list(found),
+            message=f"{where}: base tensor {target.key} has shape {shape_list(found)} but {problem}")]
     out = []
     if found != expected:
         hint = ""

@@ -178,6 +178,7 @@ class PlainLora:
     name = "lora"
     records_norm = False  # merge leaves nothing unmerge would need beyond the adapter itself
     additive = True  # ΔW alone is the update: deltas sum (combine) and truncate (resize)
+    typed = False  # a LoRA module (not a peft_types one)
 
     def merge(self, acc: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, m: "LoraModule"):
         """acc += ΔW; returns what unmerge needs besides the adapter (nothing)."""
@@ -208,12 +209,30 @@ class Dora(PlainLora):
         acc -= delta
 
 
-PLAIN_LORA, DORA = PlainLora(), Dora()
+class PeftTypeVariant:
+    """A module of a non-LoRA PEFT type (loratools.peft_types): it merges and unmerges itself, in float32,
+    as its PEFT layer does (TypedModule.merge / unmerge); nothing is recorded."""
+
+    name = "peft_type"
+    records_norm = False
+    additive = False  # per module (TypedModule.additive); adapters of these types are not combined
+    typed = True
+
+
+PLAIN_LORA, DORA, PEFT_TYPE = PlainLora(), Dora(), PeftTypeVariant()
 
 
 def variant_of(m: "LoraModule") -> PlainLora:
-    """The strategy that merges and unmerges module `m`."""
-    return DORA if m.magnitude is not None else PLAIN_LORA
+    """The strategy that merges and unmerges module `m` (a peft_types module names its own)."""
+    return getattr(m, "variant", None) or (DORA if m.magnitude is not None else PLAIN_LORA)
+
+
+def _typed_weight(w: torch.Tensor, steps: list["Step"], device, out_dtype, undo: bool) -> torch.Tensor:
+    """Steps of peft_types modules on one weight, in float32, rounded once (unmerge: in reverse order)."""
+    acc = w.to(device=device, dtype=torch.float32, copy=True)
+    for s in (reversed(steps) if undo else steps):
+        acc = s.module.unmerge(acc) if undo else s.module.merge(acc)
+    return acc.to(out_dtype)
 
 
 @dataclass
@@ -289,6 +308,8 @@ def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=
     """Apply steps in order in float32 (each through its variant: W += ΔW for LoRA,
     W = m/||W₀+ΔW|| · (W + ΔW) for DoRA) and round once to `out_dtype`. Returns the result (a new tensor
     on `device`) and, per step, what its unmerge needs (the DoRA norm; None for plain LoRA)."""
+    if steps[0].variant.typed:  # a non-LoRA PEFT type merges itself (peft_types/base.py)
+        return _typed_weight(base, steps, device, out_dtype, undo=False), [None] * len(steps)
     ws = ws or Workspace()
     w0 = base.to(device)
     if len(steps) == 1 and not steps[0].dora:
@@ -303,6 +324,8 @@ def unmerge_weight(merged: torch.Tensor, steps: list[Step], norms: list, device=
                    ws: Workspace | None = None) -> torch.Tensor:
     """Undo `merge_weight` in reverse order (W -= ΔW for LoRA, W = W / (m/norm) − ΔW for DoRA) in float32,
     rounded once to `out_dtype`."""
+    if steps[0].variant.typed:
+        return _typed_weight(merged, steps, device, out_dtype, undo=True)
     ws = ws or Workspace()
     m = merged.to(device)
     acc = ws.get("acc", m.shape, device)
@@ -345,7 +368,7 @@ class BiasTensor:
 WEIGHT, BIAS = WeightTensor(), BiasTensor()
 
 
-__all__ = ["BIAS", "BLOCK_ELEMENTS", "BLOCK_ROWS", "DORA", "PLAIN_LORA", "WEIGHT", "BiasTensor", "Dora",
-           "PlainLora", "Step", "WeightTensor", "Workspace", "bias_delta", "dora_factor", "dora_weight_norm",
+__all__ = ["BIAS", "BLOCK_ELEMENTS", "BLOCK_ROWS", "DORA", "PEFT_TYPE", "PLAIN_LORA", "WEIGHT", "BiasTensor", "Dora",
+           "PeftTypeVariant", "PlainLora", "Step", "WeightTensor", "Workspace", "bias_delta", "dora_factor", "dora_weight_norm",
            "expert_delta", "expert_delta_norms", "expert_factors", "lora_delta", "lora_scale", "merge_weight",
            "pack_expert_factors", "peft_delta", "stored_transposed", "to_layout", "unmerge_weight", "variant_of"]

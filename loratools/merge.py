@@ -39,6 +39,7 @@ from .io.durability import Durability
 from .io.writer import save_tensors
 from .key_layout import KeyLayout, Part, checkpoint_layout
 from .lora_math import Step, Workspace
+from .peft_types import refuse_mixed
 from .plan import MODULES_TO_SAVE, MergePlan, TensorPlan, build_plan
 from .quantized import DenseView
 
@@ -157,7 +158,8 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
     """
     adapter_paths, weights, dev = _check_options(adapters, weights, dtype, device)
     ck = Checkpoint(base)
-    ads = [load_adapter(p, base=base) for p in adapter_paths]  # any format: the base names kohya/GGUF modules
+    ads = [load_adapter(p, base=base, typed=True) for p in adapter_paths]  # any format: the base names kohya/GGUF modules
+    refuse_mixed(ads, weights)  # a LoHa, LoKr, ... adapter (peft_types) merges alone
     plan = build_plan(ck, ads, weights)
     dense = DenseView(ck, dev)
     specs = [TensorSpec(n, output_dtype(dt, dtype, dense.quantized), shape) for n, (dt, shape) in dense.specs.items()]
@@ -384,7 +386,8 @@ def unmerge_checkpoint(merged: PathLike, adapters: Sequence[PathLike], output: P
     ck = Checkpoint(merged)
     if ck.is_quantized:
         raise InputError("this is a 4-bit checkpoint; unmerge works on the dense checkpoint `merge` wrote", path=merged)
-    ads = [load_adapter(p, base=merged) for p in adapter_paths]  # the merged checkpoint has the base's names
+    ads = [load_adapter(p, base=merged, typed=True) for p in adapter_paths]  # the merged checkpoint has the base's names
+    refuse_mixed(ads, weights)
     plan = build_plan(ck, ads, weights, untie=False)
     _refuse_replaced(plan, adapter_paths)
     norms = _check_dora_unmerge(ck, plan, ads, adapter_paths, weights)

@@ -31,6 +31,7 @@ from .errors import MismatchError, UnsupportedError
 from .io import Checkpoint
 from .key_layout import KeyLayout, Part, checkpoint_layout
 from .lora_math import BIAS, WEIGHT, BiasTensor, Step, WeightTensor, expert_factors
+from .peft_types.base import TYPED_BIAS, TypedBias
 
 MODULES_TO_SAVE = "modules_to_save"  # a module the adapter saves whole, trained in full
 BASE_LAYER = "base_layer"  # the embedding base layer PEFT saves beside embedding LoRA (save_embedding_layers)
@@ -46,7 +47,7 @@ class TensorPlan:
     replacement_kind: str | None = None  # MODULES_TO_SAVE or BASE_LAYER
     replacement_adapter_index: int | None = None  # position of the adapter holding `replacement`
     steps: list[Step] = field(default_factory=list)
-    part: WeightTensor | BiasTensor = WEIGHT  # how the steps apply: ΔW to a weight, or lora_B.bias to a bias
+    part: WeightTensor | BiasTensor | TypedBias = WEIGHT  # how the steps apply: ΔW to a weight, lora_B.bias to a bias
 
     @property
     def is_bias(self) -> bool:
@@ -157,11 +158,13 @@ def _plan_adapter(plans: dict[str, TensorPlan], shapes: dict, layout: KeyLayout,
     for m in ad.modules.values():
         for key, source, part in _stored(layout, locate(shapes, m.base_key, tied)):
             _plan_for(plans, key, source).steps.append(Step(m if part is None else expert_part(m, part), weight, i))
-        if m.bias is not None:
+        if m.bias is not None or getattr(m, "scales_bias", False):  # IA3 (peft_types) scales a bias
             bias_key = resolve_base_key(shapes, m.bias_key)
+            if bias_key is None and m.bias is None:  # IA3 on a layer without a bias: nothing to scale
+                continue
             bias_key = layout.stored_name(bias_key) if bias_key in layout.params else bias_key
             bp = _plan_for(plans, bias_key, bias_key)
-            bp.part = BIAS
+            bp.part = BIAS if m.bias is not None else TYPED_BIAS  # lora_bias, or a peft_types module's own
             bp.steps.append(Step(m, weight, i))
 
 
