@@ -41,6 +41,7 @@ from .key_layout import KeyLayout, Part, checkpoint_layout
 from .lora_math import Step, Workspace
 from .peft_types import refuse_mixed
 from .plan import MODULES_TO_SAVE, MergePlan, TensorPlan, build_plan
+from .qlora_base import MergeBase
 from .quantized import DenseView
 
 RECORD_DIR = "loratools-dora"
@@ -129,7 +130,8 @@ def _norm_key(s: Step) -> str:
 def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathLike, *,
                      weights: Sequence[float] | None = None, dtype: str = "auto", device: str = "auto",
                      max_shard_size: int, force: bool = False,
-                     on_tensor: Callable[[str], None] | None = None) -> dict:
+                     on_tensor: Callable[[str], None] | None = None, trained_on: str | None = None,
+                     into_dequantized: str | None = None) -> dict:
     """Fold PEFT LoRA adapters into a base checkpoint and write a dense checkpoint, as PEFT's
     `merge_and_unload()` computes it (float32, rounded once; DoRA norms recorded for `unmerge`).
 
@@ -145,10 +147,13 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
         max_shard_size: largest output shard in bytes.
         force: replace an existing output once the new one is complete.
         on_tensor: called with each output tensor's name as it is written.
+        trained_on: what the adapters were trained on, "auto" (detected), "fp", "nf4" or "fp4" (qlora_base.py).
+        into_dequantized: "nf4"/"fp4": merge into BASE's 4-bit dequantization, deq(Q(W)) + ΔW.
 
     Returns:
         The summary: output path, files, bytes, tensors and changed_tensors, per-adapter details,
-        replaced_tensors, untied_head, dequantized_base, dtypes, device and dora_record (or None).
+        replaced_tensors, untied_head, dequantized_base, dtypes, device, dora_record (or None) and qlora
+        (None, or which base a QLoRA adapter was folded into and what the other would have cost).
 
     Example:
         >>> summary = merge_checkpoint("fixtures/tiny-llama", ["fixtures/llama-lora"], "/tmp/merged",
@@ -161,7 +166,8 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
     ads = [load_adapter(p, base=base, typed=True) for p in adapter_paths]  # any format: the base names kohya/GGUF modules
     refuse_mixed(ads, weights)  # a LoHa, LoKr, ... adapter (peft_types) merges alone
     plan = build_plan(ck, ads, weights)
-    dense = DenseView(ck, dev)
+    qlora = MergeBase(ck, adapter_paths, trained_on, into_dequantized, dev)  # which base: 16-bit or deq(Q(W))
+    dense = qlora.view
     specs = [TensorSpec(n, output_dtype(dt, dtype, dense.quantized), shape) for n, (dt, shape) in dense.specs.items()]
     if plan.untied_head_source:
         dt, shape = dense.specs[plan.untied_head_source]
@@ -185,6 +191,7 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
                 continue
             for key in readers.get(name, ()):
                 out = _merged_tensor(plan.tensors.get(key), key, t, out_dtype[key], dev, ws, norms, base)
+                qlora.observe(plan.tensors.get(key), t, ws)
                 if key in experts.parts:  # against the base as PEFT loads it (a saved replacement included)
                     p = plan.tensors[key]
                     experts.add(key, p.replacement.to(t.dtype) if p.replacement is not None else t, out)
@@ -194,7 +201,8 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
     def record(tmp: Path, durability: Durability) -> list[str]:
         return _write_dora_record(tmp, norms, adapter_paths, ads, weights, dev, durability) if norms else []
 
-    options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
+    options = {"weights": weights, "dtype": dtype, "device": device, "max_shard_size": max_shard_size,
+               **qlora.options()}
     with torch_threads(1, dev):
         summary = write_checkpoint(
             output, inputs=[base, *adapter_paths], force=force, specs=specs, tensors=tensors(),
@@ -205,6 +213,7 @@ def merge_checkpoint(base: PathLike, adapters: Sequence[PathLike], output: PathL
     summary.update(_summary(plan, ads, adapter_paths, weights, dev, specs, dense))
     summary["dora_record"] = f"{RECORD_DIR}/{RECORD_FILE}" if norms else None
     summary["experts"] = experts.rows()
+    summary["qlora"] = qlora.summary()
     return summary
 
 

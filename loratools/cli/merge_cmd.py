@@ -26,6 +26,8 @@ def report(summary: dict, as_json: bool, verb: str) -> None:
         info(f"experts: {len(rows)} expert parameters ({', '.join(sorted({str(r['experts']) for r in rows}))} "
              f"experts each) changed; ‖ΔW_e‖/‖W_e‖ per expert {least:.3g} to {change:.3g} (largest: {name} "
              f"expert {e})")
+    if (summary.get("qlora") or {}).get("line"):
+        info(summary["qlora"]["line"])
     if summary.get("dora_record"):
         info(f"DoRA norms recorded in {summary['dora_record']} (lets `loratools unmerge` undo this merge)")
     info(f"wrote {summary['output']}: {len(summary['files'])} files, {summary['bytes']:,} bytes, "
@@ -40,11 +42,19 @@ def report(summary: dict, as_json: bool, verb: str) -> None:
               help="Scale an adapter's delta; give once per adapter, in order (default 1.0 each).")
 @click.option("--dtype", type=DTYPE_CHOICE, default="auto", show_default=True,
               help="Output float dtype; auto keeps the base's (float16 for a 4-bit base).")
+@click.option("--trained-on", type=click.Choice(["auto", "fp", "nf4", "fp4"]), default="auto", show_default=True,
+              help="What the adapters were trained on: a QLoRA adapter saw the base's 4-bit dequantization. auto "
+              "detects it where the files tell (docs/merge.md); with a 4-bit type, merge measures per weight what "
+              "folding into the other base would change (it quantizes the touched weights: slower).")
+@click.option("--into-dequantized", type=click.Choice(["nf4", "fp4"]), default=None,
+              help="Merge into BASE quantized to 4 bits and dequantized (what a QLoRA adapter was trained on, "
+              "what transformers' dequantize() + PEFT's merge_and_unload give) instead of the 16-bit weights.")
 @device_option
 @max_shard_size_option
 @force_option
 @json_option
-def command(base, adapters, output, weights, dtype, device, max_shard_size, force, as_json):
+def command(base, adapters, output, weights, dtype, trained_on, into_dequantized, device, max_shard_size, force,
+            as_json):
     """Fold one or more LoRA adapters into BASE and write a plain dense checkpoint.
 
     An adapter may be in any format `loratools convert` reads (PEFT, MLX-LM, kohya, GGUF LoRA); BASE names
@@ -59,6 +69,7 @@ def command(base, adapters, output, weights, dtype, device, max_shard_size, forc
       loratools merge fixtures/tiny-llama fixtures/llama-lora -o /tmp/merged
       loratools merge fixtures/tiny-llama fixtures/llama-lora fixtures/llama-rslora \\
           --weight 0.7 --weight 0.3 -o /tmp/mix --dtype bfloat16
+      loratools merge fixtures/tiny-llama fixtures/llama-lora -o /tmp/qm --into-dequantized nf4
     """
     start_digests(base, *adapters)  # before torch is imported: see io/provenance.py
     from ..io import Checkpoint
@@ -67,5 +78,6 @@ def command(base, adapters, output, weights, dtype, device, max_shard_size, forc
     total = len(Checkpoint(base).tensors)
     with bar("merge", total) as advance:
         summary = merge_checkpoint(base, adapters, output, weights=list(weights), dtype=dtype, device=device,
-                                   max_shard_size=max_shard_size, force=force, on_tensor=lambda _: advance())
+                                   max_shard_size=max_shard_size, force=force, on_tensor=lambda _: advance(),
+                                   trained_on=trained_on, into_dequantized=into_dequantized)
     report(summary, as_json, "merged")

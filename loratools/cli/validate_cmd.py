@@ -33,9 +33,13 @@ from .tables import fmt, kv_table, table
 @click.option("--min-carried", type=float, default=0.0, show_default=True,
               help="--tuned passes when base + ADAPTERs carry at least this fraction of the fine-tune's logit change.")
 @click.option("--static-only", is_flag=True, help="Header and tensor checks only: build no model.")
+@click.option("--trained-on", type=click.Choice(["auto", "fp", "nf4", "fp4"]), default="auto", show_default=True,
+              help="What the adapters were trained on. With nf4/fp4 (or detected: a QLoRA adapter whose "
+              "base_model_name_or_path is a 4-bit checkpoint) the reference is also built on BASE dequantized "
+              "through that format, and --merged is compared with both bases (docs/validate.md).")
 @json_option
 def command(base, adapters, merged, tuned, quantized, weights, device, dtype, batch, seq_len, seed, atol, rtol,
-            min_carried, static_only, as_json):
+            min_carried, static_only, trained_on, as_json):
     """Check adapters against a base, and a merged, fine-tuned or 4-bit checkpoint against base + adapters.
 
     Adapters may be in any format `loratools convert` reads (PEFT, MLX-LM, kohya, GGUF LoRA).
@@ -49,13 +53,14 @@ def command(base, adapters, merged, tuned, quantized, weights, device, dtype, ba
       loratools validate fixtures/tiny-llama fixtures/llama-lora --merged merged/
       loratools validate fixtures/tiny-llama fixtures/llama-lora --tuned fixtures/tiny-llama-tuned --json
       loratools validate fixtures/tiny-llama --quantized tiny-llama-nf4/ --device cuda
+      loratools validate fixtures/tiny-llama fixtures/llama-lora --merged merged/ --trained-on nf4
     """
     from ..validate import failure, validate
 
     log = info if sys.stderr.isatty() else None
     report = validate(base, adapters, merged=merged, tuned=tuned, quantized=quantized, weights=list(weights),
                       device=device, dtype=dtype, batch=batch, seq_len=seq_len, seed=seed, atol=atol, rtol=rtol,
-                      min_carried=min_carried, static_only=static_only, log=log)
+                      min_carried=min_carried, static_only=static_only, trained_on=trained_on, log=log)
     err = failure(report)
     if as_json:
         if err is not None:
@@ -103,6 +108,8 @@ def show(report: dict) -> None:
                          allowed, verdict])
         table(report.get("output") or "logits", ["comparison", "reference", "candidate", "max |Δlogit|", "rel err", "cosine", "top-1 agree",
                          "allowed", "verdict"], rows)
+    if (report.get("trained_on") or {}).get("line"):
+        info(report["trained_on"]["line"])
     t = report["tensors"]
     if "merged" in t:
         m = t["merged"]

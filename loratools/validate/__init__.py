@@ -24,6 +24,7 @@ from ..io import Checkpoint
 from .logits import forward_checks
 from .report import comparison_problem, environment, failure, finite_numbers, row, summary
 from .static import provenance_checks, static_checks
+from .trained_on import base_view_for_tensors, resolve_trained_on
 from .tensors import (QUANT_WEIGHT_RTOL, TensorCheck, check_tensor, lsq_coefficients, lsq_scale, merged_tensor_checks,
                       quantized_tensor_checks, tuned_tensor_report, ulp, wrong_layout)
 
@@ -34,7 +35,7 @@ def validate(base: PathLike, adapters: Sequence[PathLike] = (), *, merged: PathL
              tuned: PathLike | None = None, quantized: PathLike | None = None,
              weights: Sequence[float] | None = None, device: str = "auto", dtype: str = "auto", batch: int = 4,
              seq_len: int = 128, seed: int = 0, atol: float | None = None, rtol: float | None = None,
-             min_carried: float = 0.0, static_only: bool = False,
+             min_carried: float = 0.0, static_only: bool = False, trained_on: str | None = "auto",
              log: Callable[[str], None] | None = None) -> dict:
     """Run every check and return the report. Never raises for a failed check.
 
@@ -52,6 +53,8 @@ def validate(base: PathLike, adapters: Sequence[PathLike] = (), *, merged: PathL
         atol, rtol: logits tolerances overriding the defaults derived from the dtypes (forward.py).
         min_carried: `tuned` passes when base + adapters carry at least this fraction of its logit change.
         static_only: header and tensor checks only; build no model.
+        trained_on: what the adapters were trained on: "auto" (detected: qlora_base.py), "fp", "nf4" or
+            "fp4". A 4-bit type adds the reference on BASE dequantized through it (validate/trained_on.py).
         log: called with a line before each stage (progress).
 
     Returns:
@@ -77,8 +80,10 @@ def validate(base: PathLike, adapters: Sequence[PathLike] = (), *, merged: PathL
     t_start = time.perf_counter()
     say("static checks: headers and adapter tensors")
     with _peft_dirs(adapter_paths, base) as work:
+        trained = resolve_trained_on(trained_on, adapter_paths, base_ck, candidates.get("merged"))
         report = _validate(base, adapter_paths, work, weights, merged, tuned, quantized, dev, base_ck, compute,
-                           candidates, say, t_start, static_only, batch, seq_len, seed, atol, rtol, min_carried)
+                           candidates, say, t_start, static_only, batch, seq_len, seed, atol, rtol, min_carried,
+                           trained)
         return _named_as_given(report, dict(zip(map(str, work), map(str, adapter_paths))))
 
 
@@ -124,7 +129,7 @@ def _named_as_given(doc, names: dict[str, str]):
 
 
 def _validate(base, given, adapter_paths, weights, merged, tuned, quantized, dev, base_ck, compute, candidates, say,
-              t_start, static_only, batch, seq_len, seed, atol, rtol, min_carried) -> dict:
+              t_start, static_only, batch, seq_len, seed, atol, rtol, min_carried, trained=None) -> dict:
     """validate() on adapters that are PEFT directories (`given`: the paths as the user gave them)."""
     problems, notes, adapter_ok = static_checks(base_ck, adapter_paths, candidates, given=given)
     adapters_ok = all(adapter_ok)
@@ -136,8 +141,13 @@ def _validate(base, given, adapter_paths, weights, merged, tuned, quantized, dev
     fwd = None
     if skipped is None:
         fwd = forward_checks(base_ck, adapter_paths, weights, candidates, device=dev, dtype=compute, batch=batch,
-                             seq_len=seq_len, seed=seed, atol=atol, rtol=rtol, min_carried=min_carried, log=say)
-    tensors = _tensor_checks(base_ck, candidates, loaded, weights, dev, adapters_ok, problems, notes, say)
+                             seq_len=seq_len, seed=seed, atol=atol, rtol=rtol, min_carried=min_carried, log=say,
+                             trained_on=trained)
+    qlora = (fwd or {}).get("trained_on")
+    notes += [row("trained_on", f"trained on: {n}") for n in (trained.notes if trained else ())]
+    bview = base_view_for_tensors(base_ck, trained, candidates["merged"], (qlora or {}).get("merged_into")) \
+        if "merged" in candidates else None
+    tensors = _tensor_checks(base_ck, candidates, loaded, weights, dev, adapters_ok, problems, notes, say, bview)
     problems += [comparison_problem(c) for c in (fwd["comparisons"] if fwd else []) if not c["passed"]]
     report = {
         "kind": "validate",
@@ -162,6 +172,7 @@ def _validate(base, given, adapter_paths, weights, merged, tuned, quantized, dev
         "comparisons": fwd["comparisons"] if fwd else [],
         "timings": {**(fwd["timings"] if fwd else {}), "total": time.perf_counter() - t_start},
         "peak_gpu_bytes": fwd["peak_gpu_bytes"] if fwd else None,
+        "trained_on": qlora or (trained.to_json() if trained is not None else None),
         "environment": environment(),
     }
     report["summary"] = summary(report)
@@ -202,7 +213,7 @@ def _forward_skipped(base: Checkpoint, static_only: bool, adapters_ok: bool, pro
 
 
 def _tensor_checks(base: Checkpoint, candidates: dict[str, Checkpoint], loaded: list, weights: list[float], dev,
-                   adapters_ok: bool, problems: list[dict], notes: list[dict], say) -> dict:
+                   adapters_ok: bool, problems: list[dict], notes: list[dict], say, base_view=None) -> dict:
     """The streamed tensor checks of each candidate that passed its layout check; appends to problems/notes."""
     layout_ok = {role: not any(p["check"] == role for p in problems) for role in candidates}
     tensors: dict = {}
@@ -212,7 +223,7 @@ def _tensor_checks(base: Checkpoint, candidates: dict[str, Checkpoint], loaded: 
                              path=candidates["merged"].path))
         else:
             say("tensor checks: merged against base + adapter deltas")
-            rows, probs = merged_tensor_checks(base, candidates["merged"], loaded, weights, dev)
+            rows, probs = merged_tensor_checks(base, candidates["merged"], loaded, weights, dev, base_view)
             tensors["merged"] = {"checked": len(rows), "failed": sum(not r["passed"] for r in rows), "rows": rows}
             problems += probs
     if "tuned" in candidates and adapters_ok and layout_ok["tuned"]:

@@ -14,6 +14,7 @@ from .. import forward as fw
 from ..dtypes import FLOAT_DTYPES
 from ..errors import LoratoolsError
 from ..io import Checkpoint
+from .trained_on import dequantized_reference, merged_comparisons, quantized_base_info, references_only
 
 
 @dataclass
@@ -50,11 +51,13 @@ def comparison(name: str, reference: str, candidate: str, metrics: dict | None, 
 def forward_checks(base: Checkpoint, adapter_paths: list[Path], weights: list[float],
                    candidates: dict[str, Checkpoint], *, device: torch.device, dtype: torch.dtype, batch: int,
                    seq_len: int, seed: int, atol: float | None, rtol: float | None, min_carried: float,
-                   log=None) -> dict:
+                   log=None, trained_on=None) -> dict:
     """Logits of base, base + adapters (PEFT, unmerged) and each candidate on one batch, compared.
 
     Holds one model at a time (plus logits): the base (with the adapters attached) is dropped before
-    any candidate is loaded. Returns {"comparisons", "batch_source", "seq_len", "timings", "peak_gpu_bytes"}.
+    any candidate is loaded. Returns {"comparisons", "batch_source", "seq_len", "timings", "peak_gpu_bytes",
+    "trained_on"}. `trained_on` (a qlora_base.TrainedOn) of a 4-bit type adds the reference on the base the
+    adapters saw in training, and a merged candidate is compared with both (trained_on.py).
     """
     run = _Run(device, dtype, seed, log or (lambda _m: None))
     ids, source, l_base, l_ref, comparisons = _reference_logits(base, adapter_paths, weights, batch, seq_len, run)
@@ -64,6 +67,11 @@ def forward_checks(base: Checkpoint, adapter_paths: list[Path], weights: list[fl
         l_qref = l_base  # a 4-bit BASE is its own quantized reference
     elif quant is not None and quant.is_quantized:
         l_qref, qref_error = _quantized_reference(base, quant, ids, run)
+    l_deq, deq_error, qlora_info = None, None, None
+    if trained_on is not None and base.is_quantized and adapter_paths:
+        qlora_info = quantized_base_info(trained_on)
+    elif trained_on is not None and trained_on.quantized and adapter_paths:
+        l_deq, deq_error = dequantized_reference(base, adapter_paths, weights, ids, run, trained_on)
     for role, ck in candidates.items():
         run.say(f"forward: loading the {role} checkpoint")
         try:
@@ -81,6 +89,11 @@ def forward_checks(base: Checkpoint, adapter_paths: list[Path], weights: list[fl
             storage = {i.dtype for n, i in ck.tensors.items() if i.dtype.is_floating_point and n not in ck.quant_states}
             tol = fw.quantized_tolerance(atol=atol, rtol=rtol) if ck.is_quantized else \
                 fw.exact_tolerance(dtype, fw.coarsest(storage), atol=atol, rtol=rtol)
+            if l_deq is not None or deq_error is not None:  # which base did the adapters see? (trained_on.py)
+                rows, qlora_info = merged_comparisons(ck, trained_on, l_ref, l_deq, deq_error, l_cand, tol, loading,
+                                                      comparison)
+                comparisons += rows
+                continue
             comparisons.append(comparison("merged", "base + adapters (PEFT, unmerged)", str(ck.path),
                                           fw.logit_metrics(l_ref, l_cand), tol, loading=loading))
         elif role == "tuned":
@@ -93,8 +106,11 @@ def forward_checks(base: Checkpoint, adapter_paths: list[Path], weights: list[fl
         elif role == "quantized":
             comparisons += _quantized_comparisons(base, ck, l_base, l_cand, l_qref, qref_error, dtype, atol, rtol,
                                                   loading)
+    if qlora_info is None and (l_deq is not None or deq_error is not None):  # no merged candidate
+        rows, qlora_info = references_only(trained_on, l_ref, l_deq, deq_error, comparison)
+        comparisons += rows
     return {"comparisons": comparisons, "batch_source": source, "seq_len": ids.shape[1], "timings": run.timings,
-            "peak_gpu_bytes": fw.peak_memory(device), "output": run.output}
+            "peak_gpu_bytes": fw.peak_memory(device), "output": run.output, "trained_on": qlora_info}
 
 
 def _reference_logits(base: Checkpoint, adapter_paths: list[Path], weights: list[float], batch: int, seq_len: int,

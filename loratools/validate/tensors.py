@@ -207,8 +207,10 @@ def _diagnose(cand: torch.Tensor, start: torch.Tensor, expected: torch.Tensor, p
 
 
 def merged_tensor_checks(base: Checkpoint, merged: Checkpoint, adapters: list[Adapter], weights: list[float],
-                         device: torch.device | str) -> tuple[list[dict], list[dict]]:
-    """Every tensor of `merged` against base + Σ wᵢ·ΔWᵢ within rounding.
+                         device: torch.device | str, base_view: DenseView | None = None
+                         ) -> tuple[list[dict], list[dict]]:
+    """Every tensor of `merged` against base + Σ wᵢ·ΔWᵢ within rounding. `base_view`: how BASE is read
+    (default its DenseView; a qlora_base.RequantizedView for a merge into the dequantized base).
 
     Returns:
         (rows, problems): a row for every tensor the adapters touch and every failing one (with a
@@ -217,7 +219,7 @@ def merged_tensor_checks(base: Checkpoint, merged: Checkpoint, adapters: list[Ad
     from ..plan import build_plan
 
     plan = build_plan(base, adapters, weights)
-    bview, cview = DenseView(base), DenseView(merged)
+    bview, cview = base_view or DenseView(base), DenseView(merged)
     keys = list(bview.shapes) + [k for k in plan.tensors if k not in bview.shapes]
     adapter_names = [Path(a.path).name for a in adapters]
     expected_fp: dict[str, tuple] = {}
