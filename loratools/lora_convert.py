@@ -33,6 +33,17 @@ Note: truncation.
     optimal (Eckart–Young) truncation of ΔW itself and no dense ΔW is formed. The report's rel_error is
     measured on the factors as written (after the cast to the adapter's dtype) against the exact ΔW, from
     factors too; optimal_error is the exact spectrum's tail.
+
+Note: other adapter types.
+    A LoHa / LoKr / VeRA / AdaLoRA module's update does not depend on the base (`additive`): ΔW is its
+    `delta()` (peft_types, PEFT's get_delta_weight in float32), formed per module without reading the base
+    unless a dimension is left to it (VeRA's in_features). IA3, OFT and BOFT multiply the base weight, so
+    ΔW = merged(W) − W from the base tensor (--base), read through merge's plan, one tensor at a time; IA3 on
+    a non-feed-forward layer also scales its bias, which becomes a lora_B.bias (lora_bias, written as zeros
+    for the other modules: PEFT's lora_bias is all or nothing). ΔW is truncated by lowrank.truncate, the
+    randomized SVD (or exact, `auto` as in extract) with seed 0; the report gives, per module, the relative
+    error of the factors as written and the optimal (Eckart–Young) error from the exact spectrum, as
+    `convert --as-lora` does. Output: alpha = r per module (scale 1), other ranks in exact-name patterns.
 """
 from __future__ import annotations
 
@@ -44,7 +55,7 @@ import torch
 
 from .adapter import PREFIX, Adapter, LoraModule, adapter_tensors, load_adapter
 from .errors import MismatchError, UnsupportedError, UsageError
-from .lora_math import lora_scale, pack_expert_factors
+from .lora_math import lora_scale, pack_expert_factors, stored_transposed, to_layout
 from .lowrank import factored_svd
 from .ranks import RankRule, most_common_rank
 
@@ -282,5 +293,142 @@ def convert_typed(adapter, output, *, rank=None, energy=None, sv_ratio=None, max
 
 
 def typed_to_lora(adapter, output, *, rank=None, energy=None, sv_ratio=None, max_rank=None, base=None,
-                  force: bool = False) -> dict:
-    raise UnsupportedError("not yet", path=adapter)
+                  force: bool = False, on_module=None) -> dict:
+    """Write an adapter of another PEFT type (loratools.peft_types) as a plain LoRA: per module, ΔW (Note:
+    other adapter types) truncated by the rank rule as `extract` truncates, the error reported.
+
+    Args:
+        adapter: a PEFT adapter directory whose peft_type is registered in loratools.peft_types.
+        output: adapter directory to write, atomically; refused if it exists unless `force`.
+        rank, energy, sv_ratio, max_rank: the rank rule (one of rank / energy / sv_ratio; max_rank caps).
+        base: the base checkpoint; required when a module's delta depends on it (IA3, OFT, BOFT) or a
+            dimension is known only from it (VeRA's in_features); when given, the adapter must fit it.
+        on_module: called with each module's name (progress).
+    Returns:
+        {"kind": "convert_lora", "output", "files", "bytes", "stale_removed", "from", "peft_type", "r",
+         "lora_alpha", "modules" (rows: module, kind, base_tensor, rank, rel_error, optimal_error, svd,
+         delta_norm, bias_norm), "saved_tensors", "notes", "totals"}.
+    """
+    from .adapter import adapter_config
+    from .io import check_output_path, provenance
+    from .io.output import write_adapter_dir
+
+    rule = _rule_or_none(rank, energy, sv_ratio, max_rank)
+    if rule is None:
+        raise UsageError("converting an adapter of another type to LoRA needs --rank R (or --energy E / --sv-ratio "
+                         "R): its delta is truncated to that rank")
+    ad = load_adapter(adapter, typed=True)
+    where = _where(ad)
+    for m in ad.modules.values():
+        if m.kind not in ("linear", "embedding"):
+            raise UnsupportedError(f"{ad.peft_type} module of kind {m.kind}: --to lora writes Linear, Conv1D and "
+                                   f"Embedding modules only", path=where, tensor=PREFIX + m.key_path)
+    needs = [m for m in ad.modules.values() if not m.additive or -1 in m.base_shape]
+    if needs and base is None:
+        why = "is multiplicative: ΔW = merged(W) − W" if not needs[0].additive else \
+            "leaves a dimension to the base weight"
+        raise UsageError(f"{adapter}: {ad.peft_type} module {needs[0].name} {why}; give --base BASE, the "
+                         f"checkpoint it was trained on")
+    dtype = torch.float32 if torch.float32 in ad.dtypes or len(ad.dtypes) != 1 else next(iter(ad.dtypes))
+    modules, rows = {}, []
+    for m, delta, key, bias in _typed_deltas(ad, base):
+        transposed = stored_transposed(m.kind, m.fan_in_fan_out)  # PEFT's B·A is ΔWᵀ for Conv1D and Embedding
+        B, A, stats = truncate_delta(to_layout(delta, transposed), rule, dtype)
+        del delta
+        k = int(A.shape[0])
+        modules[m.name] = LoraModule(name=m.name, kind=m.kind, A=A, B=B, r=k, alpha=float(k), scale=1.0,
+                                     fan_in_fan_out=m.fan_in_fan_out and m.kind == "linear",
+                                     bias=None if bias is None else bias.to(dtype))
+        rows.append({"module": m.name, "kind": m.peft_type, "base_tensor": key, **stats,
+                     "bias_norm": None if bias is None else float(bias.double().norm())})
+        if on_module is not None:
+            on_module(m.name)
+    if any(m.bias is not None for m in modules.values()):  # PEFT's lora_bias is all or nothing: zeros elsewhere
+        for m in modules.values():
+            if m.bias is None:
+                m.bias = torch.zeros(m.B.shape[0], dtype=dtype)
+    cfg = ad.config
+    ranks = {n: m.r for n, m in modules.items()}
+    r0 = most_common_rank(ranks.values(), default=1)
+    pattern = {n: r for n, r in ranks.items() if r != r0}
+    fifo = {m.fan_in_fan_out for m in modules.values() if m.kind == "linear"}
+    config = adapter_config(r=r0, lora_alpha=r0, target_modules=sorted(modules), rank_pattern=pattern,
+                            alpha_pattern=dict(pattern), fan_in_fan_out=fifo == {True},
+                            lora_bias=any(m.bias is not None for m in modules.values()),
+                            base_model_name_or_path=cfg.get("base_model_name_or_path"),
+                            modules_to_save=cfg.get("modules_to_save"), task_type=cfg.get("task_type"))
+    notes = []
+    if ad.saved:
+        notes.append(f"{len(ad.saved)} tensor(s) saved whole (modules_to_save) carried unchanged")
+    inputs = [adapter] + ([base] if base is not None else [])
+    check_output_path(output, inputs, force)
+    options = {"to": "lora", "from": ad.peft_type, **{k: v for k, v in rule.kwargs().items() if v is not None}}
+    meta = provenance("convert", options, {"adapter": adapter, **({"base": base} if base is not None else {})})
+    tensors = adapter_tensors(modules, ad.saved)
+    d2 = sum(r["delta_norm"] ** 2 for r in rows)
+    e2 = sum((r["rel_error"] * r["delta_norm"]) ** 2 for r in rows)
+    o2 = sum((r["optimal_error"] * r["delta_norm"]) ** 2 for r in rows)
+
+    def report_doc(summary: dict, sizes: dict) -> dict:
+        return {"kind": "convert_lora", **summary, "from": str(adapter), "peft_type": ad.peft_type, "r": r0,
+                "lora_alpha": r0, "modules": rows, "saved_tensors": sorted(ad.saved), "notes": notes,
+                "totals": {"modules": len(rows), "rel_error": math.sqrt(e2 / d2) if d2 > 0 else 0.0,
+                           "optimal_error": math.sqrt(o2 / d2) if d2 > 0 else 0.0}}
+
+    return write_adapter_dir(output, inputs=inputs, force=force, config=config, tensors=tensors, provenance=meta,
+                             report_doc=report_doc)
+
+
+def _typed_deltas(ad: Adapter, base):
+    """(module, ΔW float32 in the base's stored layout, base tensor key, Δbias or None) per module: from the
+    factors alone without `base`; with it, through merge's plan (the fit checks, stored names), each base
+    weight read once and dropped."""
+    if base is None:
+        for m in ad.modules.values():
+            yield m, m.delta(None), m.base_key, None
+        return
+    from .io import Checkpoint
+    from .plan import build_plan
+    from .quantized import DenseView
+
+    ck = Checkpoint(base)
+    try:
+        view = DenseView(ck)
+        plan = build_plan(ck, [ad], [1.0])
+        biases = {}
+        for key, p in plan.tensors.items():
+            if p.is_bias:
+                b = view.read(p.source).float()
+                for step in p.steps:  # IA3 scales the bias of a non-feed-forward layer
+                    biases[step.module.name] = step.module.merge_bias(b.clone()) - b
+        for key, p in plan.tensors.items():
+            if p.is_bias:
+                continue
+            w = view.read(p.source).float()
+            for step in p.steps:
+                m = step.module
+                yield m, m.delta(w if not m.additive else None), key, biases.get(m.name)
+            del w
+    finally:
+        ck.close()
+
+
+def truncate_delta(M: torch.Tensor, rule: RankRule, dtype: torch.dtype, seed: int = 0):
+    """(B, A, stats): B·A (scale 1) ≈ M [out, in] by lowrank.truncate (extract's randomized/exact SVD), in
+    `dtype`; stats: rank, rel_error of the factors as written, optimal_error (the exact spectrum's tail: the
+    truncation's own when the exact SVD ran, else formats.lossy.tail_energy's), svd, delta_norm."""
+    from .formats.lossy import tail_energy
+    from .lowrank import truncate
+
+    M = M.float()
+    t = truncate(M, seed=seed, **rule.kwargs())
+    B, A = t.factors(1.0)
+    B, A = B.to(dtype).contiguous(), A.to(dtype).contiguous()
+    norm = t.norm
+    stats = {"rank": t.rank, "svd": t.method, "delta_norm": norm}
+    if norm == 0:
+        return B, A, {**stats, "rel_error": 0.0, "optimal_error": 0.0}
+    R = M - B.float() @ A.float()
+    rel = math.sqrt(float(torch.sum(R * R, dtype=torch.float64))) / norm  # what is written, after the cast
+    optimal = t.rel_error if t.method == "full" else math.sqrt(tail_energy(M, t.rank)) / norm
+    return B, A, {**stats, "rel_error": rel, "optimal_error": optimal}

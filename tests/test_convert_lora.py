@@ -212,3 +212,98 @@ def test_stack_initial_bias_and_experts_are_the_definition():
         assert torch.allclose(s.delta(), m.delta() - m0.delta(), atol=1e-5)
         if m.bias is not None:
             assert torch.equal(s.bias, m.bias - m0.bias)
+
+
+# -- other PEFT types (loratools/peft_types) -> LoRA at a rank ----------------------------------------------
+
+def _typed_cases():
+    from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+
+    from conftest import GPT2
+
+    return {
+        "loha": (LoHaConfig(r=4, alpha=8, target_modules=TARGETS), LLAMA),
+        "lokr": (LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), LLAMA),
+        "vera": (VeraConfig(r=8, target_modules=["q_proj", "v_proj"]), LLAMA),  # in_features from --base
+        "adalora": (AdaLoraConfig(init_r=6, target_r=4, total_step=10, target_modules=["q_proj", "v_proj"]), LLAMA),
+        "ia3": (IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"]), LLAMA),
+        # GPT-2: Conv1D layers, and c_attn's bias scaled by IA3 (a lora_B.bias in the LoRA)
+        "ia3-gpt2": (IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"], fan_in_fan_out=True),
+                     GPT2),
+    }
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory):
+    from typed_adapters import TypedCase
+
+    out = {}
+    for name, (cfg, base) in _typed_cases().items():
+        root = tmp_path_factory.mktemp(name)
+        case = TypedCase(cfg, base, root)
+        out[name] = (case, _peft_state(base, case.adapter, typed=True), _peft_state(base, None))
+    return out
+
+
+def _peft_state(base, adapter, typed=False, lora=False) -> dict:
+    """PEFT on the float32 base: the adapter merged (merge_and_unload), or the base alone; for a LoRA adapter,
+    loaded through set_peft_model_state_dict so that missing / unexpected keys are seen."""
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is None:
+        return {k: v.clone() for k, v in model.state_dict().items()}
+    if lora:
+        pm = get_peft_model(model, LoraConfig.from_pretrained(adapter))
+        res = set_peft_model_state_dict(pm, load_peft_weights(str(adapter)))
+        assert not res.unexpected_keys, res.unexpected_keys
+        assert not [k for k in res.missing_keys if "lora_" in k], res.missing_keys
+    else:
+        pm = PeftModel.from_pretrained(model, adapter)
+    return {k: v.clone() for k, v in pm.merge_and_unload().state_dict().items()}
+
+
+@pytest.mark.parametrize("name", list(_typed_cases()))
+def test_typed_full_rank_is_peft_merge(typed, tmp_path, name):
+    case, merged, base = typed[name]
+    rep, _ = convert(case.adapter, tmp_path / "out", "--rank", "256", "--base", case.base)
+    ours = _peft_state(case.base, tmp_path / "out", lora=True)
+    changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+    assert len(changed) >= len(rep["modules"])
+    for k in changed:
+        tol = 2e-6 * float(merged[k].abs().max())
+        assert torch.allclose(ours[k], merged[k], rtol=0, atol=tol), (k, float((ours[k] - merged[k]).abs().max()))
+    assert all(r["rel_error"] < 1e-5 and r["svd"] == "full" for r in rep["modules"])
+    if name == "ia3-gpt2":
+        assert any(k.endswith("attn.c_attn.bias") for k in changed)
+
+
+@pytest.mark.parametrize("name", ["loha", "ia3"])
+def test_typed_low_rank_within_optimal(typed, tmp_path, name):
+    case, merged, base = typed[name]
+    rep, _ = convert(case.adapter, tmp_path / "out", "--rank", "3", "--base", case.base)
+    ours = _peft_state(case.base, tmp_path / "out", lora=True)
+    rows = {r["module"]: r for r in rep["modules"]}
+    assert set(rows) == {k[: -len(".weight")] for k in merged if not torch.equal(merged[k], base[k])}
+    for name_, row in rows.items():
+        k = f"{name_}.weight"
+        dense = (merged[k] - base[k]).double()
+        S = torch.linalg.svdvals(dense)
+        optimal = float(S[3:].norm() / S.norm())
+        err = float(((ours[k] - base[k]).double() - dense).norm() / dense.norm())
+        assert row["rank"] == 3 and optimal > 0.05
+        assert err <= 1.01 * optimal, (name_, err, optimal)
+        assert row["rel_error"] == pytest.approx(err, rel=1e-3) and row["optimal_error"] == pytest.approx(optimal, rel=1e-3)
+
+
+def test_typed_refusals(typed, tmp_path):
+    case, _, _ = typed["ia3"]
+    _, r = convert(case.adapter, tmp_path / "out", "--rank", "3", expect=2)
+    assert "multiplicative" in r.stderr and "--base" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    _, r = convert(typed["loha"][0].adapter, tmp_path / "out", expect=2)
+    assert "--rank" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    rep, _ = convert(typed["loha"][0].adapter, tmp_path / "nobase", "--rank", "2")  # additive: no base needed
+    assert rep["peft_type"] == "LOHA" and rep["r"] == 2
