@@ -189,6 +189,24 @@ def check_pair(trained: Adapter, initial: Adapter) -> None:
                                    "adapter without it", path=trained.path, tensor=PREFIX + name)
 
 
+def _check_fits(ad: Adapter, base) -> None:
+    """MismatchError (one line) when `ad` does not fit the checkpoint `base` (what merge would refuse)."""
+    from .checks import adapter_fit_problems, first_problem_error
+    from .io import Checkpoint
+    from .key_layout import checkpoint_layout
+    from .plan import mark_transposed_experts
+
+    ck = Checkpoint(base)
+    try:
+        layout = checkpoint_layout(ck)
+        mark_transposed_experts([ad], layout, ck.path)
+        err = first_problem_error(adapter_fit_problems(ck, ad, layout))
+    finally:
+        ck.close()
+    if err is not None:
+        raise err
+
+
 def mutating_init(config: dict) -> str | None:
     """The init_lora_weights value when it changes the base (PiSSA, OLoRA, CorDA, LoRA-GA), else None."""
     init = str(config.get("init_lora_weights", True)).lower()
@@ -217,7 +235,8 @@ def convert_initial(adapter, initial, output, *, rank=None, energy=None, sv_rati
         output: adapter directory to write, atomically; refused if it exists unless `force`.
         rank, energy, sv_ratio, max_rank: none for the exact rank-2r adapter (PEFT's); else the rank rule
             of the optimal truncation (one of rank / energy / sv_ratio, as `resize`).
-        base: the base checkpoint, for formats that need it to be read (kohya, GGUF).
+        base: the base checkpoint, for formats that need it to be read (kohya, GGUF); when given, the
+            trained adapter must fit it (MismatchError otherwise, as merge refuses it).
         on_module: called with each module's name (progress).
     Returns:
         {"kind": "convert_lora", "output", "files", "bytes", "stale_removed", "from", "init_lora_weights",
@@ -231,6 +250,8 @@ def convert_initial(adapter, initial, output, *, rank=None, energy=None, sv_rati
     trained = load_adapter(adapter, base=base)
     init = load_adapter(initial, base=base)
     check_pair(trained, init)
+    if base is not None:
+        _check_fits(trained, base)
     use_rslora = trained.use_rslora
     notes = []
     dt = {m.A.dtype for m in trained.modules.values()} | {m.A.dtype for m in init.modules.values()}

@@ -24,7 +24,9 @@ def _peft_pair(root, init, **cfg_kw):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, target_modules=TARGETS, **cfg_kw)
+    with warnings.catch_warnings():  # PEFT warns that it will not convert rsLoRA with patterns (the point here)
+        warnings.simplefilter("ignore")
+        cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, target_modules=TARGETS, **cfg_kw)
     pm = get_peft_model(model, cfg)
     pm.save_pretrained(root / "init")
     g = torch.Generator().manual_seed(1)
@@ -192,6 +194,15 @@ def test_mismatched_initial_refused(pairs, tmp_path, initial, what):
     _, r = convert(root / "trained", tmp_path / "out", "--initial", init, expect=1)
     line = r.stderr.strip()
     assert what in line and str(init) in line and "tensor base_model.model." in line and len(line.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_that_does_not_fit_refused(pairs, tmp_path):
+    from conftest import GPT2
+
+    root = pairs["pissa"]["root"]
+    _, r = convert(root / "trained", tmp_path / "out", "--initial", root / "init", "--base", GPT2, expect=1)
+    assert "has no tensor" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
