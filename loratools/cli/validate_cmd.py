@@ -33,13 +33,19 @@ from .tables import fmt, kv_table, table
 @click.option("--min-carried", type=float, default=0.0, show_default=True,
               help="--tuned passes when base + ADAPTERs carry at least this fraction of the fine-tune's logit change.")
 @click.option("--static-only", is_flag=True, help="Header and tensor checks only: build no model.")
+@click.option("--stream/--no-stream", "stream", default=None, help="Run the forward passes block by block from "
+              "disk (one block in memory; per-block divergence of the hidden states) or as whole models. "
+              "Default: whole when the model fits in free memory, else streamed (docs/validate.md).")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="FILE.png",
+              help="Draw the per-block relative error (log scale) into FILE.png; implies --stream. Needs the "
+              "optional extra: pip install 'loratools[plot]'.")
 @click.option("--trained-on", type=click.Choice(["auto", "fp", "nf4", "fp4"]), default="auto", show_default=True,
               help="What the adapters were trained on. With nf4/fp4 (or detected: a QLoRA adapter whose "
               "base_model_name_or_path is a 4-bit checkpoint) the reference is also built on BASE dequantized "
               "through that format, and --merged is compared with both bases (docs/validate.md).")
 @json_option
 def command(base, adapters, merged, tuned, quantized, weights, device, dtype, batch, seq_len, seed, atol, rtol,
-            min_carried, static_only, trained_on, as_json):
+            min_carried, static_only, trained_on, stream, plot, as_json):
     """Check adapters against a base, and a merged, fine-tuned or 4-bit checkpoint against base + adapters.
 
     Adapters may be in any format `loratools convert` reads (PEFT, MLX-LM, kohya, GGUF LoRA).
@@ -57,10 +63,19 @@ def command(base, adapters, merged, tuned, quantized, weights, device, dtype, ba
     """
     from ..validate import failure, validate
 
+    if plot is not None:
+        from ..validate.plot import require_matplotlib
+
+        require_matplotlib()  # before the work, not after it
     log = info if sys.stderr.isatty() else None
     report = validate(base, adapters, merged=merged, tuned=tuned, quantized=quantized, weights=list(weights),
                       device=device, dtype=dtype, batch=batch, seq_len=seq_len, seed=seed, atol=atol, rtol=rtol,
-                      min_carried=min_carried, static_only=static_only, trained_on=trained_on, log=log)
+                      min_carried=min_carried, static_only=static_only, trained_on=trained_on,
+                      stream=stream, plot=plot is not None, log=log)
+    if plot is not None and report["comparisons"]:
+        from ..validate.plot import write_plot
+
+        report["plot"] = str(write_plot(report, plot))
     err = failure(report)
     if as_json:
         if err is not None:
@@ -86,7 +101,8 @@ def show(report: dict) -> None:
             items.append((role, report[role]))
     fwd = ("skipped: " + report["forward_skipped"]) if report["forward_skipped"] else (
         f"{report['device']}, {report['dtype']}, batch {report['batch']} x {report['seq_len']} tokens "
-        f"({report['batch_source']}), seed {report['seed']}")
+        f"({report['batch_source']}), seed {report['seed']}"
+        + (", streamed block by block" if (report.get("stream") or {}).get("streamed") else ""))
     items.append(("forward passes", fwd))
     kv_table("validate", items)
     if report["comparisons"]:
@@ -110,6 +126,7 @@ def show(report: dict) -> None:
                          "allowed", "verdict"], rows)
     if (report.get("trained_on") or {}).get("line"):
         info(report["trained_on"]["line"])
+    show_divergence(report)
     t = report["tensors"]
     if "merged" in t:
         m = t["merged"]
@@ -137,3 +154,23 @@ def show(report: dict) -> None:
     if report["notes"]:
         table(f"notes ({len(report['notes'])}, not failures)", ["check", "note"],
               [[n["check"], n["message"]] for n in report["notes"]])
+
+
+def show_divergence(report: dict) -> None:
+    """The streamed comparisons' per-block rows and logits agreement, as tables on stderr."""
+    for c in report["comparisons"]:
+        d = c.get("divergence")
+        if not d:
+            continue
+        first = d.get("first_divergence_index")
+        rows = [[r["block"], r["rel_err"], r["cosine"], r["max_abs"],
+                 "FIRST BEYOND" if i == first else ("beyond" if first is not None and i > first and
+                                                    not (r["finite"] and r["rel_err"] <= d["allowance"]) else "")]
+                for i, r in enumerate(d["blocks"])]
+        table(f"{c['name']}: each block's output hidden states against the reference's (allowed rel err "
+              f"{fmt(d['allowance'])})",
+              ["block", "rel err", "cosine", "max |Δ|", ""], rows)
+        lg = d.get("logits")
+        if lg:
+            info(f"{c['name']} logits agreement: KL {lg['kl']:.3g} nats (max {lg['max_kl']:.3g}), top-1 {lg['top1']:.3f}, "
+                 f"top-{lg['k']} overlap {lg['topk']:.3f}, max |Δlogit| {c['max_abs']:.3g}")

@@ -24,6 +24,7 @@ from ..io import Checkpoint
 from .logits import forward_checks
 from .report import comparison_problem, environment, failure, finite_numbers, row, summary
 from .static import provenance_checks, static_checks
+from .streamed import choose_stream, streamed_forward_checks
 from .trained_on import base_view_for_tensors, resolve_trained_on
 from .tensors import (QUANT_WEIGHT_RTOL, TensorCheck, check_tensor, lsq_coefficients, lsq_scale, merged_tensor_checks,
                       quantized_tensor_checks, tuned_tensor_report, ulp, wrong_layout)
@@ -36,6 +37,7 @@ def validate(base: PathLike, adapters: Sequence[PathLike] = (), *, merged: PathL
              weights: Sequence[float] | None = None, device: str = "auto", dtype: str = "auto", batch: int = 4,
              seq_len: int = 128, seed: int = 0, atol: float | None = None, rtol: float | None = None,
              min_carried: float = 0.0, static_only: bool = False, trained_on: str | None = "auto",
+             stream: bool | None = None, plot: bool = False,
              log: Callable[[str], None] | None = None) -> dict:
     """Run every check and return the report. Never raises for a failed check.
 
@@ -53,6 +55,9 @@ def validate(base: PathLike, adapters: Sequence[PathLike] = (), *, merged: PathL
         atol, rtol: logits tolerances overriding the defaults derived from the dtypes (forward.py).
         min_carried: `tuned` passes when base + adapters carry at least this fraction of its logit change.
         static_only: header and tensor checks only; build no model.
+        stream: run the forward passes block by block from disk (streamed.py; per-block divergence) when True,
+            whole models when False, and decide by the model's size against free memory when None.
+        plot: the caller will draw the per-block divergence (--plot): streams unless stream is False (refused).
         trained_on: what the adapters were trained on: "auto" (detected: qlora_base.py), "fp", "nf4" or
             "fp4". A 4-bit type adds the reference on BASE dequantized through it (validate/trained_on.py).
         log: called with a line before each stage (progress).
@@ -77,13 +82,15 @@ def validate(base: PathLike, adapters: Sequence[PathLike] = (), *, merged: PathL
     candidates = {role: Checkpoint(p) for role, p in (("merged", merged), ("tuned", tuned), ("quantized", quantized))
                   if p is not None}
     say = log or (lambda _m: None)
+    streaming = (False, "--static-only") if static_only else choose_stream(
+        stream, [base_ck, *candidates.values()], dev, compute, plot=plot, quantized=quantized is not None)
     t_start = time.perf_counter()
     say("static checks: headers and adapter tensors")
     with _peft_dirs(adapter_paths, base) as work:
         trained = resolve_trained_on(trained_on, adapter_paths, base_ck, candidates.get("merged"))
         report = _validate(base, adapter_paths, work, weights, merged, tuned, quantized, dev, base_ck, compute,
                            candidates, say, t_start, static_only, batch, seq_len, seed, atol, rtol, min_carried,
-                           trained)
+                           trained, streaming=streaming)
         return _named_as_given(report, dict(zip(map(str, work), map(str, adapter_paths))))
 
 
@@ -129,7 +136,8 @@ def _named_as_given(doc, names: dict[str, str]):
 
 
 def _validate(base, given, adapter_paths, weights, merged, tuned, quantized, dev, base_ck, compute, candidates, say,
-              t_start, static_only, batch, seq_len, seed, atol, rtol, min_carried, trained=None) -> dict:
+              t_start, static_only, batch, seq_len, seed, atol, rtol, min_carried, trained=None,
+              streaming=(False, "")) -> dict:
     """validate() on adapters that are PEFT directories (`given`: the paths as the user gave them)."""
     problems, notes, adapter_ok = static_checks(base_ck, adapter_paths, candidates, given=given)
     adapters_ok = all(adapter_ok)
@@ -139,7 +147,11 @@ def _validate(base, given, adapter_paths, weights, merged, tuned, quantized, dev
     # peak of the model loads. The problems are listed static, tensor, logits whatever the order.
     skipped = _forward_skipped(base_ck, static_only, adapters_ok, problems)
     fwd = None
-    if skipped is None:
+    if skipped is None and streaming[0]:
+        fwd = streamed_forward_checks(base_ck, adapter_paths, weights, candidates, device=dev, dtype=compute,
+                                      batch=batch, seq_len=seq_len, seed=seed, atol=atol, rtol=rtol,
+                                      min_carried=min_carried, log=say)
+    elif skipped is None:
         fwd = forward_checks(base_ck, adapter_paths, weights, candidates, device=dev, dtype=compute, batch=batch,
                              seq_len=seq_len, seed=seed, atol=atol, rtol=rtol, min_carried=min_carried, log=say,
                              trained_on=trained)
@@ -172,6 +184,8 @@ def _validate(base, given, adapter_paths, weights, merged, tuned, quantized, dev
         "comparisons": fwd["comparisons"] if fwd else [],
         "timings": {**(fwd["timings"] if fwd else {}), "total": time.perf_counter() - t_start},
         "peak_gpu_bytes": fwd["peak_gpu_bytes"] if fwd else None,
+        "stream": {"streamed": bool(fwd and streaming[0]), "reason": streaming[1],
+                   "max_resident_blocks": (fwd or {}).get("max_resident_blocks")},
         "trained_on": qlora or (trained.to_json() if trained is not None else None),
         "environment": environment(),
     }
