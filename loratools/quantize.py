@@ -232,7 +232,8 @@ def _check_options(fmt: QuantFormat, compute_dtype: str) -> None:
 def quantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, quant_type: str = "nf4",
                         blocksize: int = 64, double_quant: bool = True, compute_dtype: str = "bfloat16",
                         skip_modules: list[str] | None = None, device: str = "auto", max_shard_size: int,
-                        force: bool = False, on_tensor: Callable[[str], None] | None = None) -> dict:
+                        force: bool = False, on_tensor: Callable[[str], None] | None = None,
+                        loftq=None) -> dict:
     """Quantize a dense checkpoint to a bitsandbytes 4-bit one (what transformers' load_in_4bit +
     save_pretrained writes); returns the summary and error report.
 
@@ -244,25 +245,35 @@ def quantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, qu
         skip_modules: patterns kept dense on top of transformers' default skips.
         device: "auto", "cpu" or "cuda" (same bytes on each).
         max_shard_size, force, on_tensor: as for io.output.write_checkpoint.
+        loftq: a loftq_quantize.LoftQOptions: also write the LoftQ adapter of the base into
+            OUT/loftq_init (see loftq_quantize.py); None for a plain quantization.
     Returns:
-        write_checkpoint's summary plus the format, per-tensor "tensors" rows and "total".
+        write_checkpoint's summary plus the format, per-tensor "tensors" rows and "total" (and with
+        `loftq`, a "loftq" block: per-module errors before and after the correction).
     Example:
         >>> summary = quantize_checkpoint("fixtures/tiny-llama", "/tmp/tiny-nf4", max_shard_size=2**30)
         >>> summary["total"]["rel_rms_error"]
     """
     fmt = QuantFormat(quant_type, blocksize, double_quant)
     _check_options(fmt, compute_dtype)
+    if loftq is not None:
+        from .loftq_quantize import check_options
+        check_options(loftq, quant_type)
     ck = Checkpoint(src)
     _check_dense_source(ck, src)
     dev = resolve_device(device)
     threads = torch.get_num_threads()  # before the maths goes single-threaded (quantize_tensor)
     options = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
                "compute_dtype": compute_dtype, "skip_modules": skip_modules or None,
-               "max_shard_size": max_shard_size}
+               "max_shard_size": max_shard_size, "loftq": loftq.to_json() if loftq else None}
     # Started first: the input digests are computed by a background thread (hashlib releases the
     # GIL) while transformers builds the meta model below, instead of competing with the maths.
     record = provenance("quantize", options, {"checkpoint": src})
     plan = plan_quantization(ck, skip_modules)
+    run = None
+    if loftq is not None:
+        from .loftq_quantize import plan_loftq
+        run = plan_loftq(loftq, ck, plan.targets, _stored_modules(ck, plan.selection), base_name=str(output))
     for name in plan.targets:
         info = ck.tensors[name]
         if (plan.dtype or info.dtype) not in FLOAT_DTYPES.values():
@@ -276,9 +287,9 @@ def quantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, qu
     with single_threaded_torch(dev):
         summary = write_checkpoint(
             output, inputs=[src], force=force, specs=specs + shrinkable,
-            tensors=_quantized_tensors(ck, plan, fmt, dev, threads, reports), side_files=ck.non_weight_files(),
-            config=config, provenance=record, max_shard_size=max_shard_size, on_tensor=on_tensor,
-            shrinkable=[s.name for s in shrinkable])
+            tensors=_quantized_tensors(ck, plan, fmt, dev, threads, reports, run),
+            side_files=ck.non_weight_files(), config=config, provenance=record, max_shard_size=max_shard_size, on_tensor=on_tensor,
+            shrinkable=[s.name for s in shrinkable], extra_files=run.write_adapter if run else None)
     summary.update({
         "quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
         "compute_dtype": compute_dtype, "device": dev.type, "selection": plan.selection,
@@ -286,6 +297,8 @@ def quantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, qu
         "tensors": [r.to_json() for r in reports],
         "total": _totals(ck, reports, _weight_bytes(summary)),
     })
+    if run is not None:
+        summary["loftq"] = run.report()
     return summary
 
 
@@ -316,8 +329,9 @@ def _quantized_specs(ck: Checkpoint, plan: QuantPlan, fmt: QuantFormat) -> tuple
 
 
 def _quantized_tensors(ck: Checkpoint, plan: QuantPlan, fmt: QuantFormat, dev: torch.device, threads: int,
-                       reports: list[TensorReport]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The output tensors in plan order (quant_state JSONs last), appending a report per target."""
+                       reports: list[TensorReport], loftq=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The output tensors in plan order (quant_state JSONs last), appending a report per target; the
+    weights a loftq_quantize.LoftQRun targets are quantized by it (same arguments and results)."""
     states = []
     for name, t in ck.prefetched(ck.tensors):
         out_dtype = _out_dtype(t.dtype, plan)
@@ -325,8 +339,8 @@ def _quantized_tensors(ck: Checkpoint, plan: QuantPlan, fmt: QuantFormat, dev: t
             yield name, t.to(out_dtype)
             continue
         w = t.to(out_dtype)
-        stored, qs, err, ref = quantize_tensor(w, fmt, conv1d=plan.targets[name] == CONV1D, device=dev,
-                                               threads=threads)
+        quantize = loftq.quantizer(name) if loftq is not None and name in loftq.targets else quantize_tensor
+        stored, qs, err, ref = quantize(w, fmt, conv1d=plan.targets[name] == CONV1D, device=dev, threads=threads)
         del t, w
         after = 0
         for suffix, tensor in stored.items():
@@ -365,10 +379,11 @@ def _totals(ck: Checkpoint, reports: list[TensorReport], bytes_after: int) -> di
 
 
 def _weight_bytes(summary: dict) -> int:
-    """Bytes of the written weight files (shards + index), as Checkpoint.bytes_on_disk counts them."""
+    """Bytes of the written weight files (shards + index), as Checkpoint.bytes_on_disk counts them (not
+    the LoftQ adapter's, in a subfolder)."""
     out = Path(summary["output"])
     return sum((out / f).stat().st_size for f in summary["files"]
-               if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"))
+               if "/" not in f and (f.endswith(".safetensors") or f.endswith(".safetensors.index.json")))
 
 
 def dequantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, dtype: str | None = None,
