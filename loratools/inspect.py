@@ -112,10 +112,10 @@ def inspect_adapter(path: str | Path, files=None) -> dict:
         ad = formats.parse(files)
         meta = _safetensors_metadata(files.path)  # kohya's and MLX-LM's files carry the provenance we wrote
     else:
-        ad = load_adapter(path, check_finite=False)
+        ad = load_adapter(path, check_finite=False, typed=True)
         _, meta = read_header(str(Path(path) / WEIGHTS_NAME))
     cfg = ad.config
-    modules = [{
+    modules = [_typed_row(m) for m in ad.modules.values()] if ad.peft_type != "LORA" else [{
         "name": m.name,
         "kind": m.kind,
         "r": m.r,
@@ -154,6 +154,18 @@ def inspect_adapter(path: str | Path, files=None) -> dict:
     }
 
 
+def _typed_row(m) -> dict:
+    """A module row of an adapter of another PEFT type (peft_types): the LoRA row's keys, r/alpha/scale where
+    the type has them (else None), its saved factors' shapes, and a base shape with None where only the base
+    can say (VeRA's input, IA3's other side)."""
+    d = m.describe()
+    return {"name": m.name, "kind": m.kind, "r": d.get("r"), "alpha": d.get("alpha"), "scale": d.get("scale"),
+            "base_shape": [None if x == -1 else x for x in m.base_shape], "dora": False, "bias": False,
+            "parameter": None, "experts": 1, "expert_delta_norms": None, "peft_type": m.peft_type,
+            "factors": {k: list(t.shape) for k, t in m.tensors().items()},
+            "details": {k: v for k, v in d.items() if k not in ("r", "alpha", "scale")}}
+
+
 def _safetensors_metadata(path: Path | None) -> dict:
     """The metadata of the adapter's one safetensors file (`path` or the one in that directory); {} otherwise."""
     if path is not None and path.is_dir():
@@ -175,7 +187,8 @@ def group_modules(modules: list[dict]) -> list[dict]:
     for m in modules:
         leaf = ".".join(m["name"].split(".")[-2:]) if m.get("parameter") == "weight" else m["name"].rsplit(".", 1)[-1]
         experts = m.get("experts", 1)
-        key = (leaf, m["kind"], m["r"], m["alpha"], round(m["scale"], 9), m["dora"], m["bias"], experts)
+        scale = None if m["scale"] is None else round(m["scale"], 9)  # None: a peft_types module without one
+        key = (leaf, m["kind"], m["r"], m["alpha"], scale, m["dora"], m["bias"], experts)
         g = groups.setdefault(key, {"module": leaf, "kind": m["kind"], "r": m["r"], "alpha": m["alpha"],
                                     "scale": m["scale"], "count": 0, "dora": m["dora"], "bias": m["bias"],
                                     "base_shape": m["base_shape"], "experts": experts})

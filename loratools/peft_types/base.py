@@ -82,8 +82,8 @@ class TypedModule:
             self.bind(tuple(shape))
             return None
         what = "Conv1D weight [in, out]" if self.fan_in_fan_out else "weight [out, in]"
-        return (f"the adapter's {self.factor_text()} need a {what} of shape "
-                f"{['?' if d == -1 else d for d in want]}")
+        shape_text = "[" + ", ".join("?" if d == -1 else str(d) for d in want) + "]"
+        return f"the adapter's {self.factor_text()} need a {what} of shape {shape_text}"
 
     def bind(self, shape: tuple[int, ...]) -> None:
         """Take the open dimensions from the base weight's stored shape (see fit)."""

@@ -19,8 +19,9 @@ from typing import Callable, Sequence
 
 from .. import forward as fw
 from ..adapter import load_adapter
-from ..errors import LoratoolsError, UsageError
+from ..errors import LoratoolsError, UnsupportedError, UsageError
 from ..io import Checkpoint
+from ..peft_types import refuse_mixed
 from .logits import forward_checks
 from .report import comparison_problem, environment, failure, finite_numbers, row, summary
 from .static import provenance_checks, static_checks
@@ -141,7 +142,11 @@ def _validate(base, given, adapter_paths, weights, merged, tuned, quantized, dev
     """validate() on adapters that are PEFT directories (`given`: the paths as the user gave them)."""
     problems, notes, adapter_ok = static_checks(base_ck, adapter_paths, candidates, given=given)
     adapters_ok = all(adapter_ok)
-    loaded = [load_adapter(p) for p in adapter_paths] if adapters_ok else []
+    loaded = [load_adapter(p, typed=True) for p in adapter_paths] if adapters_ok else []
+    refuse_mixed(loaded, weights)  # a LoHa, LoKr, ... adapter (peft_types) is checked alone, as merge takes it
+    if tuned is not None and any(a.peft_type != "LORA" for a in loaded):
+        raise UnsupportedError(f"--tuned compares LoRA deltas with a fine-tune; convert the {loaded[0].peft_type} "
+                               f"adapter first: `loratools convert ADAPTER --to lora --rank R`")
     # Note: order of work. The forward passes run before the tensor checks: the tensor checks' many
     # chunk-sized temporaries can stay in the allocator's heap afterwards, and should not add to the
     # peak of the model loads. The problems are listed static, tensor, logits whatever the order.

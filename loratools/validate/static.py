@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import (PREFIX, WEIGHTS_NAME, Adapter, KeyKind, classify_key, parse_modules,
+from ..adapter import (PREFIX, WEIGHTS_NAME, Adapter, KeyKind, classify_key, load_adapter, parse_modules,
                        read_adapter_config)
 from ..key_layout import checkpoint_layout
 from ..plan import mark_transposed_experts
@@ -54,10 +54,12 @@ def adapter_from_header(path: str | Path) -> tuple[Adapter, list[Problem]]:
     if not path.is_dir():
         raise InputError("expected a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
                          path=path)
-    cfg = read_adapter_config(path)
+    cfg = read_adapter_config(path, typed=True)
     wpath = path / WEIGHTS_NAME
     if not wpath.is_file():
         raise InputError(f"adapter has no {WEIGHTS_NAME}", path=path)
+    if str(cfg.get("peft_type")).upper() != "LORA":  # a peft_types adapter: its parser checks it (refusing in one line)
+        return load_adapter(path, typed=True, check_finite=False), []
     infos, _ = read_header(str(wpath))
     apath = str(path)
     problems: list[Problem] = []

@@ -137,6 +137,8 @@ def _step_slack(steps, dtype: torch.dtype, is_bias: bool) -> float:
     slack = 0.0
     for s in steps:
         m = s.module
+        if s.variant.typed:  # a peft_types module: merged with PEFT's own ops in float32, as the expectation is
+            continue
         sw = abs(m.scale * s.weight)
         if is_bias:
             dmax = float(m.bias.float().abs().max()) * sw if m.bias.numel() else 0.0
@@ -153,6 +155,8 @@ def _diagnose(cand: torch.Tensor, start: torch.Tensor, expected: torch.Tensor, p
     """Name what is wrong with a failing merged tensor, or None when no hypothesis fits."""
     from ..lora_math import lora_delta
 
+    if plan is not None and any(st.variant.typed for st in plan.steps):  # the hypotheses below are LoRA's
+        return None
     c = cand.to(device=device, dtype=torch.float32)
     s = start.to(device=device, dtype=torch.float32)
     r = c - s
@@ -268,7 +272,9 @@ def _expected_merged(p, start: torch.Tensor, dtype: torch.dtype, device) -> tupl
 
     if p is None or not p.steps:
         return start.to(device), 1.0, 0.0
-    if p.is_bias:
+    if p.is_bias and p.steps[0].variant.typed:  # a bias a peft_types module scales (IA3)
+        e, _ = p.part.merge(start, p.steps, device, torch.float32)
+    elif p.is_bias:
         e = start.to(device=device, dtype=torch.float32) + bias_delta(p.steps, device)
     else:
         e, _ = merge_weight(start.to(device), p.steps, device)
