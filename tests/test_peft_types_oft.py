@@ -16,6 +16,7 @@ R^T for R^-1, orthogonal to ~1e-6).
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -74,9 +75,9 @@ class _EmulatedFbd:
         self.bl.get_fbd_cuda, self.bl.FastBlockDiag.apply = self.saved[0], staticmethod(self.saved[1])
 
 
-def _base_key(module: str, keys) -> str:
-    key = f"{module}.weight"
-    return key if key in keys else "transformer.wte.weight"  # GPT-2's head is tied to (stored as) wte
+def _stored_key(key: str, stored) -> str:
+    """Where the checkpoint stores the weight the model calls `key` (GPT-2's tied head is its wte)."""
+    return key if key in stored else "transformer.wte.weight"
 
 
 def _read_base(base) -> dict[str, torch.Tensor]:
@@ -86,8 +87,18 @@ def _read_base(base) -> dict[str, torch.Tensor]:
     return out
 
 
+def _tokens():
+    return torch.randint(1, 384, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=_tokens()).logits.float()
+
+
 def _make(name, tmp_path_factory) -> dict:
-    """PEFT adapter on disk + PEFT's float32 merge and unmerge, rounded once, per targeted weight."""
+    """PEFT adapter on disk; PEFT's float32 merge and unmerge, rounded once, per adapted weight (by the model's
+    name for it); the logits of the unmerged PEFT model and of PEFT's own (rounded) merge."""
     from peft import PeftModel, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoModelForCausalLM
@@ -96,6 +107,11 @@ def _make(name, tmp_path_factory) -> dict:
     stored = _read_base(base)
     dtype = next(iter(stored.values())).dtype
     out_dir = tmp_path_factory.mktemp(name)
+
+    def tuned(pm):
+        return {n[len("base_model.model."):] + ".weight": m for n, m in pm.named_modules()
+                if isinstance(m, BaseTunerLayer)}
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ctx = _EmulatedFbd() if factors > 1 else None
@@ -103,31 +119,33 @@ def _make(name, tmp_path_factory) -> dict:
             ctx.__enter__()
         try:
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-            pm = get_peft_model(model, make_cfg())
+            pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), make_cfg())
             pm.save_pretrained(out_dir)
-            layers = {n[len("base_model.model."):]: m for n, m in pm.named_modules()
-                      if isinstance(m, BaseTunerLayer)}
             pm.merge_adapter()  # PEFT's merge, in float32
-            merged = {_base_key(n, stored): m.get_base_layer().weight.detach().to(dtype).clone()
-                      for n, m in layers.items()}
-            # PEFT's unmerge, in float32, of the rounded merged weight, by a model that read the adapter from
-            # its files (coft projects the stored vectors in place each time R is built, so the model that
-            # merged would unmerge with twice-projected vectors: a rotation no file holds)
+            merged = {k: m.get_base_layer().weight.detach().to(dtype).clone() for k, m in tuned(pm).items()}
+            for k, m in tuned(pm).items():
+                m.get_base_layer().weight.data = merged[k].float()
+            logits = name in CLI_CASES  # only the command-line cases load the output in transformers
+            peft_merge_logits = _logits(pm) if logits and base == LLAMA else None
+            # The unmerged model, and PEFT's unmerge (float32) of the rounded merged weight, by a model that read
+            # the adapter from its files (coft projects the stored vectors in place each time R is built, so the
+            # model that merged would unmerge with twice-projected vectors: a rotation no file holds).
+            # (The forward projects too, so the unmerged model's logits are taken after the unmerge.)
             pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out_dir)
-            layers = {n[len("base_model.model."):]: m for n, m in pm.named_modules()
-                      if isinstance(m, BaseTunerLayer)}
-            for n, m in layers.items():
-                m.get_base_layer().weight.data = merged[_base_key(n, stored)].float()
+            base_w = {k: m.get_base_layer().weight.detach().clone() for k, m in tuned(pm).items()}
+            for k, m in tuned(pm).items():
+                m.get_base_layer().weight.data = merged[k].float()
                 m.merged_adapters = ["default"]
             pm.unmerge_adapter()
-            unmerged = {_base_key(n, stored): m.get_base_layer().weight.detach().to(dtype).clone()
-                        for n, m in layers.items()}
+            unmerged = {k: m.get_base_layer().weight.detach().to(dtype).clone() for k, m in tuned(pm).items()}
+            for k, m in tuned(pm).items():
+                m.get_base_layer().weight.data = base_w[k]
+            want = _logits(pm) if logits else None
         finally:
             if ctx:
                 ctx.__exit__()
-    import json
-    return {"dir": out_dir, "base": stored, "dtype": dtype, "merged": merged, "unmerged": unmerged,
+    return {"dir": out_dir, "base_dir": base, "base": stored, "dtype": dtype, "merged": merged,
+            "unmerged": unmerged, "want": want, "peft_merge_logits": peft_merge_logits,
             "config": json.loads((out_dir / "adapter_config.json").read_text()),
             "adapter": load_file(out_dir / "adapter_model.safetensors"), "factors": factors}
 
@@ -141,7 +159,7 @@ def made(tmp_path_factory):
 
 
 def _ops(case) -> list[tuple[str, object, object]]:
-    """(base key, merge(acc), unmerge(acc)) per adapted weight, built from the saved adapter tensors."""
+    """(weight name, R, embedding flag (OFT) or boft_s (BOFT)) per adapted weight, from the saved tensors."""
     cfg, ad, base = case["config"], case["adapter"], case["base"]
     ops = []
     if cfg["peft_type"] == "OFT":
@@ -149,17 +167,16 @@ def _ops(case) -> list[tuple[str, object, object]]:
         for k, t in ad.items():
             for leaf, emb in ((".oft_R.weight", False), (".oft_embedding_R.weight", True)):
                 if k.endswith(leaf):
-                    key = _base_key(k[len(PREFIX):-len(leaf)], base)
-                    in_f = base[key].shape[1]
+                    key = k[len(PREFIX):-len(leaf)] + ".weight"
+                    in_f = base[_stored_key(key, base)].shape[1]
                     assert oft.check_shape(tuple(t.shape), in_f, settings.block_share) is None
-                    R = oft.rotation(t, in_f, settings)
-                    ops.append((key, R, emb))
+                    ops.append((key, oft.rotation(t, in_f, settings), emb))
     else:
         for k, t in ad.items():
             if k.endswith(".boft_R"):
-                key = _base_key(k[len(PREFIX):-len(".boft_R")], base)
+                key = k[len(PREFIX):-len(".boft_R")] + ".weight"
                 s = ad[k[:-1] + "s"]
-                out_f, in_f = base[key].shape
+                out_f, in_f = base[_stored_key(key, base)].shape
                 assert boft.check_shapes(tuple(t.shape), tuple(s.shape), in_f, out_f, cfg) is None
                 assert t.shape[0] == case["factors"]
                 ops.append((key, boft.rotation(t), s))
@@ -168,7 +185,7 @@ def _ops(case) -> list[tuple[str, object, object]]:
 
 
 def _merge(case, key, R, extra):
-    acc = case["base"][key].float()
+    acc = case["base"][_stored_key(key, case["base"])].float()
     (oft.merge(acc, R, extra) if case["config"]["peft_type"] == "OFT" else boft.merge(acc, R, extra))
     return acc
 
@@ -192,7 +209,7 @@ def test_merge_is_peft_bits(made, name):
         ours = _merge(case, key, R, extra).to(case["dtype"])
         ref = case["merged"][key]
         assert torch.equal(_bits(ours), _bits(ref)), (name, key, int((_bits(ours) != _bits(ref)).sum()))
-        changed = (_bits(ours) != _bits(case["base"][key])).float().mean().item()
+        changed = (_bits(ours) != _bits(case["base"][_stored_key(key, case["base"])])).float().mean().item()
         assert changed > 0.5, (name, key, changed)
 
 
@@ -213,7 +230,7 @@ def test_roundtrip_within_bound(made, name):
     case = made[name]
     dt, is_oft = case["dtype"], case["config"]["peft_type"] == "OFT"
     for key, R, extra in case["ops"]:
-        W = case["base"][key].float()
+        W = case["base"][_stored_key(key, case["base"])].float()
         M = _merge(case, key, R, extra).to(dt)
         x = _unmerge32(case, M, R, extra)
         err = (x.to(dt).float() - W).abs()
@@ -257,3 +274,104 @@ def test_bad_shapes_are_named():
     assert "do not cover" in boft.check_shapes((1, 4, 8, 8), (64, 1), 64, 64, cfg)
     assert "boft_s" in boft.check_shapes((1, 8, 8, 8), (32, 1), 64, 64, cfg)
     assert "disagree" in boft.check_shapes((1, 16, 4, 4), (64, 1), 64, 64, cfg)
+
+
+# -- through the command line ------------------------------------------------------------------------------
+
+CLI_CASES = ["oft-neumann", "oft-coft-share", "boft-2", "oft-gpt2-wte", "boft-gpt2-head"]
+
+
+def _expected_merge(case, out_keys) -> dict[str, torch.Tensor]:
+    """Every output tensor: PEFT's merge for the adapted weights, the base for the rest; a tied head that merge
+    unties (plan.py, Note: tied output embeddings) is the head as the adapter sees it."""
+    base, merged = case["base"], case["merged"]
+    want = dict(base)
+    want.update({k: v for k, v in merged.items() if k in base})
+    if "lm_head.weight" in out_keys and "lm_head.weight" not in base:
+        want["lm_head.weight"] = merged.get("lm_head.weight", base["transformer.wte.weight"])
+    return want
+
+
+@pytest.fixture(scope="module")
+def cli_merged(made, tmp_path_factory):
+    """{case: (merged dir, unmerged dir)} made by `loratools merge` and `loratools unmerge`."""
+    from conftest import run_cli
+    out = {}
+    for name in CLI_CASES:
+        case, d = made[name], tmp_path_factory.mktemp(f"cli-{name}")
+        run_cli("merge", case["base_dir"], case["dir"], "-o", d / "merged")
+        run_cli("unmerge", d / "merged", case["dir"], "-o", d / "unmerged")
+        out[name] = d / "merged", d / "unmerged"
+    return out
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_cli_merge_and_unmerge_are_peft_bits(made, cli_merged, name):
+    """`loratools merge` writes PEFT's float32 merge rounded once for every adapted weight and the base's bits
+    for every other tensor; `loratools unmerge` of that output writes PEFT's float32 unmerge rounded once."""
+    case = made[name]
+    merged_dir, unmerged_dir = cli_merged[name]
+    got = _read_base(merged_dir)
+    want = _expected_merge(case, got)
+    assert set(got) == set(want)
+    for k in got:
+        assert torch.equal(_bits(got[k]), _bits(want[k])), (name, k)
+    back = _read_base(unmerged_dir)
+    assert set(back) == set(got)
+    for k in back:
+        ref = case["unmerged"][k] if k in case["unmerged"] else got[k]
+        assert torch.equal(_bits(back[k]), _bits(ref)), (name, k)
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_cli_merged_model_computes_the_adapted_model(made, cli_merged, name):
+    """The merged output loads in transformers and gives the unmerged PEFT model's logits within the rounding of
+    its weights: no further than PEFT's own (rounded) merge, for the Llama cases. On GPT-2's tied head PEFT's
+    merge writes the shared tensor for both ends (its forward rotates one), so there only the absolute bound."""
+    from transformers import AutoModelForCausalLM
+    case = made[name]
+    ours = _logits(AutoModelForCausalLM.from_pretrained(cli_merged[name][0], dtype=torch.float32))
+    want = case["want"]
+    scale = float(want.abs().max())
+    err_ours = float((ours - want).abs().max())
+    assert err_ours <= 2e-2 * scale, (err_ours, scale)
+    if case["peft_merge_logits"] is not None:
+        err_peft = float((case["peft_merge_logits"] - want).abs().max())
+        assert err_ours <= 1.5 * err_peft + 1e-4 * scale, (err_ours, err_peft)
+
+
+def _broken_copy(case, tmp_path, key, new) -> "Path":
+    from safetensors.torch import save_file
+    import shutil
+    d = tmp_path / "adapter"
+    shutil.copytree(case["dir"], d)
+    tensors = dict(case["adapter"])
+    tensors[key] = new
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    return d
+
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("name, key, make_bad, named, expect", [
+    # refused while reading the adapter: the line names the adapter's tensor
+    ("oft-neumann", f"{PREFIX}{Q}.oft_R.weight", lambda t: t[:, :-1].contiguous(), f"{PREFIX}{Q}.oft_R.weight",
+     "expected [r, b(b-1)/2]"),
+    ("boft-2", f"{PREFIX}{Q}.boft_R", lambda t: torch.cat([t, t[:1]]), f"{PREFIX}{Q}.boft_R",
+     "3 butterfly factors; the config says 2"),
+    # refused against the base: the line names the base tensor and the adapter's leaf
+    ("boft-2", f"{PREFIX}{Q}.boft_s", lambda t: t[:-1].contiguous(), f"{Q}.weight",
+     "boft_s: expected shape [64, 1]"),
+])
+def test_cli_malformed_adapter_is_one_line(made, tmp_path, name, key, make_bad, named, expect):
+    """A malformed OFT / BOFT tensor: exit 1, one line naming the tensor, nothing written."""
+    from conftest import run_cli
+    case = made[name]
+    bad = _broken_copy(case, tmp_path, key, make_bad(case["adapter"][key]))
+    for cmd in ("merge", "unmerge"):
+        out = tmp_path / f"out-{cmd}"
+        r = run_cli(cmd, case["base_dir"], bad, "-o", out, expect=1)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and f"tensor {named}" in lines[0] and expect in lines[0], r.stderr
+        assert not out.exists() and not list(tmp_path.glob(f".out-{cmd}*"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import FormatError, UnsupportedError, UsageError
-from . import adalora, ia3, loha, lokr, vera
+from . import adalora, boft, ia3, loha, lokr, oft, vera
 from .base import PREFIX, PeftType, TypedModule
 
 REGISTRY: dict[str, PeftType] = {}
@@ -25,6 +25,8 @@ register(lokr.TYPE)
 register(vera.TYPE)
 register(adalora.TYPE)
 register(ia3.TYPE)
+register(oft.TYPE)
+register(boft.TYPE)
 
 
 def peft_type_of(cfg: dict) -> str:

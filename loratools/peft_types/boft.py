@@ -27,7 +27,12 @@ Note: why the same bits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .base import PeftType, TypedModule, module_error
+from .oft import regroup
 
 
 def butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> torch.Tensor:
@@ -108,4 +113,79 @@ def unmerge(acc: torch.Tensor, R: torch.Tensor, s: torch.Tensor) -> None:
     acc.copy_(torch.transpose(torch.mm(R.t(), acc.t()), 0, 1) * (1 / s))
 
 
-__all__ = ["butterfly_perm", "cayley", "check_shapes", "merge", "rotation", "unmerge"]
+# -- the typed module (peft_types/base.py) ------------------------------------------------------------------
+
+LEAVES = ("boft_R", "boft_s")
+
+
+@dataclass(eq=False)
+class BoftModule(TypedModule):
+    """One BOFT-adapted Linear weight. R is rebuilt for each merge/unmerge and not kept (dense in x in)."""
+
+    R: torch.Tensor = None  # boft_R, float32 [N, D, H, H]
+    s: torch.Tensor = None  # boft_s, float32 [out, 1]
+    config: dict = None
+    saved_base: torch.Tensor | None = None  # the layer PEFT saves whole beside a tied head (base_layer.weight)
+
+    peft_type = "BOFT"
+    additive = False  # W' = (W R^T) s: the update depends on W
+
+    def features(self):
+        return int(self.s.shape[0]), int(self.R.shape[1] * self.R.shape[2])
+
+    def fit(self, shape):
+        if len(shape) != 2:
+            return f"BOFT needs a 2-D Linear weight [out, in], got shape {list(shape)}"
+        if self.saved_base is not None and tuple(self.saved_base.shape) != tuple(shape):
+            return (f"the adapter's saved base layer (base_layer.weight) {list(self.saved_base.shape)} differs "
+                    f"from the base weight's shape {list(shape)}")
+        return check_shapes(tuple(self.R.shape), tuple(self.s.shape), int(shape[1]), int(shape[0]), self.config)
+
+    def merge(self, acc):
+        if self.saved_base is not None:  # PEFT loads the saved layer into the model before merging
+            acc.copy_(self.saved_base)
+        merge(acc, rotation(self.R, acc.device), self.s)
+        return acc
+
+    def unmerge(self, acc):
+        unmerge(acc, rotation(self.R, acc.device), self.s)
+        return acc
+
+    def delta(self, base_w32=None):
+        if base_w32 is None:
+            raise ValueError("BOFT is multiplicative: its delta needs the base weight")
+        return self.merge(base_w32.clone()) - base_w32
+
+    def tensors(self):
+        return {"boft_R": self.R, "boft_s": self.s}
+
+    def describe(self):
+        N, D, H, _ = self.R.shape
+        return {"butterfly_factors": int(N), "blocks": int(D), "block_size": int(H)}
+
+
+def parse(parts, shared, cfg, where) -> dict[str, BoftModule]:
+    out = {}
+    for path, roles in regroup(parts, {f".{leaf}": leaf for leaf in LEAVES}, cfg, where, "BOFT").items():
+        missing = [leaf for leaf in LEAVES if leaf not in roles]
+        if missing:
+            raise module_error(where, path, missing[0], f"BOFT module {path} has no {missing[0]} tensor")
+        R, s = (roles[leaf].to(torch.float32) for leaf in LEAVES)
+        if R.dim() != 4 or R.shape[2] != R.shape[3] or R.shape[0] < 1:
+            raise module_error(where, path, "boft_R", f"boft_R has shape {list(R.shape)}, expected [N, D, H, H]")
+        if s.dim() != 2 or s.shape[1] != 1:
+            raise module_error(where, path, "boft_s", f"boft_s has shape {list(s.shape)}, expected [out, 1]")
+        # the shapes against the config (the base's features are checked in fit)
+        N, D, H, _ = R.shape
+        why = check_shapes(tuple(R.shape), tuple(s.shape), int(D * H), int(s.shape[0]), cfg)
+        if why:
+            leaf = "boft_s" if why.startswith("boft_s") else "boft_R"
+            raise module_error(where, path, leaf, why)
+        out[path] = BoftModule(path, R=R, s=s, config=cfg, saved_base=roles.get("saved_base"))
+    return out
+
+
+TYPE = PeftType("BOFT", LEAVES + ("weight",), parse, config_keys=("boft_block_size", "boft_block_num", "boft_n_butterfly_factor"))
+
+
+__all__ = ["BoftModule", "TYPE", "butterfly_perm", "cayley", "check_shapes", "merge", "parse", "rotation", "unmerge"]

@@ -35,6 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import FormatError, UnsupportedError
+from .base import PeftType, TypedModule, module_error
+
 # PEFT's OFTConfig defaults (used when a config omits the field, as PEFT's dataclass does).
 DEFAULTS = {"coft": False, "eps": 6e-5, "block_share": False, "use_cayley_neumann": True,
             "num_cayley_neumann_terms": 5}
@@ -158,5 +161,149 @@ def orthogonality_error(R: torch.Tensor) -> float:
     return (R.T @ R - torch.eye(R.shape[0], device=R.device)).abs().max().item()
 
 
-__all__ = ["DEFAULTS", "OftSettings", "block_size_of", "cayley", "check_shape", "merge", "orthogonality_error",
-           "project", "rotation", "skew", "unmerge"]
+# -- the typed module (peft_types/base.py) ------------------------------------------------------------------
+
+LEAF = {"linear": "oft_R.weight", "embedding": "oft_embedding_R.weight"}
+
+
+@dataclass(eq=False)
+class OftModule(TypedModule):
+    """One OFT-adapted Linear or Embedding weight. R is rebuilt for each merge/unmerge and not kept: it is a
+    dense in x in float32 matrix per module."""
+
+    stored: torch.Tensor = None  # oft_R / oft_embedding_R weight, float32 [r, b(b-1)/2]
+    settings: OftSettings = None
+    embedding: bool = False
+    saved_base: torch.Tensor | None = None  # the embedding PEFT saves beside oft_embedding_R (base_layer.weight)
+    in_features: int | None = None
+
+    peft_type = "OFT"
+    additive = False  # W' = W R^T: the update depends on W
+
+    @property
+    def kind(self) -> str:
+        return "embedding" if self.embedding else "linear"
+
+    @property
+    def block_size(self) -> int:
+        return block_size_of(int(self.stored.shape[1]))
+
+    def features(self):
+        # the tensor gives in (blocks x b) unless one block is shared; never out
+        if self.in_features is not None:
+            return None, self.in_features
+        return None, (None if self.settings.block_share else int(self.stored.shape[0]) * self.block_size)
+
+    def fit(self, shape):
+        if len(shape) != 2:
+            return f"OFT needs a 2-D {'embedding' if self.embedding else 'Linear'} weight, got shape {list(shape)}"
+        if self.saved_base is not None and tuple(self.saved_base.shape) != tuple(shape):
+            return (f"the adapter's saved embedding (base_layer.weight) {list(self.saved_base.shape)} differs "
+                    f"from the base weight's shape {list(shape)}")
+        why = check_shape(tuple(self.stored.shape), int(shape[1]), self.settings.block_share)
+        if why is None:
+            self.bind(tuple(shape))
+        return None if why is None else f"{LEAF[self.kind]}: {why}"
+
+    def bind(self, shape):
+        self.in_features = int(shape[1])
+
+    def rotation(self, device="cpu") -> torch.Tensor:
+        return rotation(self.stored, self.in_features, self.settings, device)
+
+    def merge(self, acc):
+        if self.saved_base is not None:  # PEFT loads the saved embedding into the layer before merging
+            acc.copy_(self.saved_base)
+        merge(acc, self.rotation(acc.device), self.embedding)
+        return acc
+
+    def unmerge(self, acc):
+        unmerge(acc, self.rotation(acc.device), self.embedding)
+        return acc
+
+    def delta(self, base_w32=None):
+        if base_w32 is None:
+            raise ValueError("OFT is multiplicative: its delta needs the base weight")
+        return self.merge(base_w32.clone()) - base_w32
+
+    def tensors(self):
+        return {LEAF[self.kind]: self.stored}
+
+    def describe(self):
+        s = self.settings
+        return {"block_size": self.block_size, "blocks": int(self.stored.shape[0]), "block_share": s.block_share,
+                "coft": s.coft, "eps": s.eps if s.coft else None,
+                "cayley": f"neumann({s.num_cayley_neumann_terms})" if s.use_cayley_neumann else "exact"}
+
+
+def _settings(cfg: dict, where) -> OftSettings:
+    if "oft_block_size" not in cfg:  # PEFT's OFTConfig.check_kwargs refuses these (OFT before PEFT 0.14)
+        raise UnsupportedError("OFT adapter_config.json has no oft_block_size: an OFT adapter from before "
+                               "PEFT 0.14, which PEFT 0.21 no longer loads", path=where)
+    s = OftSettings.from_config(cfg)
+    if s.num_cayley_neumann_terms < 1 or s.eps <= 0:
+        raise FormatError(f"num_cayley_neumann_terms must be >= 1 and eps > 0, found "
+                          f"{s.num_cayley_neumann_terms} and {s.eps}", path=where)
+    return s
+
+
+SAVED_BASE = ".base_layer.weight"
+
+
+def regroup(parts, suffixes: dict[str, str], cfg: dict, where, peft_type: str) -> dict[str, dict]:
+    """{module: {role: tensor}} from the reader's parts (module -> leaf -> tensor), matching each full saved
+    name against `suffixes` (suffix -> role) and `<m>.base_layer.weight` (role "saved_base": the layer PEFT
+    saves whole beside an adapted embedding or tied head, and loads into the layer before merging).
+
+    OFT's keys end in `.oft_R.weight`, so the reader (which splits a key at its last dot) hands them over as
+    module `<m>.oft_R`, leaf `weight`; rejoining the name here keeps both spellings working."""
+    found: dict[str, dict] = {}
+    saving = cfg.get("modules_to_save") or []
+    for path, p in sorted(parts.items()):
+        for leaf, t in p.items():
+            full = f"{path}.{leaf}"
+            for suffix, role in {**suffixes, SAVED_BASE: "saved_base"}.items():
+                if full.endswith(suffix):
+                    found.setdefault(full[: -len(suffix)], {})[role] = t
+                    break
+            else:
+                if ".oft_r." in f".{full}":  # PEFT <= 0.15 layout
+                    raise module_error(where, path, leaf, "an OFT tensor of PEFT <= 0.15 (oft_r), which PEFT 0.21 "
+                                                          "no longer loads", UnsupportedError)
+                if any(f".{m}." in f".{path}." for m in saving):
+                    raise module_error(where, path, leaf, f"modules_to_save with a {peft_type} adapter is not "
+                                                          "supported", UnsupportedError)
+                raise module_error(where, path, leaf, f"unexpected tensor for a {peft_type} adapter (its modules "
+                                                      f"hold {', '.join(s.lstrip('.') for s in suffixes)})")
+    for module, roles in found.items():
+        if set(roles) == {"saved_base"}:
+            raise module_error(where, module, SAVED_BASE[1:], f"a saved base layer of a module the {peft_type} "
+                                                              "adapter does not adapt")
+    return found
+
+
+def parse(parts, shared, cfg, where) -> dict[str, OftModule]:
+    """OFT modules from the saved tensors (Linear: oft_R.weight, Embedding: oft_embedding_R.weight)."""
+    settings = _settings(cfg, where)
+    out = {}
+    found = regroup(parts, {"." + LEAF["linear"]: "linear", "." + LEAF["embedding"]: "embedding"}, cfg, where, "OFT")
+    for module, roles in found.items():
+        if "linear" in roles and "embedding" in roles:
+            raise module_error(where, module, LEAF["linear"], "both oft_R and oft_embedding_R for one module")
+        kind = "linear" if "linear" in roles else "embedding"
+        t = roles[kind]
+        b = block_size_of(int(t.shape[1])) if t.dim() == 2 else None
+        if b is None or (settings.block_share and t.shape[0] != 1):
+            raise module_error(where, module, LEAF[kind], f"{LEAF[kind]} has shape {list(t.shape)}, expected "
+                                                          f"[{1 if settings.block_share else 'r'}, b(b-1)/2]")
+        out[module] = OftModule(module, stored=t.to(torch.float32), settings=settings,
+                                embedding=kind == "embedding", saved_base=roles.get("saved_base"))
+    return out
+
+
+TYPE = PeftType("OFT", ("weight", "oft_R.weight", "oft_embedding_R.weight"), parse,
+                config_keys=tuple(DEFAULTS) + ("oft_block_size", "r"))
+
+
+__all__ = ["DEFAULTS", "OftModule", "OftSettings", "TYPE", "block_size_of", "cayley", "check_shape", "merge", "orthogonality_error",
+           "parse", "project", "regroup", "rotation", "skew", "unmerge"]
