@@ -38,6 +38,7 @@ def work(tmp_path_factory):
     (qlora / "adapter_config.json").write_text(json.dumps(cfg))
     fp = run_cli("merge", LLAMA, qlora, "-o", d / "m-fp", "--json", "--device", "cpu")
     dq = run_cli("merge", LLAMA, qlora, "-o", d / "m-dq", "--into-dequantized", "nf4", "--json", "--device", "cpu")
+    run_cli("merge", d / "nf4", ADAPTER, "-o", d / "m-q4", "--device", "cpu")  # into the 4-bit checkpoint
     return {"dir": d, "nf4": d / "nf4", "qlora": qlora, "fp": json.loads(fp.stdout), "dq": json.loads(dq.stdout)}
 
 
@@ -90,8 +91,10 @@ def test_merge_line_on_stderr_and_silent_for_plain_adapters(work, tmp_path):
     assert "folded into the 4-bit BASE's dequantized weights" in one_line(r.stderr)
 
 
-def test_into_dequantized_is_peft_on_transformers_dequantization(work):
-    """deq(Q(W)) + ΔW rounded once: transformers quantizes (bitsandbytes), dequantize(), PEFT merges in float32."""
+@pytest.fixture(scope="module")
+def peft_dq(work):
+    """transformers loads the 16-bit fixture in 4 bits (bitsandbytes quantizes), dequantize(), PEFT merges in
+    float32, rounded once to float16: the state dict, also saved (no loratools provenance) for validate."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -99,8 +102,23 @@ def test_into_dequantized_is_peft_on_transformers_dequantization(work):
                              bnb_4bit_compute_dtype=torch.float16)
     model = AutoModelForCausalLM.from_pretrained(LLAMA, quantization_config=cfg, dtype=torch.float16)
     model = model.dequantize().to(torch.float32)
-    merged = PeftModel.from_pretrained(model, ADAPTER).merge_and_unload()
-    ref = {k: v.detach().half() for k, v in merged.state_dict().items()}
+    merged = PeftModel.from_pretrained(model, ADAPTER).merge_and_unload().half()
+    merged.save_pretrained(work["dir"] / "peft-dq")
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def whole(work, peft_dq):
+    """validate's whole-model reports (trained_on detected from the adapter) for the three merges."""
+    from loratools.validate import validate
+
+    return {name: validate(LLAMA, [work["qlora"]], merged=work["dir"] / name, stream=False, **FAST)
+            for name in ("m-fp", "m-dq", "peft-dq")}
+
+
+def test_into_dequantized_is_peft_on_transformers_dequantization(work, peft_dq):
+    """deq(Q(W)) + ΔW rounded once: transformers quantizes (bitsandbytes), dequantize(), PEFT merges in float32."""
+    ref = peft_dq
     ours = Checkpoint(work["dir"] / "m-dq")
     base = Checkpoint(LLAMA)
     assert set(ours.tensors) == set(ref)
@@ -110,26 +128,17 @@ def test_into_dequantized_is_peft_on_transformers_dequantization(work):
         changed += not torch.equal(ours.read(name), base.read(name))
     assert changed == 14  # every 4-bit weight, touched by the adapter or not
     # and the same bytes as a merge into the 4-bit checkpoint itself
-    m4 = run_cli("merge", work["nf4"], ADAPTER, "-o", work["dir"] / "m-q4", "--device", "cpu")
-    assert m4.exit_code == 0
     q4 = Checkpoint(work["dir"] / "m-q4")
     assert all(torch.equal(q4.read(n), ours.read(n)) for n in ours.tensors)
-    merged.save_pretrained(work["dir"] / "peft-dq")  # for the validate test below: no loratools provenance
 
 
-def test_validate_shows_both_gaps_in_the_right_order(work):
-    from loratools.validate import validate
-
+def test_validate_shows_both_gaps_in_the_right_order(whole):
     gaps = {}
-    for name in ("m-fp", "m-dq", "peft-dq"):
-        path = work["dir"] / name
-        if name == "peft-dq" and not path.exists():
-            pytest.fail("test_into_dequantized_is_peft_on_transformers_dequantization did not run first")
-        rep = validate(LLAMA, [work["qlora"]], merged=path, **FAST)  # trained_on detected from the adapter
+    for name, rep in whole.items():
         assert rep["passed"], rep["problems"]
         t = rep["trained_on"]
         gaps[name] = (t["merged_into"], t["known_from"], t["gap_to_16bit"]["rel_err"], t["gap_to_dequantized"]["rel_err"])
-        assert t["references_gap"]["rel_err"] > 0
+        assert t["references_gap"]["rel_err"] > 0 and t["source"] == "adapter"
     into, known, to_fp, to_dq = gaps["m-fp"]
     assert (into, known) == ("16-bit", "the merge's provenance record") and 0 < 50 * to_fp < to_dq
     into, known, to_fp, to_dq = gaps["m-dq"]
@@ -154,6 +163,25 @@ def test_validate_gates_the_base_it_was_merged_into(work):
     rep = validate(work["nf4"], [ADAPTER], merged=work["dir"] / "m-q4", **FAST)
     assert rep["passed"] and rep["trained_on"]["merged_into"] == "4-bit base"
     assert "reference computes with its dequantized weights" in rep["trained_on"]["line"]
+
+
+def test_streamed_and_whole_model_agree_on_both_gaps(work, whole):
+    """The layer-streamed passes (validate/streamed.py) read the NF4-dequantized base through the same
+    RequantizedView: same verdicts and numbers as the whole-model path, and per-block divergence against
+    the reference the candidate is gated on."""
+    from loratools.validate import validate
+
+    for name, into in (("m-fp", "16-bit"), ("m-dq", "dequantized")):
+        docs = [whole[name], validate(LLAMA, [work["qlora"]], merged=work["dir"] / name, stream=True, **FAST)]
+        w, st = (d["trained_on"] for d in docs)
+        assert all(d["passed"] for d in docs) and w["merged_into"] == st["merged_into"] == into
+        for key in ("gap_to_16bit", "gap_to_dequantized", "references_gap"):
+            assert st[key]["rel_err"] == pytest.approx(w[key]["rel_err"], rel=1e-3), key
+            assert st[key]["max_abs"] == pytest.approx(w[key]["max_abs"], rel=1e-2, abs=1e-5), key
+        gated = next(c for c in docs[1]["comparisons"] if c["name"] == "merged")
+        blocks = gated["divergence"]["blocks"]
+        assert gated["streamed"] and len(blocks) == 2 and gated["divergence"]["first_divergence"] is None
+        assert max(b["rel_err"] for b in blocks) < 1e-3  # against its own base: rounding only
 
 
 def test_bad_options_are_usage_errors(work, tmp_path):

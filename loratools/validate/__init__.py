@@ -155,7 +155,7 @@ def _validate(base, given, adapter_paths, weights, merged, tuned, quantized, dev
     if skipped is None and streaming[0]:
         fwd = streamed_forward_checks(base_ck, adapter_paths, weights, candidates, device=dev, dtype=compute,
                                       batch=batch, seq_len=seq_len, seed=seed, atol=atol, rtol=rtol,
-                                      min_carried=min_carried, log=say)
+                                      min_carried=min_carried, log=say, trained_on=trained)
     elif skipped is None:
         fwd = forward_checks(base_ck, adapter_paths, weights, candidates, device=dev, dtype=compute, batch=batch,
                              seq_len=seq_len, seed=seed, atol=atol, rtol=rtol, min_carried=min_carried, log=say,

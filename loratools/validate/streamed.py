@@ -401,15 +401,19 @@ def streamed_forward_checks(base: Checkpoint, adapter_paths: list[Path], weights
                             candidates: dict[str, Checkpoint], *, device: torch.device, dtype: torch.dtype,
                             batch: int, seq_len: int, seed: int, atol: float | None, rtol: float | None,
                             min_carried: float, log=None,
-                            base_source: Callable[[Checkpoint, torch.device], TensorSource] | None = None) -> dict:
+                            base_source: Callable[[Checkpoint, torch.device], TensorSource] | None = None,
+                            trained_on=None) -> dict:
     """logits.forward_checks' comparisons, computed by streamed passes, plus per-block divergence.
 
     Passes: base, base + adapters (PEFT, unmerged; its block outputs kept, float32 on the CPU), then each
     candidate (its blocks compared with the reference's as they come). `base_source(ck, device)` gives the
     reference's base weights (default: the checkpoint itself, a 4-bit one dequantized). Returns the dict
     forward_checks returns; each merged/tuned comparison gains "divergence" (divergence()) and "streamed": True.
+    `trained_on` (qlora_base.TrainedOn) of a 4-bit type adds a second reference, BASE as the adapters saw it in
+    training, and a merged candidate is compared with both, as logits.forward_checks does (trained_on.py).
     """
     from .logits import comparison
+    from .trained_on import quantized_base_info, references_only, streamed_dequantized_reference, streamed_merged
 
     say = log or (lambda _m: None)
     make_source = base_source or (lambda ck, dev: TensorSource(ck, "base", dev))
@@ -453,6 +457,11 @@ def streamed_forward_checks(base: Checkpoint, adapter_paths: list[Path], weights
     # Note: no gc.collect between passes (fw.free_memory): a skeleton holds placeholders only, and every loaded
     # tensor is freed by reference count when its block's hook puts the placeholders back; a full collection
     # costs ~0.7 s with transformers imported.
+    l_deq, deq_blocks, deq_error, qlora_info = None, [], None, None  # which base did the adapters see?
+    if trained_on is not None and adapter_paths and base.is_quantized:
+        qlora_info = quantized_base_info(trained_on)
+    elif trained_on is not None and trained_on.quantized and adapter_paths:
+        l_deq, deq_blocks, deq_error = streamed_dequantized_reference(s, run, base, trained_on, device, say)
     resident = s.max_resident
     del s
     for role, ck in candidates.items():
@@ -460,10 +469,12 @@ def streamed_forward_checks(base: Checkpoint, adapter_paths: list[Path], weights
             continue
         say(f"streamed forward: the {role} checkpoint")
         rows: list[dict] = []
+        rows_dq: list[dict] = []  # against the dequantized reference, when there is one
 
-        def on_block(i, name, h, rows=rows):
-            if i < len(ref_blocks) and ref_blocks[i][0] == name:
-                rows.append({"block": name, **block_metrics(ref_blocks[i][1], h.detach().float().cpu())})
+        def on_block(i, name, h, rows=rows, rows_dq=rows_dq):
+            for ref, out in ((ref_blocks, rows), (deq_blocks, rows_dq)):
+                if i < len(ref) and ref[i][0] == name:
+                    out.append({"block": name, **block_metrics(ref[i][1], h.detach().float().cpu())})
 
         try:
             c = Streamed(skeleton(ck.path, dtype), device)
@@ -481,6 +492,11 @@ def streamed_forward_checks(base: Checkpoint, adapter_paths: list[Path], weights
             c = comparison("merged", "base + adapters (PEFT, unmerged)", str(ck.path), fw.logit_metrics(l_ref, l_cand),
                            tol, loading=loading)
             allowance = tol.rtol
+            if l_deq is not None or deq_error is not None:  # both bases (trained_on.py)
+                found, qlora_info = streamed_merged(ck, trained_on, l_ref, l_deq, deq_error, l_cand, tol, loading,
+                                                    comparison, rows, rows_dq, output)
+                comparisons += found
+                continue
         else:  # tuned
             metrics = fw.logit_metrics(l_cand, l_ref)
             carried = fw.carried_fraction(l_base, l_ref, l_cand)
@@ -491,8 +507,12 @@ def streamed_forward_checks(base: Checkpoint, adapter_paths: list[Path], weights
         c["divergence"] = divergence(rows, allowance, l_ref, l_cand, output)
         c["streamed"] = True
         comparisons.append(c)
+    if qlora_info is None and (l_deq is not None or deq_error is not None):  # no merged candidate
+        found, qlora_info = references_only(trained_on, l_ref, l_deq, deq_error, comparison)
+        comparisons += found
     return {"comparisons": comparisons, "batch_source": source, "seq_len": ids.shape[1], "timings": timings,
-            "peak_gpu_bytes": fw.peak_memory(device), "output": output, "max_resident_blocks": resident}
+            "peak_gpu_bytes": fw.peak_memory(device), "output": output, "max_resident_blocks": resident,
+            "trained_on": qlora_info}
 
 
 def _check_loaded(out: torch.Tensor, ck: Checkpoint) -> None:

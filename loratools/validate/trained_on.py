@@ -14,6 +14,7 @@ import time
 import torch
 
 from .. import forward as fw
+from ..errors import LoratoolsError
 from ..io import Checkpoint, read_provenance
 from ..qlora_base import RequantizedView, TrainedOn, record_trained_on, requantize_model_, resolve
 
@@ -41,6 +42,53 @@ def dequantized_reference(base: Checkpoint, adapter_paths, weights, ids: torch.T
     del loaded
     fw.free_memory()
     return logits, error
+
+
+def requantized_source(trained: TrainedOn):
+    """For the streamed passes (streamed.py): a TensorSource factory reading BASE as the adapters saw it in
+    training, each weight that was 4-bit as deq(Q(W)) (RequantizedView), the rest as stored."""
+    from .streamed import TensorSource
+
+    class RequantizedSource(TensorSource):
+        def __init__(self, ck: Checkpoint, device):
+            super().__init__(ck, "base", device)
+            self.requantized = RequantizedView(ck, trained, device)
+
+        def read_stored(self, stored: str) -> torch.Tensor:
+            return self.requantized.read(stored)
+
+    return RequantizedSource
+
+
+def streamed_dequantized_reference(streamed, run, base: Checkpoint, trained: TrainedOn, device, say
+                                   ) -> tuple[torch.Tensor | None, list, str | None]:
+    """(logits, [(block, hidden states)], error) of the streamed model `streamed` (base with the adapters
+    attached) run on BASE requantized as in training; `run(streamed, source, on_block, timing)` is
+    streamed_forward_checks' pass runner."""
+    say(f"streamed forward: the base as the adapters saw it in training ({trained.label}, dequantized) + adapters")
+    blocks: list = []
+    try:
+        source = requantized_source(trained)(base, device)
+    except LoratoolsError as e:
+        return None, [], e.one_line()
+    logits, _ = run(streamed, source, lambda i, n, h: blocks.append((n, h.detach().float().cpu())),
+                    "stream_dequantized_reference")
+    return logits, blocks, None
+
+
+def streamed_merged(ck: Checkpoint, trained: TrainedOn, l_ref, l_deq, deq_error, l_cand, tol, loading, comparison,
+                    rows: list[dict], rows_dq: list[dict], output: str) -> tuple[list[dict], dict]:
+    """merged_comparisons for the streamed passes: the gated comparison also gets the per-block divergence
+    against the reference it is gated on (`rows`: block metrics against base + adapters, `rows_dq`: against
+    the dequantized one)."""
+    from .streamed import divergence
+
+    found, info = merged_comparisons(ck, trained, l_ref, l_deq, deq_error, l_cand, tol, loading, comparison)
+    gated = next(c for c in found if c["name"] == "merged")
+    dq = gated.get("merged_into") == "dequantized"
+    gated["divergence"] = divergence(rows_dq if dq else rows, tol.rtol, l_deq if dq else l_ref, l_cand, output)
+    gated["streamed"] = True
+    return found, info
 
 
 def recorded_base(ck: Checkpoint) -> str | None:
@@ -140,4 +188,5 @@ def quantized_base_info(trained: TrainedOn) -> dict:
 
 
 __all__ = ["FP_REFERENCE", "base_view_for_tensors", "dequantized_label", "dequantized_reference", "merged_comparisons",
-           "quantized_base_info", "recorded_base", "references_only", "resolve_trained_on"]
+           "streamed_merged", "quantized_base_info", "recorded_base", "references_only", "requantized_source",
+           "resolve_trained_on", "streamed_dequantized_reference"]
