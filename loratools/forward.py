@@ -146,7 +146,8 @@ def fake_quantize_(model: torch.nn.Module, base, quant) -> list[str]:
 
     Names are matched as transformers loads them: with or without the model's `base_model_prefix`
     (a GPT-2 saved as `h.0...` is loaded as `transformer.h.0...`)."""
-    from .bnb4bit import dequantize_weight, quantize_weight
+    from .qlora_base import requantize
+    from .quantize import QuantFormat
     from .quantized import is_conv1d_weight, quant_states
 
     params = dict(model.named_parameters())
@@ -162,13 +163,11 @@ def fake_quantize_(model: torch.nn.Module, base, quant) -> list[str]:
         if param is None or src is None or base.is_quantized:
             missing.append(name)
             continue
-        w = base.read(src).to(device=param.device, dtype=qs.torch_dtype)
+        w = base.read(src).to(param.device)
         conv1d = w.dim() == 2 and is_conv1d_weight(quant, name)
-        stored, ref_qs = quantize_weight(w.t().contiguous() if conv1d else w, quant_type=qs.quant_type,
-                                         blocksize=qs.blocksize, double_quant=qs.nested)
-        dense = dequantize_weight(stored, ref_qs)
+        dense = requantize(w, QuantFormat(qs.quant_type, qs.blocksize, qs.nested), dtype=qs.torch_dtype, conv1d=conv1d)
         with torch.no_grad():
-            param.copy_((dense.t() if conv1d else dense).to(param.dtype))
+            param.copy_(dense.to(param.dtype))
     return missing
 
 
