@@ -3,8 +3,8 @@
 Two inputs become a plain PEFT LoRA adapter here:
 
 - a PiSSA / OLoRA / CorDA (or LoRA-GA) adapter with the initial adapter PEFT started from (`--initial`):
-  ΔW = s·(B·A − B₀·A₀), written exactly as PEFT's `save_pretrained(..., path_initial_model_for_weight_conversion=)`
-  writes it (rank 2r), or truncated to a rank;
+  ΔW = s·(B·A − B₀·A₀), written exactly as PEFT's
+  `save_pretrained(..., path_initial_model_for_weight_conversion=)` writes it (rank 2r), or truncated to a rank;
 - any other PEFT type (LoHa, LoKr, VeRA, AdaLoRA, IA3, OFT, BOFT; loratools/peft_types): each module's delta,
   truncated by the randomized SVD `extract` uses (see typed_to_lora).
 
@@ -16,8 +16,8 @@ Note: the base a PiSSA adapter belongs to.
     when it loads it, by running the initialisation again).
 
 Note: PEFT's rank-2r form.
-    B·A − B₀·A₀ = [B | −B₀]·[A ; A₀]: A' = cat(A, A₀) on the rank axis, B' = cat(B, −B₀), bit for bit what
-    PEFT's `subtract_mutated_init` concatenates (negation and concatenation are exact). The scale must not
+    B·A − B₀·A₀ = [B | −B₀]·[A ; A₀]: A' = cat(A, A₀) on the rank axis, B' = cat(B, −B₀), bit for bit
+    what PEFT's `subtract_mutated_init` concatenates (negation and concatenation are exact). The scale must not
     change: PEFT doubles r and lora_alpha (α/r = 2α/2r) and, with rsLoRA, multiplies lora_alpha by √2
     (α/√r = √2α/√(2r)); it doubles every rank_pattern and alpha_pattern value, which keeps α/r but not an
     rsLoRA α/√r, so PEFT refuses rsLoRA with either pattern. Here every alpha (lora_alpha and each
@@ -156,8 +156,9 @@ def check_pair(trained: Adapter, initial: Adapter) -> None:
     for ad in (trained, initial):
         dora = [n for n, m in ad.modules.items() if m.magnitude is not None]
         if ad.use_dora or dora:
-            raise UnsupportedError("DoRA: its magnitudes are norms of the residual base's rows, so B·A − B₀·A₀ is "
-                                   "not its update on the original base; merge it into the residual base instead",
+            raise UnsupportedError("DoRA: its magnitudes are norms of the residual base's rows, so "
+                                   "B·A − B₀·A₀ is not its update on the original base; merge it into the "
+                                   "residual base instead",
                                    path=_where(ad), tensor=PREFIX + dora[0] if dora else None)
     where = initial.path
     extra = sorted(set(initial.modules) - set(trained.modules))
@@ -179,8 +180,8 @@ def check_pair(trained: Adapter, initial: Adapter) -> None:
                                     f"the adapter this one was trained from)", path=where, tensor=key)
         if not math.isclose(m0.scale, m.scale, rel_tol=1e-6):
             raise MismatchError(f"scale {m0.scale:g} (r={m0.r}, alpha={m0.alpha:g}) in the initial adapter, "
-                                f"{m.scale:g} (r={m.r}, alpha={m.alpha:g}) in the trained one (rank_pattern, alpha_pattern or use_rslora "
-                                f"differ)", path=where, tensor=key_a)
+                                f"{m.scale:g} (r={m.r}, alpha={m.alpha:g}) in the trained one (rank_pattern, "
+                                f"alpha_pattern or use_rslora differ)", path=where, tensor=key_a)
     for name in sorted(trained.saved):
         module = name.rsplit(".", 1)[0]
         if module in trained.modules:

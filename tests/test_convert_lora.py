@@ -79,7 +79,8 @@ def test_equals_peft_converted_adapter(pairs, tmp_path, init):
     root = pairs[init]["root"]
     assert pairs[init]["refused"] is None
     rep, _ = convert(root / "trained", tmp_path / "out", "--initial", root / "init")
-    ours, peft = load_file(tmp_path / "out/adapter_model.safetensors"), load_file(root / "converted/adapter_model.safetensors")
+    ours = load_file(tmp_path / "out/adapter_model.safetensors")
+    peft = load_file(root / "converted/adapter_model.safetensors")
     assert ours.keys() == peft.keys()
     for k in peft:
         assert ours[k].dtype == peft[k].dtype and torch.equal(ours[k], peft[k]), k
@@ -127,7 +128,8 @@ def test_rslora_with_patterns_peft_refuses(pairs, tmp_path):
     rep, _ = convert(root / "trained", tmp_path / "out", "--initial", root / "init")
     cfg = json.loads((tmp_path / "out/adapter_config.json").read_text())
     assert cfg["use_rslora"] and cfg["r"] == 8 and cfg["rank_pattern"] == {"q_proj": 4}
-    assert cfg["lora_alpha"] == pytest.approx(8 * 2 ** 0.5) and cfg["alpha_pattern"]["v_proj"] == pytest.approx(3 * 2 ** 0.5)
+    assert cfg["lora_alpha"] == pytest.approx(8 * 2 ** 0.5)
+    assert cfg["alpha_pattern"]["v_proj"] == pytest.approx(3 * 2 ** 0.5)
     ours, trained = _merged_on_original(tmp_path / "out"), rs["merged"]
     from loratools.adapter import load_adapter
 
@@ -181,11 +183,13 @@ def test_corda_pair(pairs, tmp_path):
     assert "corda" in r.stderr and "--initial" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "none").exists()
     convert(tmp_path / "trained", tmp_path / "out", "--initial", tmp_path / "init")
-    ours, peft = load_file(tmp_path / "out/adapter_model.safetensors"), load_file(root / "converted/adapter_model.safetensors")
+    ours = load_file(tmp_path / "out/adapter_model.safetensors")
+    peft = load_file(root / "converted/adapter_model.safetensors")
     assert ours.keys() == peft.keys() and all(torch.equal(ours[k], peft[k]) for k in peft)
 
 
-@pytest.mark.parametrize("initial, what", [("llama-lora", "has no module"), ("rs", "in the initial adapter, 2 (r=4, alpha=8) in the trained one")])
+@pytest.mark.parametrize("initial, what", [("llama-lora", "has no module"),
+                                           ("rs", "in the initial adapter, 2 (r=4, alpha=8) in the trained one")])
 def test_mismatched_initial_refused(pairs, tmp_path, initial, what):
     from conftest import FIXTURES
 
@@ -238,8 +242,8 @@ def _typed_cases():
         "vera": (VeraConfig(r=8, target_modules=["q_proj", "v_proj"]), LLAMA),  # in_features from --base
         "adalora": (AdaLoraConfig(init_r=6, target_r=4, total_step=10, target_modules=["q_proj", "v_proj"]), LLAMA),
         # multiplicative rotations: ΔW = R·W − W from --base; OFT on an embedding too
-        "oft": (OFTConfig(init_weights=False, oft_block_size=16, target_modules=["q_proj", "down_proj", "embed_tokens"]),
-                LLAMA),
+        "oft": (OFTConfig(init_weights=False, oft_block_size=16,
+                          target_modules=["q_proj", "down_proj", "embed_tokens"]), LLAMA),
         "boft": (BOFTConfig(init_weights=False, boft_block_size=8, target_modules=["q_proj", "v_proj"]), LLAMA),
         "ia3": (IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"]), LLAMA),
         # GPT-2: Conv1D layers, and c_attn's bias scaled by IA3 (a lora_B.bias in the LoRA)
@@ -329,7 +333,8 @@ def test_typed_low_rank_within_optimal(typed, tmp_path, name):
         err = float(((ours[k] - base[k]).double() - dense).norm() / dense.norm())
         assert row["rank"] == 3 and optimal > 0.05
         assert err <= 1.01 * optimal, (name_, err, optimal)
-        assert row["rel_error"] == pytest.approx(err, rel=1e-3) and row["optimal_error"] == pytest.approx(optimal, rel=1e-3)
+        assert row["rel_error"] == pytest.approx(err, rel=1e-3)
+        assert row["optimal_error"] == pytest.approx(optimal, rel=1e-3)
 
 
 def test_typed_refusals(typed, tmp_path):
