@@ -106,8 +106,16 @@ def zoo(tmp_path_factory):
     return Zoo(Path(cache) if cache else tmp_path_factory.mktemp("zoo"))
 
 
+@pytest.fixture
+def all_lazy(monkeypatch):
+    """Every non-block weight loaded only while its module runs (as the embeddings and head of a big model)."""
+    from loratools.validate import streamed
+
+    monkeypatch.setattr(streamed, "LAZY_BYTES", 0)
+
+
 @pytest.mark.parametrize("family", ["bert", "t5", "mixtral"])
-def test_streamed_and_whole_agree_on_the_zoo(family, zoo, tmp_path):
+def test_streamed_and_whole_agree_on_the_zoo(family, zoo, tmp_path, all_lazy):
     """An encoder (bare BERT: last hidden states), a seq2seq (T5: encoder then decoder blocks, cross-attention,
     tied embeddings) and an MoE (Mixtral: PEFT target_parameters on the fused experts, stored per expert): the
     same numbers as the whole-model path, every block reported."""
@@ -132,6 +140,20 @@ def test_streamed_and_whole_agree_on_the_zoo(family, zoo, tmp_path):
               "mixtral": ["model.layers.0", "model.layers.1"]}[family]
     assert blocks == expect
     assert s["max_resident_blocks"] == 1
+
+
+@pytest.mark.parametrize("name", ["llama-embed", "llama-mts", "llama-dora"])
+def test_lazy_embeddings_and_head_agree(name, all_lazy, tmp_path):
+    """An embedding LoRA, a modules_to_save head and DoRA with the embeddings and head loaded lazily: PEFT's
+    wrappers call the base modules, so the numbers are the whole-model path's."""
+    merged = peft_merge(LLAMA, [FIXTURES / name], tmp_path / "merged")
+    kw = dict(device=torch.device("cpu"), dtype=torch.float32, batch=2, seq_len=16, seed=0, atol=None, rtol=None,
+              min_carried=0.0)
+    args = (Checkpoint(LLAMA), [FIXTURES / name], [1.0], {"merged": Checkpoint(merged)})
+    s, w = streamed_forward_checks(*args, **kw), forward_checks(*args, **kw)
+    for a, b in zip(s["comparisons"], w["comparisons"], strict=True):
+        same_numbers(a, b)
+    assert s["comparisons"][-1]["passed"]
 
 
 # -- a wrong merge is caught, and where --------------------------------------------------------------------------

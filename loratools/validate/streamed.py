@@ -221,6 +221,8 @@ def _strip(name: str) -> str:
 
 # -- the streamed model ----------------------------------------------------------------------------------
 
+LAZY_BYTES = 1 << 20  # non-block weights this large load only while their module runs (Streamed._plan)
+
 class Streamed:
     """A model whose parameters are placeholders, loaded from `source` block by block while it runs.
 
@@ -235,6 +237,7 @@ class Streamed:
         self.max_resident = 0  # most blocks ever loaded at once (1 by construction)
         self.peak_block_bytes = 0
         self.model_name = type(model).__name__
+        self.lazy = True  # large non-block weights (embeddings, head) loaded only while their module runs
 
     def rebind(self) -> None:
         """Find the placeholders again after PEFT wrapped the model; those PEFT replaced (a base layer the
@@ -242,26 +245,40 @@ class Streamed:
         _find_holders(self.model, {id(g.placeholder): g for g in self.groups})
 
     def _plan(self, source: TensorSource):
-        """(non-block groups with parts, per block [(group, parts)]): every read checked before any compute."""
+        """(non-block groups with parts, per block [(group, parts)], lazy {module id: (module, [(group, parts)])},
+        stored names read): every read checked before any compute.
+
+        Note: lazy non-block weights.
+            The embeddings and the head are each as large as a block or larger (2 x 0.5 GB in float32 at 7B):
+            held for the whole pass they would double the peak. A non-block weight of 1 MiB or more is loaded
+            by a hook on the module that holds it, for that module's call only (a tied embedding loads for the
+            embedding and again for the head). A weight read outside its module's call (none in the zoo) meets
+            the NaN placeholder: the pass is run again with `lazy` off (streamed_forward_checks)."""
         block_of = {}
         for i, (_, block) in enumerate(self.blocks):
             for m in block.modules():
                 block_of[id(m)] = i
-        upfront, per_block, planned = [], [[] for _ in self.blocks], set()
+        upfront, per_block, lazy, planned = [], [[] for _ in self.blocks], {}, set()
         for g in self.groups:
             if not g.holders:
                 continue
             owners = {block_of.get(id(m)) for m, _ in g.holders}
             parts = source.parts(g, self.model_name)
             planned.update(p.stored for p in parts)
-            (per_block[owners.pop()] if len(owners) == 1 and None not in owners else upfront).append((g, parts))
-        return upfront, per_block, planned
+            if len(owners) == 1 and None not in owners:
+                per_block[owners.pop()].append((g, parts))
+            elif self.lazy and g.nbytes >= LAZY_BYTES and None in owners and len(owners) == 1:
+                for m, _ in g.holders:
+                    lazy.setdefault(id(m), (m, []))[1].append((g, parts))
+            else:
+                upfront.append((g, parts))
+        return upfront, per_block, lazy, planned
 
     @contextmanager
     def run(self, source: TensorSource, on_block: Callable[[int, str, torch.Tensor], None] | None = None):
         """Hooks that stream `source`'s tensors into the blocks while the body runs the model; the non-block
         parameters are loaded for the duration. Yields the stored names no parameter reads."""
-        upfront, per_block, planned = self._plan(source)
+        upfront, per_block, lazy, planned = self._plan(source)
         resident = [0]
 
         def load(entries):
@@ -291,6 +308,9 @@ class Streamed:
                         on_block(i, name, hidden)
 
             hooks += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+        for module, entries in lazy.values():
+            hooks += [module.register_forward_pre_hook(lambda _m, _a, e=entries: load(e) and None),
+                      module.register_forward_hook(lambda _m, _a, _o, e=entries: release(e))]
         try:
             load(upfront)
             yield source.unused(planned)
@@ -300,6 +320,8 @@ class Streamed:
             for entries in per_block:
                 release(entries)
             release(upfront)
+            for _, entries in lazy.values():
+                release(entries)
 
 
 # -- whole or streamed -----------------------------------------------------------------------------------
@@ -426,23 +448,31 @@ def streamed_forward_checks(base: Checkpoint, adapter_paths: list[Path], weights
     src = make_source(base, device)
     output = "logits"
 
-    def run(streamed, source, on_block, timing):
+    def run(streamed, source, on_block, timing, retry=None):
+        """One streamed pass. `retry` (a reference pass: resets what on_block collected): a non-finite output
+        is run again with every non-block weight held for the pass (Note: lazy non-block weights)."""
         nonlocal output
         t0 = time.perf_counter()
         with streamed.run(source, on_block) as unused:
             out, output = fw.run_outputs(streamed.model, ids)
+        if retry is not None and streamed.lazy and not bool(torch.isfinite(out).all()):
+            streamed.lazy = False
+            retry()
+            with streamed.run(source, on_block) as unused:
+                out, output = fw.run_outputs(streamed.model, ids)
         timings[timing] = time.perf_counter() - t0
         return out, unused
 
     say("streamed forward: base")
-    l_base, _ = run(s, src, None, "stream_base")
+    l_base, _ = run(s, src, None, "stream_base", retry=lambda: None)
     _check_loaded(l_base, base)
     comparisons, l_ref, ref_blocks = [], None, []
     if adapter_paths:
         say("streamed forward: base + adapters through PEFT (unmerged)")
         s.model = fw.attach_adapters(s.model, adapter_paths, weights, low_cpu_mem_usage=True)
         s.rebind()
-        l_ref, _ = run(s, src, lambda i, n, h: ref_blocks.append((n, h.detach().float().cpu())), "stream_reference")
+        l_ref, _ = run(s, src, lambda i, n, h: ref_blocks.append((n, h.detach().float().cpu())), "stream_reference",
+                       retry=ref_blocks.clear)
         _check_loaded(l_ref, base)
         effect = comparison("adapters", "base", "base + adapters (PEFT, unmerged)", fw.logit_metrics(l_base, l_ref),
                             None, gated=False, note="the adapters' effect on the logits (informational)")
