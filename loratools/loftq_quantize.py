@@ -23,7 +23,6 @@ Note: memory.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +90,7 @@ class LoftQRun:
     conv1d: bool  # the targets are GPT-2 Conv1D weights (fan_in_fan_out adapter)
     task_type: str | None
     base_name: str
+    provenance: object = None  # the base's io.provenance.Provenance: the adapter file carries the same record
     modules: dict[str, LoraModule] = field(default_factory=dict)
     rows: list[_Row] = field(default_factory=list)
 
@@ -134,9 +134,9 @@ class LoftQRun:
         """write_checkpoint's extra_files: the adapter into OUT/loftq_init (float32 factors, as PEFT's)."""
         directory = Path(tmp) / ADAPTER_DIR
         directory.mkdir()
-        meta = {"loratools_loftq": json.dumps(self.options.to_json(), sort_keys=True)}
-        files = write_adapter_files(directory, self.adapter_config(), adapter_tensors(self.modules), metadata=meta,
-                                    durability=durability)
+        # the provenance record (options, loftq's included, and input digests) is the base's
+        files = write_adapter_files(directory, self.adapter_config(), adapter_tensors(self.modules),
+                                    provenance=self.provenance, durability=durability)
         return [f"{ADAPTER_DIR}/{f}" for f in files]
 
     def report(self) -> dict:
@@ -150,7 +150,7 @@ class LoftQRun:
 
 
 def plan_loftq(options: LoftQOptions, ck, targets: dict[str, str], modules: dict[str, str], *,
-               base_name: str) -> LoftQRun:
+               base_name: str, provenance=None) -> LoftQRun:
     """Which 4-bit weights get a LoftQ pair, checked before anything is written.
 
     Args:
@@ -159,6 +159,7 @@ def plan_loftq(options: LoftQOptions, ck, targets: dict[str, str], modules: dict
         targets: the quantize plan's weights (stored name -> "linear" | "conv1d").
         modules: stored weight name -> the model's module name (quantize._stored_modules).
         base_name: recorded as the adapter's base_model_name_or_path.
+        provenance: the output's provenance record, written into the adapter's file too.
     """
     chosen = {n: modules[n] for n in targets}
     if options.target_modules:
@@ -174,4 +175,4 @@ def plan_loftq(options: LoftQOptions, ck, targets: dict[str, str], modules: dict
                              f"min(out, in) = {min(shape)} for {list(shape)}", path=ck.path, tensor=name)
     conv = {targets[n] == CONV1D for n in chosen}
     task, _ = adapter_task_type(ck.config, list(chosen.values()))
-    return LoftQRun(options, chosen, conv == {True}, task, base_name)
+    return LoftQRun(options, chosen, conv == {True}, task, base_name, provenance)

@@ -273,7 +273,8 @@ def quantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, qu
     run = None
     if loftq is not None:
         from .loftq_quantize import plan_loftq
-        run = plan_loftq(loftq, ck, plan.targets, _stored_modules(ck, plan.selection), base_name=str(output))
+        run = plan_loftq(loftq, ck, plan.targets, _stored_modules(ck, plan.selection), base_name=str(output),
+                         provenance=record)
     for name in plan.targets:
         info = ck.tensors[name]
         if (plan.dtype or info.dtype) not in FLOAT_DTYPES.values():

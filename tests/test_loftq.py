@@ -11,9 +11,10 @@ import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import LLAMA, run_cli
+from conftest import GPT2, LLAMA, run_cli
 from peft_loftq_cpu import peft_loftq_init
 
 import bitsandbytes as bnb  # noqa: E402  (dependencies: a missing one fails, it does not skip)
@@ -214,6 +215,36 @@ def test_pair_loads_and_is_closer_to_the_dense_model(out16, plain16):
     assert err_pair < 0.9 * err_plain, (err_pair, err_plain)
 
 
+def test_gpt2_conv1d(work):
+    """GPT-2's Conv1D weights ([in, out]) are quantized as the [out, in] Linear transformers makes: the factors
+    are of that orientation (fan_in_fan_out), correct the base, and PEFT loads them on the 4-bit model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = work / "gpt2"
+    summary = quantize(GPT2, out, "--nf4", "--loftq", "--rank", "4")
+    cfg, tensors = adapter(out)
+    assert cfg["fan_in_fan_out"] is True and len(summary["loftq"]["modules"]) == 8
+    ck, src = Checkpoint(out), Checkpoint(GPT2)
+    for r in summary["loftq"]["modules"]:
+        w = src.read(r["name"]).float()  # [in, out]
+        A, B = factors(tensors, r["name"])
+        after = float((w - read_dense(ck, r["name"]).float() - (B @ A).T).norm() / w.norm())
+        assert after == pytest.approx(r["rel_error_after"], rel=1e-4) and after < r["rel_error_before"]
+    ids = IDS.clamp(max=AutoModelForCausalLM.from_pretrained(GPT2).config.vocab_size - 1)
+    dense = AutoModelForCausalLM.from_pretrained(GPT2, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        ref, plain = dense(ids).logits.float(), base(ids).logits.float()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, out, subfolder="loftq_init")
+    assert not [w for w in caught if "keys" in str(w.message).lower()], [str(w.message) for w in caught]
+    with torch.no_grad():
+        pair = model(ids).logits.float()
+    assert float((pair - ref).norm()) < 0.9 * float((plain - ref).norm())
+
+
 # -- options ----------------------------------------------------------------------------------------
 
 def test_target_modules(work):
@@ -225,6 +256,10 @@ def test_target_modules(work):
     assert leaves == ["q_proj", "q_proj", "v_proj", "v_proj"]
     assert sorted(cfg["target_modules"]) == sorted(r["module"] for r in summary["loftq"]["modules"])
     assert len(tensors) == 8
+    meta = safe_open(out / "loftq_init" / "adapter_model.safetensors", "pt").metadata()
+    record = json.loads(meta["loratools"])  # the output's provenance, in the adapter's file too
+    assert record["command"] == "quantize"
+    assert record["options"]["loftq"] == {"rank": 2, "iters": 1, "target_modules": ["q_proj", "v_proj"]}
 
 
 @pytest.mark.parametrize("args, says", [
