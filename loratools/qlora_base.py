@@ -118,11 +118,20 @@ def four_bit_config(config: dict | None) -> dict | None:
     return qc if (qc.get("load_in_4bit") or qc.get("_load_in_4bit")) else None
 
 
+def _config(d: Path) -> dict | None:
+    """A directory's config.json, or None when it is missing or unreadable (detection only reads, never fails)."""
+    try:
+        cfg = json.loads((Path(d) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def named_base(adapter_dir: Path) -> tuple[str | None, Path | None]:
     """(base_model_name_or_path as written, the local directory it names or None)."""
     try:
         name = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return None, None
     if not isinstance(name, str) or not name:
         return None, None
@@ -134,7 +143,7 @@ def named_base(adapter_dir: Path) -> tuple[str | None, Path | None]:
 
 def _from_checkpoint(qdir: Path, base: Checkpoint | None, name: str) -> TrainedOn:
     """What a named 4-bit checkpoint says about the format and the quantized weights."""
-    qc = four_bit_config(json.loads((qdir / "config.json").read_text()))
+    qc = four_bit_config(_config(qdir))
     quant_type = str(qc.get("bnb_4bit_quant_type") or "fp4")  # BitsAndBytesConfig's default type is fp4
     fmt = QuantFormat(quant_type, DEFAULT_BLOCKSIZE, bool(qc.get("bnb_4bit_use_double_quant", False)))
     notes, dtype, targets = [], None, None
@@ -179,7 +188,7 @@ def detect(adapter_paths: list[Path], base: Checkpoint | None) -> TrainedOn:
     found, hints = [], []
     for p in adapter_paths:
         name, qdir = named_base(p)
-        if qdir is not None and four_bit_config(json.loads((qdir / "config.json").read_text())):
+        if qdir is not None and four_bit_config(_config(qdir)):
             found.append(_from_checkpoint(qdir, base, name))
         elif name and qdir is None and _LOOKS_4BIT.search(name):
             hints.append(f"{p} names base {name!r}, which looks like a 4-bit checkpoint but is not on disk: "
@@ -348,7 +357,9 @@ def merge_line(qlora: dict) -> str:
         return ("QLoRA: folded into the 4-bit BASE's dequantized weights, what an adapter trained on it saw (the "
                 "16-bit weights are not given: the other choice's cost is not measured)")
     how = {"adapter": "detected from the adapter's base", "option": "--trained-on"}.get(t["source"], t["source"])
-    if cost.get("tensors"):
+    if qlora.get("cost_error"):
+        stats = f"the other choice's cost is not measured: {qlora['cost_error']}"
+    elif cost.get("tensors"):
         stats = (f"the other base differs by ‖W16 − deq(Q(W16))‖/‖ΔW‖ = median {_g(cost['median'])}, max "
                  f"{_g(cost['max'])} ({cost['max_tensor']}) over {cost['tensors']} merged weights")
     else:
@@ -389,8 +400,12 @@ class MergeBase:
         self.into = ("4-bit base" if ck.is_quantized else "dequantized" if into_dequantized else "16-bit")
         self.qlora = self.trained.quantized or (ck.is_quantized and trained_on not in (None, "auto", "fp"))
         self.view = RequantizedView(ck, self.trained, device) if into_dequantized else DenseView(ck, device)
-        self.targets = (self.view.targets if into_dequantized else
-                        quantized_weights(ck, self.trained) if self.qlora and not ck.is_quantized else {})
+        self.cost_error = None
+        try:
+            self.targets = (self.view.targets if into_dequantized else
+                            quantized_weights(ck, self.trained) if self.qlora and not ck.is_quantized else {})
+        except InputError as e:  # the 16-bit merge itself does not need them: say why the cost is missing
+            self.targets, self.cost_error = {}, e.one_line()
         self.mean_threads = torch.get_num_threads()  # before merge goes single-threaded (double-quant offset)
         self.cost = OtherChoice()
 
@@ -422,7 +437,8 @@ class MergeBase:
         if not self.qlora and self.into == "16-bit":
             return None
         doc = {"trained_on": self.trained.to_json(), "folded_into": self.into,
-               "other_choice": self.cost.summary() if self.into != "4-bit base" else None}
+               "other_choice": self.cost.summary() if self.into != "4-bit base" else None,
+               "cost_error": self.cost_error}
         doc["line"] = merge_line(doc)
         return doc
 

@@ -51,6 +51,24 @@ def test_detected_from_an_adapter_naming_a_4bit_checkpoint(work):
     assert (plain.kind, plain.source) == ("fp", "none")
 
 
+def test_detected_from_a_config_alone(tmp_path):
+    """A named directory with only config.json (bitsandbytes 4-bit, FP4 without double quantization): the format
+    comes from the config, the weights from transformers' selection for BASE, and a note says so."""
+    q = tmp_path / "q"
+    q.mkdir()
+    cfg = json.loads((LLAMA / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
+                                  "bnb_4bit_use_double_quant": False}
+    (q / "config.json").write_text(json.dumps(cfg))
+    ad = shutil.copytree(ADAPTER, tmp_path / "ad")
+    acfg = json.loads((ad / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = "../q"  # relative to the adapter, as written by a user's script
+    (ad / "adapter_config.json").write_text(json.dumps(acfg))
+    t = resolve("auto", [ad], Checkpoint(LLAMA))
+    assert (t.kind, t.fmt.double_quant, t.targets) == ("fp4", False, None)
+    assert any("holds only its config" in n for n in t.notes)
+
+
 def test_hub_name_that_looks_4bit_is_only_a_hint(tmp_path):
     ad = shutil.copytree(ADAPTER, tmp_path / "ad")
     cfg = json.loads((ad / "adapter_config.json").read_text())
