@@ -248,6 +248,12 @@ def convert_initial(adapter, initial, output, *, rank=None, energy=None, sv_rati
     from .io.output import write_adapter_dir
 
     rule = _rule_or_none(rank, energy, sv_ratio, max_rank)
+    for path in (adapter, initial):
+        peft_type = _peft_type(path)
+        if peft_type not in (None, "LORA"):
+            raise UnsupportedError(f"a {peft_type} adapter (peft_type): --initial pairs LoRA adapters (PiSSA, OLoRA, "
+                                   f"CorDA are LoRA initialisations); convert a {peft_type} adapter with --to lora "
+                                   f"--rank R and no --initial", path=Path(path) / "adapter_config.json")
     trained = load_adapter(adapter, base=base)
     init = load_adapter(initial, base=base)
     check_pair(trained, init)
@@ -291,16 +297,22 @@ def convert_initial(adapter, initial, output, *, rank=None, energy=None, sv_rati
                              report_doc=report_doc)
 
 
+def _peft_type(path) -> str | None:
+    """The peft_type of a PEFT adapter directory's config (upper case), None for anything else."""
+    from .io.checkpoint import load_json
+
+    cfg_path = Path(path) / "adapter_config.json"
+    if not cfg_path.is_file():
+        return None
+    cfg = load_json(cfg_path, "adapter_config.json")
+    return (str(cfg.get("peft_type", "")).upper() or None) if isinstance(cfg, dict) else None
+
+
 def convert_typed(adapter, output, *, rank=None, energy=None, sv_ratio=None, max_rank=None, base=None,
                   force: bool = False) -> dict:
     """`convert ADAPTER --to lora` without --initial: a PEFT adapter of another type (typed_to_lora); a LoRA
     whose initialisation changed its base is refused (it needs --initial), a plain LoRA too (it is one)."""
-    from .io.checkpoint import load_json
-
-    cfg_path = Path(adapter) / "adapter_config.json"
-    peft_type = None
-    if cfg_path.is_file():
-        peft_type = str(load_json(cfg_path, "adapter_config.json").get("peft_type", "")).upper() or None
+    peft_type = _peft_type(adapter)
     if peft_type not in (None, "LORA"):
         return typed_to_lora(adapter, output, rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank,
                              base=base, force=force)
@@ -426,7 +438,8 @@ def _typed_deltas(ad: Adapter, base):
         for key, p in plan.tensors.items():
             if p.is_bias:
                 continue
-            w = view.read(p.source).float()
+            # an additive module's delta ignores the base: its weight is not even read
+            w = view.read(p.source).float() if any(not s.module.additive for s in p.steps) else None
             for step in p.steps:
                 m = step.module
                 yield m, m.delta(w if not m.additive else None), key, biases.get(m.name)

@@ -344,5 +344,7 @@ def test_typed_refusals(typed, tmp_path):
     _, r = convert(typed["loha"][0].adapter, tmp_path / "out", expect=2)
     assert "--rank" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+    _, r = convert(typed["loha"][0].adapter, tmp_path / "out", "--initial", typed["loha"][0].adapter, expect=1)
+    assert "LOHA" in r.stderr and "no --initial" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     rep, _ = convert(typed["loha"][0].adapter, tmp_path / "nobase", "--rank", "2")  # additive: no base needed
     assert rep["peft_type"] == "LOHA" and rep["r"] == 2
