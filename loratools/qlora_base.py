@@ -398,7 +398,7 @@ class MergeBase:
         self.trained = resolve(trained_on, adapter_paths, ck)
         self.device = device
         self.into = ("4-bit base" if ck.is_quantized else "dequantized" if into_dequantized else "16-bit")
-        self.qlora = self.trained.quantized or (ck.is_quantized and trained_on not in (None, "auto", "fp"))
+        self.qlora = self.trained.quantized  # (a 4-bit BASE resolves to "fp": it is read dequantized as it is)
         self.view = RequantizedView(ck, self.trained, device) if into_dequantized else DenseView(ck, device)
         self.cost_error = None
         try:
@@ -433,7 +433,7 @@ class MergeBase:
         return {"into_dequantized": fmt} if isinstance(self.view, RequantizedView) else {"trained_on": fmt}
 
     def summary(self) -> dict | None:
-        """The summary's "qlora" object (None when nothing says the adapters saw a 4-bit base)."""
+        """The summary's "qlora" object: None for a 16-bit merge of adapters nothing says saw a 4-bit base."""
         if not self.qlora and self.into == "16-bit":
             return None
         doc = {"trained_on": self.trained.to_json(), "folded_into": self.into,
