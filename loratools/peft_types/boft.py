@@ -185,7 +185,8 @@ def parse(parts, shared, cfg, where) -> dict[str, BoftModule]:
     return out
 
 
-TYPE = PeftType("BOFT", LEAVES + ("weight",), parse, config_keys=("boft_block_size", "boft_block_num", "boft_n_butterfly_factor"))
+TYPE = PeftType("BOFT", LEAVES + ("weight",), parse,
+                config_keys=("boft_block_size", "boft_block_num", "boft_n_butterfly_factor"))
 
 
 __all__ = ["BoftModule", "TYPE", "butterfly_perm", "cayley", "check_shapes", "merge", "parse", "rotation", "unmerge"]

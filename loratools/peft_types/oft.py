@@ -1,10 +1,11 @@
-"""PEFT's OFT arithmetic (tuners/oft, PEFT 0.21.2): the stored `oft_R` vectors -> the block-diagonal
-rotation R, and merging R into / out of a float32 weight. Pure tensor functions; no file plumbing.
+"""PEFT's OFT (tuners/oft, PEFT 0.21.2): the stored `oft_R` vectors -> the block-diagonal rotation R and
+merging R into / out of a float32 weight (pure tensor functions), then the typed module and its parser
+(peft_types/base.py's interface).
 
 Saved keys (PEFT strips the adapter name):
     base_model.model.<module>.oft_R.weight              [r, b(b-1)/2]   nn.Linear (r = 1 with block_share)
     base_model.model.<module>.oft_embedding_R.weight    [r, b(b-1)/2]   nn.Embedding
-    base_model.model.<module>.base_layer.weight          the embedding, saved whole (as for LoRA)
+    base_model.model.<module>.base_layer.weight          an embedding or tied head, saved whole (as for LoRA)
 Each row is the strict upper triangle (torch.triu_indices order) of one skew-symmetric b x b block Q.
 The tensor alone fixes b (from its width) and the number of blocks in_features / b; PEFT refuses other
 layer kinds (GPT-2's Conv1D, Conv2d for LLM checkpoints here) and so do we.
@@ -240,7 +241,11 @@ def _settings(cfg: dict, where) -> OftSettings:
     if "oft_block_size" not in cfg:  # PEFT's OFTConfig.check_kwargs refuses these (OFT before PEFT 0.14)
         raise UnsupportedError("OFT adapter_config.json has no oft_block_size: an OFT adapter from before "
                                "PEFT 0.14, which PEFT 0.21 no longer loads", path=where)
-    s = OftSettings.from_config(cfg)
+    try:
+        s = OftSettings.from_config(cfg)
+    except (TypeError, ValueError):
+        raise FormatError(f"OFT settings {', '.join(DEFAULTS)} must be booleans and numbers, found "
+                          f"{ {k: cfg.get(k) for k in DEFAULTS} }", path=where) from None
     if s.num_cayley_neumann_terms < 1 or s.eps <= 0:
         raise FormatError(f"num_cayley_neumann_terms must be >= 1 and eps > 0, found "
                           f"{s.num_cayley_neumann_terms} and {s.eps}", path=where)
@@ -305,5 +310,5 @@ TYPE = PeftType("OFT", ("weight", "oft_R.weight", "oft_embedding_R.weight"), par
                 config_keys=tuple(DEFAULTS) + ("oft_block_size", "r"))
 
 
-__all__ = ["DEFAULTS", "OftModule", "OftSettings", "TYPE", "block_size_of", "cayley", "check_shape", "merge", "orthogonality_error",
-           "parse", "project", "regroup", "rotation", "skew", "unmerge"]
+__all__ = ["DEFAULTS", "OftModule", "OftSettings", "TYPE", "block_size_of", "cayley", "check_shape", "merge",
+           "orthogonality_error", "parse", "project", "regroup", "rotation", "skew", "unmerge"]
