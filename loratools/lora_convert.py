@@ -66,9 +66,10 @@ MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
 
 # -- pure tensor functions -------------------------------------------------------------------------------
 
-def alpha_factor(use_rslora: bool) -> float:
-    """What every alpha is multiplied by when r doubles, so that the scale stays (Note: PEFT's rank-2r form)."""
-    return 2 ** 0.5 if use_rslora else 2.0
+def alpha_factor(use_rslora: bool) -> float | int:
+    """What every alpha is multiplied by when r doubles, so that the scale stays (Note: PEFT's rank-2r form);
+    the int 2 without rsLoRA, so that an integer alpha stays one in the JSON, as in PEFT's."""
+    return 2 ** 0.5 if use_rslora else 2
 
 
 def stack_initial(m: LoraModule, m0: LoraModule, use_rslora: bool) -> LoraModule:

@@ -88,7 +88,7 @@ def test_equals_peft_converted_adapter(pairs, tmp_path, init):
     c_peft = json.loads((root / "converted/adapter_config.json").read_text())
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights",
                 "target_modules"):
-        assert c_ours[key] == c_peft[key], key
+        assert c_ours[key] == c_peft[key] and type(c_ours[key]) is type(c_peft[key]), key
     assert rep["r"] == 8 and all(r["rank"] == 8 and r["svd"] == "exact" for r in rep["modules"])
 
 
