@@ -89,6 +89,13 @@ def out16(work):
 
 
 @pytest.fixture(scope="module")
+def targets16(work):
+    """One iteration, rank 2, on q_proj and v_proj only."""
+    out = work / "targets"
+    return out, quantize(LLAMA, out, "--nf4", "--loftq", "--rank", "2", "--target-modules", "q_proj,v_proj")
+
+
+@pytest.fixture(scope="module")
 def plain16(work):
     out = work / "plain16"
     quantize(LLAMA, out, "--nf4")
@@ -148,15 +155,14 @@ def test_default_format_is_peft_loop_on_the_written_quantizer(out16):
         torch.testing.assert_close(B, d["L"], rtol=0, atol=0)
 
 
-def test_one_iteration_writes_plain_quantize_base(work, plain16):
-    """--iters 1 quantizes W itself: the base is byte for byte `quantize --nf4`'s."""
-    out = work / "iters1"
-    summary = quantize(LLAMA, out, "--nf4", "--loftq", "--rank", "2")
+def test_one_iteration_writes_plain_quantize_base(targets16, plain16):
+    """--iters 1 quantizes W itself: the base is byte for byte `quantize --nf4`'s (targeted or not)."""
+    out, summary = targets16
     a, b = Checkpoint(out), Checkpoint(plain16)
     assert sorted(a.tensors) == sorted(b.tensors)
     for n in a.tensors:
-        assert torch.equal(a.read(n).view(torch.uint8) if a.read(n).dtype != torch.uint8 else a.read(n),
-                           b.read(n).view(torch.uint8) if b.read(n).dtype != torch.uint8 else b.read(n)), n
+        x, y = a.read(n), b.read(n)
+        assert x.dtype == y.dtype and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)), n
     assert json.loads((out / "config.json").read_text()) == json.loads((plain16 / "config.json").read_text())
     for r in summary["loftq"]["modules"]:
         assert r["rel_error_base"] == r["rel_error_before"] > r["rel_error_after"]
@@ -247,9 +253,8 @@ def test_gpt2_conv1d(work):
 
 # -- options ----------------------------------------------------------------------------------------
 
-def test_target_modules(work):
-    out = work / "targets"
-    summary = quantize(LLAMA, out, "--nf4", "--loftq", "--rank", "2", "--target-modules", "q_proj,v_proj")
+def test_target_modules(targets16):
+    out, summary = targets16
     cfg, tensors = adapter(out)
     assert summary["total"]["quantized_tensors"] == 14
     leaves = sorted(r["module"].rsplit(".", 1)[1] for r in summary["loftq"]["modules"])
