@@ -238,6 +238,7 @@ class Streamed:
         self.peak_block_bytes = 0
         self.model_name = type(model).__name__
         self.lazy = True  # large non-block weights (embeddings, head) loaded only while their module runs
+        self.allocated_at_load: list[int] = []  # CUDA: bytes allocated as each block starts loading
 
     def rebind(self) -> None:
         """Find the placeholders again after PEFT wrapped the model; those PEFT replaced (a base layer the
@@ -295,6 +296,8 @@ class Streamed:
         hooks = []
         for i, (name, block) in enumerate(self.blocks):
             def pre(_m, _args, i=i):
+                if self.device.type == "cuda":  # the previous block must be gone by now (tests/test_validate_streamed)
+                    self.allocated_at_load.append(torch.cuda.memory_allocated(self.device))
                 resident[0] += 1
                 self.max_resident = max(self.max_resident, resident[0])
                 self.peak_block_bytes = max(self.peak_block_bytes, load(per_block[i]))
