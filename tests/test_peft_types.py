@@ -43,7 +43,8 @@ def _configs():
         # decompose_both and r=2: w1 and w2 as factor pairs; down_proj at r=8: w2 whole (lokr_w2)
         "llama-lokr": (LLAMA, LoKrConfig(r=2, alpha=6, target_modules=LT, decompose_both=True,
                                          rank_pattern={"down_proj": 8}), None),
-        "llama-vera": (LLAMA, VeraConfig(r=8, target_modules=LT, save_projection=True), None),
+        "llama-vera": (LLAMA, VeraConfig(r=8, target_modules=LT, save_projection=True, modules_to_save=["lm_head"]),
+                       None),  # (a module saved whole beside the typed ones)
         "llama-vera-prng": (LLAMA, VeraConfig(r=8, target_modules=LT, save_projection=False,
                                               projection_prng_key=7), None),
         "llama-adalora": (LLAMA, AdaLoraConfig(init_r=6, target_r=4, total_step=10, lora_alpha=4,
@@ -109,6 +110,8 @@ def test_merge_equals_peft_bit_for_bit(cases, merged, name):
     n_modules = len({k.rsplit(".", 2)[0] for k in load_file(case.adapter / "adapter_model.safetensors")
                      if k.startswith("base_model.model.")})
     assert len({k for k in changed if k.endswith(".weight")}) >= n_modules - 1  # (AdaLoRA: one module at rank 0)
+    if name == "llama-vera":  # modules_to_save: the head replaced whole
+        assert "lm_head.weight" in changed
     if name == "gpt2-ia3":  # the non-feed-forward layers' biases are scaled too (c_attn, c_fc; 2 layers)
         assert {k for k in changed if k.endswith(".bias")} == {f"transformer.h.{i}.{m}.bias" for i in (0, 1)
                                                                 for m in ("attn.c_attn", "mlp.c_fc")}
