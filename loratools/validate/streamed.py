@@ -9,8 +9,9 @@ How (one mechanism for every family transformers builds):
   device and dtype it attaches to, and a weight used without being loaded poisons the output (caught)
   instead of being silently random.
 - The repeated blocks are the children of the outermost `nn.ModuleList`s holding parameters (decoder layers;
-  an encoder-decoder's encoder then decoder layers). Everything else (embeddings, final norm, head) is read
-  once, up front. A forward pre-hook on each block reads that block's tensors from disk (`TensorSource`), a
+  an encoder-decoder's encoder then decoder layers). The large non-block weights (embeddings, head) load
+  only while their own module runs, the small ones (norms) for the pass (Note: lazy non-block weights). A
+  forward pre-hook on each block reads that block's tensors from disk (`TensorSource`), a
   forward hook hands its output hidden states on and puts the placeholders back, so the block's weights are
   freed before the next block loads: never two blocks resident (`Streamed.max_resident` says so).
 - The model's own forward runs (fw.run_outputs), so every family's wiring (rotary, masks, cross-attention,
@@ -20,8 +21,8 @@ How (one mechanism for every family transformers builds):
 
 Stored names reach model parameters through key_layout (renamed and fused-expert layouts); a 4-bit checkpoint
 is read through quantized.DenseView (dequantized as bitsandbytes does). `TensorSource.read_stored` is the one
-place a stored tensor is read: a subclass changes where a reference's base weights come from (streamed_interface
-in docs/validate.md).
+place a stored tensor is read: a subclass changes where a reference's base weights come from (trained_on.py's
+NF4-dequantized base; docs/validate.md, "Streamed forward passes").
 """
 from __future__ import annotations
 
