@@ -31,7 +31,7 @@ import torch
 from .adapter import LoraModule, adapter_config, adapter_tensors
 from .bnb4bit import dequantize_weight, quantize_weight_measured
 from .device import torch_threads
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .extract import module_matches
 from .hf_layout import CONV1D
 from .io.output import write_adapter_files
@@ -90,6 +90,7 @@ class LoftQRun:
     conv1d: bool  # the targets are GPT-2 Conv1D weights (fan_in_fan_out adapter)
     task_type: str | None
     base_name: str
+    source: str  # the input checkpoint, named in errors
     provenance: object = None  # the base's io.provenance.Provenance: the adapter file carries the same record
     modules: dict[str, LoraModule] = field(default_factory=dict)
     rows: list[_Row] = field(default_factory=list)
@@ -99,6 +100,9 @@ class LoftQRun:
         (stored tensors, QuantState, err_sq and ref_sq of the written base against the weight)."""
         def run(w: torch.Tensor, fmt, *, conv1d: bool, device: torch.device, threads: int):
             x = w.to(device)
+            if not bool(torch.isfinite(x).all()):  # the SVD would fail with a LAPACK error
+                raise InputError("non-finite values (inf or NaN): LoftQ's SVD needs a finite weight",
+                                 path=self.source, tensor=name)
             if conv1d:
                 x = x.t().contiguous()  # the [out, in] weight transformers quantizes (quantize.quantize_tensor)
 
@@ -175,4 +179,4 @@ def plan_loftq(options: LoftQOptions, ck, targets: dict[str, str], modules: dict
                              f"min(out, in) = {min(shape)} for {list(shape)}", path=ck.path, tensor=name)
     conv = {targets[n] == CONV1D for n in chosen}
     task, _ = adapter_task_type(ck.config, list(chosen.values()))
-    return LoftQRun(options, chosen, conv == {True}, task, base_name, provenance)
+    return LoftQRun(options, chosen, conv == {True}, task, base_name, str(ck.path), provenance)

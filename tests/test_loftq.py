@@ -267,6 +267,21 @@ def test_target_modules(targets16):
     assert record["options"]["loftq"] == {"rank": 2, "iters": 1, "target_modules": ["q_proj", "v_proj"]}
 
 
+def test_non_finite_weight_is_named(tmp_path):
+    src = tmp_path / "inf"
+    shutil.copytree(LLAMA, src)
+    name = "model.layers.1.mlp.up_proj.weight"
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][3, 5] = float("inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    out = tmp_path / "o"
+    res = run_cli("quantize", src, "-o", out, "--nf4", "--loftq", "--rank", "2", expect=1)
+    assert name in res.stderr and "non-finite" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["inf"]
+
+
 @pytest.mark.parametrize("args, says", [
     (["--nf4", "--loftq", "--rank", "0"], "rank"),
     (["--loftq", "--rank", "4"], "--nf4"),
