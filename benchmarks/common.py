@@ -34,6 +34,9 @@ PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 # hidden 2048, 12 layers, MLP 5632, vocab 32000: 0.75B parameters, 1.5 GB in fp16
 SIZES = {
+    # Llama-2-7B's shapes: 6.7B parameters, 13.5 GB in fp16 (benchmarks/scale.py; "7b" is the same model)
+    "6.7b": dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, heads=32),
+    "7b": dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, heads=32),
     "0.75b": dict(hidden=2048, layers=12, intermediate=5632, vocab=32000, heads=16),
     "0.35b": dict(hidden=2048, layers=4, intermediate=5632, vocab=32000, heads=16),
     "0.1b": dict(hidden=1024, layers=6, intermediate=2816, vocab=16000, heads=8),

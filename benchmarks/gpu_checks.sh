@@ -9,7 +9,8 @@
 #              0.01% of the optimum, docs/extract.md)
 #   validate   exit 0 on every correct merge / quantized model, on both devices, and the same verdicts
 #     bash benchmarks/gpu_checks.sh          # JSON reports land in $OUT (default /tmp/loratools-gpu)
-#     GPU=cpu SKIP_TESTS=1 SIZE=tiny bash benchmarks/gpu_checks.sh   # the script end to end without a GPU
+#     GPU=cpu SKIP_TESTS=1 SIZE=tiny SCALE_SIZE=tiny bash benchmarks/gpu_checks.sh   # end to end without a GPU
+#   scale      benchmarks/scale.py on the CPU with 1, 2 and all threads, then on the device (SKIP_SCALE=1 skips it)
 # Needs torch with CUDA, transformers, peft and bitsandbytes importable, and loratools on PYTHONPATH.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/loratools-gpu}; mkdir -p "$OUT"
@@ -118,6 +119,23 @@ for f in v vq vf-llama-lora vf-llama-dora vf-gpt2-lora; do
   [ "$c" = True ] && [ "$g" = True ] || fail "validate $f: passed cpu=$c $GPU=$g"
 done
 (cd $W && tar czf $OUT/validate-json.tgz *.json)
+
+if [ -z "$SKIP_SCALE" ]; then
+  # issue #19: every core, and the device, against the copy+sync floor (benchmarks/scale.py); each run's
+  # outputs must be byte-identical for every thread count (a FAIL otherwise). SCALE_SIZE=7b on a disk
+  # with ~45 GB free; its JSON lands in $OUT.
+  SCALE_SIZE=${SCALE_SIZE:-0.75b}; NPROC=$(nproc)
+  echo "== scale on the CPU: $SCALE_SIZE, threads 1 2 $NPROC"
+  timeout 1500 python3 benchmarks/scale.py --size $SCALE_SIZE --threads 1 2 $NPROC --repeat 1 --work $W/scale \
+    --ops merge unmerge quantize dequantize convert --json $OUT/scale-cpu.json > $OUT/scale-cpu.txt 2>&1
+  rc=$?; grep -v '^{' $OUT/scale-cpu.txt | grep -v '^  run'; [ $rc -eq 0 ] || fail "scale.py on the CPU: exit $rc"
+  if [ "$GPU" = cuda ]; then
+    echo "== scale on $GPU: $SCALE_SIZE"
+    timeout 900 python3 benchmarks/scale.py --size $SCALE_SIZE --threads $NPROC --repeat 1 --work $W/scale \
+      --ops merge unmerge quantize dequantize --device cuda --json $OUT/scale-cuda.json > $OUT/scale-cuda.txt 2>&1
+    rc=$?; grep -v '^{' $OUT/scale-cuda.txt | grep -v '^  run'; [ $rc -eq 0 ] || fail "scale.py on $GPU: exit $rc"
+  fi
+fi
 
 if [ $FAILED -ne 0 ]; then echo "gpu_checks: FAILED"; exit 1; fi
 echo "gpu_checks: all checks passed"

@@ -33,6 +33,7 @@ from functools import lru_cache
 
 import torch
 
+from . import parallel
 from .dtypes import FLOAT_DTYPES
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -175,7 +176,7 @@ def _pack(q: torch.Tensor) -> torch.Tensor:
 
 
 def _map_chunks(fn, starts: list[int], workers: int) -> list:
-    """fn over chunk starts, in order; on a thread pool when workers > 1 (torch ops release the GIL).
+    """fn over chunk starts, in order; on parallel.py's thread pool when workers > 1.
 
     Note: workers.
         Each chunk is a dozen short torch ops; splitting every op over threads (torch's intra-op
@@ -183,16 +184,7 @@ def _map_chunks(fn, starts: list[int], workers: int) -> list:
         separate threads, each running its ops single-threaded, keep the cores busy instead. Results
         come back in chunk order, so sums over chunks are deterministic.
     """
-    if workers <= 1 or len(starts) <= 1:
-        return [fn(s) for s in starts]
-    return list(_pool(workers).map(fn, starts))
-
-
-@lru_cache(maxsize=4)
-def _pool(workers: int):
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(workers, thread_name_prefix="loratools-4bit")
+    return parallel.map_ordered(fn, starts, workers)
 
 
 def blockwise_absmax(w: torch.Tensor, blocksize: int, workers: int = 1) -> torch.Tensor:
@@ -226,7 +218,7 @@ def _encode(w: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: s
     n = flat.numel()
     full = n - n % blocksize
     order = _device_tables(quant_type, str(w.device))[2]
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    packed = parallel.pooled_empty(((n + 1) // 2,), torch.uint8, w.device)
     table = None
     if measure is not None:  # dequantization table in sorted order: a position indexes it directly
         _, sorted_order = _bounds_cpu(quant_type)
@@ -317,8 +309,9 @@ def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, start: int, blocks
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, *, blocksize: int, quant_type: str,
-                    shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                    shape: tuple[int, ...], dtype: torch.dtype, workers: int | None = None) -> torch.Tensor:
     """Inverse of quantize_4bit: table[nibble] * absmax[block] in float32, one rounding to `dtype`.
+    The chunks go to `workers` threads (default parallel.cpu_workers); the bytes do not depend on it.
 
     Bit-identical to bitsandbytes.functional.dequantize_4bit (its CPU kernel computes the same float32
     product and rounds to nearest even; so does its CUDA kernel).
@@ -331,12 +324,15 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, *, blocksize: in
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     absmax = absmax.float()
-    out = torch.empty(n, dtype=dtype, device=packed.device)
-    for start in range(0, n, CHUNK):
+    out = parallel.pooled_empty((n,), dtype, packed.device)
+
+    def chunk(start):
         stop = min(start + CHUNK, n)
         byte = flat[start // 2: (stop + 1) // 2]
         values = torch.index_select(pairs, 0, byte.int()).view(-1)[: stop - start]
         out[start:stop] = _scale_blocks(values, absmax, start, blocksize).to(dtype)
+
+    _map_chunks(chunk, list(range(0, n, CHUNK)), parallel.cpu_workers(packed.device) if workers is None else workers)
     return out.reshape(shape)
 
 

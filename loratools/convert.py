@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from . import parallel
+from .device import torch_threads
 from .dtypes import FLOAT_DTYPES, cast_floats
 from .errors import InputError
 from .io import Checkpoint, TensorSpec, config_with_dtype, provenance
@@ -46,13 +48,14 @@ def convert_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, dty
     config = config_with_dtype(ck.config, dtype) if ck.config is not None and dtype != "auto" else None
 
     def tensors():
-        for name, t in ck.iter_tensors():
-            yield name, t.to(plan[name].dtype)
+        for name, t in ck.prefetched(ck.keys()):  # the next tensor is read while this one is cast
+            yield name, parallel.cast(t, plan[name].dtype)  # on every core (parallel.py)
 
-    summary = write_checkpoint(
-        output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
-        config=config, provenance=provenance("convert", {"dtype": dtype, "max_shard_size": max_shard_size},
-                                           {"checkpoint": src}),
-        max_shard_size=max_shard_size, on_tensor=on_tensor)
+    with torch_threads(1, torch.device("cpu")):
+        summary = write_checkpoint(
+            output, inputs=[src], force=force, specs=specs, tensors=tensors(), side_files=ck.non_weight_files(),
+            config=config, provenance=provenance("convert", {"dtype": dtype, "max_shard_size": max_shard_size},
+                                               {"checkpoint": src}),
+            max_shard_size=max_shard_size, on_tensor=on_tensor)
     summary["tensors"] = len(specs)
     return summary

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import parallel
+
 if TYPE_CHECKING:
     from .adapter import LoraModule
 
@@ -275,17 +277,28 @@ def _row_blocks(t: torch.Tensor) -> list[slice]:
     return [slice(r, starts[i + 1] if i + 1 < len(starts) else rows) for i, r in enumerate(starts)]
 
 
-def _merge_one_plain(w0: torch.Tensor, step: Step, device, out_dtype, ws: Workspace) -> torch.Tensor:
-    """W + ΔW and the cast, block by block: the common case (one plain LoRA adapter)."""
-    m, weight = step.module, step.weight
+def _plain_blocks(w0: torch.Tensor, steps: list[Step], device, out_dtype, ws: Workspace,
+                  undo: bool = False) -> torch.Tensor | None:
+    """W ± ΣΔW (plain LoRA steps, in order; unmerge: reversed) and the cast, block by block, the blocks
+    spread over threads (parallel.py); None when the steps need the whole-tensor path (several steps
+    whose deltas are not taken by rows)."""
     blocks = _row_blocks(w0)
-    by_rows = len(blocks) > 1 and not stored_transposed(m.kind, m.fan_in_fan_out)
-    if not by_rows:
-        d = lora_delta(m, weight, device, ws)  # one whole-matrix product
-    out = torch.empty(w0.shape, dtype=out_dtype, device=w0.device)
-    for rows in blocks:
+    by_rows = len(blocks) > 1 and all(not stored_transposed(s.module.kind, s.module.fan_in_fan_out)
+                                      and s.module.kind != "experts" for s in steps)
+    if not by_rows and len(steps) > 1:
+        return None
+    d = None if by_rows else lora_delta(steps[0].module, steps[0].weight, device, ws)  # one whole-matrix product
+    order = list(reversed(steps)) if undo else steps
+    workers = parallel.cpu_workers(w0.device) if len(blocks) > 1 else 1
+    out = parallel.pooled_empty(w0.shape, out_dtype, w0.device)
+
+    def block(rows):
+        # each block's ops in the serial order, on one thread: the same bits for any number of workers
+        bws = ws if workers == 1 else parallel.thread_local(Workspace)
         blk = w0[rows]
-        if by_rows:
+        acc = bws.get("acc", blk.shape, device)
+        acc.copy_(blk)
+        for s in order:
             # Note: row blocks of B @ A.
             #     Each element of B @ A is one rank-long dot product. The CPU kernels compute it the same
             #     way whatever the number of rows in the call, except for calls of fewer than 4 rows
@@ -293,13 +306,14 @@ def _merge_one_plain(w0: torch.Tensor, step: Step, device, out_dtype, ws: Worksp
             #     whole product's rows (tests/test_merge.py checks it on awkward shapes; benchmarks/merge.py
             #     on all 84 weights against PEFT). The float32 delta then never exists at full size: 46 MB
             #     less memory and one pass less over it for a 5632 x 2048 weight.
-            d_blk = lora_delta(m, weight, device, ws, rows)
-        else:
-            d_blk = d[rows]
-        acc = ws.get("acc", blk.shape, device)
-        acc.copy_(blk)
-        acc += d_blk
+            d_blk = lora_delta(s.module, s.weight, device, bws, rows) if by_rows else d[rows]
+            if undo:
+                s.variant.unmerge(acc, d_blk, s.module, None)
+            else:
+                s.variant.merge(acc, blk, d_blk, s.module)
         out[rows] = acc
+
+    parallel.map_ordered(block, blocks, workers)
     return out
 
 
@@ -312,8 +326,10 @@ def merge_weight(base: torch.Tensor, steps: list[Step], device="cpu", out_dtype=
         return _typed_weight(base, steps, device, out_dtype, undo=False), [None] * len(steps)
     ws = ws or Workspace()
     w0 = base.to(device)
-    if len(steps) == 1 and not steps[0].dora:
-        return _merge_one_plain(w0, steps[0], device, out_dtype, ws), [None]
+    if all(s.variant is PLAIN_LORA for s in steps):
+        out = _plain_blocks(w0, steps, device, out_dtype, ws)
+        if out is not None:
+            return out, [None] * len(steps)
     acc = ws.get("acc", w0.shape, device)
     acc.copy_(w0)
     norms = [s.variant.merge(acc, w0, lora_delta(s.module, s.weight, device, ws), s.module) for s in steps]
@@ -328,6 +344,10 @@ def unmerge_weight(merged: torch.Tensor, steps: list[Step], norms: list, device=
         return _typed_weight(merged, steps, device, out_dtype, undo=True)
     ws = ws or Workspace()
     m = merged.to(device)
+    if all(s.variant is PLAIN_LORA for s in steps):
+        out = _plain_blocks(m, steps, device, out_dtype, ws, undo=True)
+        if out is not None:
+            return out
     acc = ws.get("acc", m.shape, device)
     acc.copy_(m)
     for s, norm in zip(reversed(steps), reversed(norms)):

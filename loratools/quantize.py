@@ -34,6 +34,7 @@ from typing import Callable, ContextManager, Iterator
 
 import torch
 
+from . import parallel
 from .bnb4bit import BLOCKSIZES, QUANT_STATE_PREFIX, QUANT_TYPES, QuantState, quantize_weight_measured
 from .device import resolve_device, torch_threads
 from .dtypes import FLOAT_DTYPES, cast_floats
@@ -112,7 +113,7 @@ def quantize_tensor(w: torch.Tensor, fmt: QuantFormat, *, conv1d: bool, device: 
     x = w.to(device)
     if conv1d:
         x = x.t().contiguous()  # Conv1D [in, out] is quantized as the Linear it becomes, [out, in]
-    workers = threads if x.device.type == "cpu" and torch.get_num_threads() == 1 else 1
+    workers = parallel.cpu_workers(x.device, threads)  # LORATOOLS_THREADS caps it; the offset keeps `threads`
     stored, qs, (err, ref) = quantize_weight_measured(x, quant_type=fmt.quant_type, blocksize=fmt.blocksize,
                                                       double_quant=fmt.double_quant, workers=workers,
                                                       mean_threads=threads)
@@ -419,14 +420,15 @@ def dequantize_checkpoint(src: str | os.PathLike, output: str | os.PathLike, *, 
         if dtype:
             config = config_with_dtype(config, dtype)
 
+    def read(name: str) -> torch.Tensor:
+        if view.quant_state(name) is not None:
+            return view.read(name, dtype=target).cpu()
+        t = view.read(name)
+        return t.to(cast_floats(t.dtype, target))
+
     def tensors():
-        for name in view.specs:
-            if view.quant_state(name) is not None:
-                t = view.read(name, dtype=target).cpu()
-            else:
-                t = view.read(name)
-                t = t.to(cast_floats(t.dtype, target))
-            yield name, t
+        # the next tensor is read and dequantized on a reader thread while this one is written
+        yield from parallel.prefetch(read, view.specs)
         view.close()
 
     with single_threaded_torch(dev):

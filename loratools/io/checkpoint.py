@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import FormatError, InputError, UnsupportedError
+from ..parallel import pooled_empty
 from .safetensors_format import TensorInfo, read_header, read_tensor
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -219,8 +220,9 @@ class Checkpoint:
         except KeyError:
             raise InputError("tensor not found", path=self.path, tensor=name) from None
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, read into its own buffer. Keeps only the current shard open."""
+    def read(self, name: str, pooled: bool = False) -> torch.Tensor:
+        """One tensor, read into its own buffer (`pooled`: a recycled one, see parallel.py Note: page
+        faults). Keeps only the current shard open."""
         info = self.info(name)
         if self._fh_name != info.file:
             self.close()
@@ -229,7 +231,7 @@ class Checkpoint:
             except OSError as e:
                 raise InputError(f"cannot open: {e.strerror}", path=info.file) from None
             self._fh_name = info.file
-        return read_tensor(info, self._fh)
+        return read_tensor(info, self._fh, pooled_empty if pooled else None)
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) in on-disk order, so each shard is opened once and read forward."""
@@ -249,7 +251,8 @@ class Checkpoint:
         names = list(names)
 
         with ThreadPoolExecutor(1, thread_name_prefix="loratools-read") as pool:
-            read = self.read
+            def read(name):
+                return self.read(name, pooled=True)
             pending = pool.submit(read, names[0]) if names else None
             try:
                 for i, name in enumerate(names):

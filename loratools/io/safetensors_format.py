@@ -152,9 +152,10 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return ordered, metadata
 
 
-def read_tensor(info: TensorInfo, fh: BinaryIO | None = None) -> torch.Tensor:
-    """Read one tensor into a fresh CPU buffer (no mmap; see the module note)."""
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+def read_tensor(info: TensorInfo, fh: BinaryIO | None = None, empty=None) -> torch.Tensor:
+    """Read one tensor into a fresh CPU buffer (no mmap; see the module note); `empty(shape, dtype)`
+    makes that buffer when given (parallel.pooled_empty: a recycled one)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8) if empty is None else empty((info.nbytes,), torch.uint8)
     own = fh is None
     try:
         if own:
