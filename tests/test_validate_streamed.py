@@ -156,6 +156,25 @@ def test_lazy_embeddings_and_head_agree(name, all_lazy, tmp_path):
     assert s["comparisons"][-1]["passed"]
 
 
+def test_4bit_base_is_read_dequantized(tmp_path):
+    """A QLoRA merge against a bitsandbytes NF4 base: the streamed passes read the base through loratools'
+    dequantization (bit-identical to bitsandbytes') and give the whole-model verdict. Their numbers are closer
+    than the whole path's, which runs bitsandbytes' Linear4bit in its compute dtype."""
+    q, m = tmp_path / "nf4", tmp_path / "merged"
+    run_cli("quantize", LLAMA, "-o", q, "--nf4", "--no-sync")
+    run_cli("merge", q, ADAPTER, "-o", m, "--no-sync")
+    s = validate(q, [ADAPTER], merged=m, stream=True, **SMALL)
+    w = validate(q, [ADAPTER], merged=m, stream=False, **SMALL)
+    assert s["passed"] and w["passed"] and s["stream"]["streamed"], (s["summary"], w["summary"])
+    sm, wm = ({c["name"]: c for c in r["comparisons"]} for r in (s, w))
+    assert sm["merged"]["rel_err"] <= wm["merged"]["rel_err"]
+    assert sm["adapters"]["rel_err"] == pytest.approx(wm["adapters"]["rel_err"], rel=0.05)
+    bad = corrupt_block(m, tmp_path / "bad", 1)
+    s = validate(q, [ADAPTER], merged=bad, stream=True, **SMALL)
+    assert not s["passed"] and {c["name"]: c for c in s["comparisons"]}["merged"]["divergence"][
+        "first_divergence"] == "model.layers.1"
+
+
 # -- a wrong merge is caught, and where --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -271,6 +290,10 @@ def test_plot(merged, tmp_path):
     r = run_cli("validate", LLAMA, ADAPTER, "--merged", merged, "--plot", out, "--batch", "2", "--seq-len", "16")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "model.layers.1" in r.stderr  # the per-block table
+    r = run_cli("validate", LLAMA, ADAPTER, "--merged", merged, "--plot", out, "--static-only", expect=2)
+    assert "drop --static-only" in r.stderr
+    r = run_cli("validate", LLAMA, "--plot", tmp_path / "none.png", "--batch", "2", "--seq-len", "16", "--json")
+    assert json.loads(r.stdout)["plot_skipped"] and not (tmp_path / "none.png").exists()
 
 
 # -- CUDA (skipped where there is none; benchmarks/gpu_checks.sh runs it on a GPU) ---------------------------------

@@ -64,18 +64,25 @@ def command(base, adapters, merged, tuned, quantized, weights, device, dtype, ba
     from ..validate import failure, validate
 
     if plot is not None:
+        from ..errors import UsageError
         from ..validate.plot import require_matplotlib
 
+        if static_only:
+            raise UsageError("--plot draws the forward passes' per-block divergence: drop --static-only")
         require_matplotlib()  # before the work, not after it
     log = info if sys.stderr.isatty() else None
     report = validate(base, adapters, merged=merged, tuned=tuned, quantized=quantized, weights=list(weights),
                       device=device, dtype=dtype, batch=batch, seq_len=seq_len, seed=seed, atol=atol, rtol=rtol,
                       min_carried=min_carried, static_only=static_only, trained_on=trained_on,
                       stream=stream, plot=plot is not None, log=log)
-    if plot is not None and report["comparisons"]:
-        from ..validate.plot import write_plot
+    if plot is not None:
+        from ..validate.plot import drawable, write_plot
 
-        report["plot"] = str(write_plot(report, plot))
+        why_not = drawable(report)
+        report["plot"] = str(write_plot(report, plot)) if why_not is None else None
+        if why_not is not None:
+            report["plot_skipped"] = why_not
+            info(f"--plot: nothing drawn, {why_not}")
     err = failure(report)
     if as_json:
         if err is not None:

@@ -18,6 +18,19 @@ def require_matplotlib() -> None:
                          "(or pip install matplotlib)") from None
 
 
+def drawable(report: dict) -> str | None:
+    """None when the report has per-block rows to draw, else why not (the forward passes were skipped, or
+    no merged/tuned candidate was streamed)."""
+    if any((c.get("divergence") or {}).get("blocks") for c in report.get("comparisons", [])):
+        return None
+    if report.get("forward_skipped"):
+        return f"the forward passes were skipped ({report['forward_skipped']})"
+    failed = [c for c in report.get("comparisons", []) if c.get("error")]
+    if failed:
+        return f"the {failed[0]['name']} comparison did not run ({failed[0]['error']})"
+    return "no --merged or --tuned candidate was compared block by block"
+
+
 def write_plot(report: dict, path: str | os.PathLike) -> Path:
     """Draw every comparison that carries a `divergence` into one PNG at `path` (written whole, then renamed
     into place). Raises UsageError when the report has no per-block rows (e.g. the forward passes were
@@ -28,10 +41,10 @@ def write_plot(report: dict, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [c for c in report.get("comparisons", []) if (c.get("divergence") or {}).get("blocks")]
-    if not series:
-        raise UsageError("--plot: no per-block divergence to draw (the streamed forward passes did not run: "
-                         + (report.get("forward_skipped") or "no --merged or --tuned candidate") + ")")
+    why_not = drawable(report)
+    if why_not is not None:
+        raise UsageError(f"--plot: nothing to draw: {why_not}")
+    series = [c for c in report["comparisons"] if (c.get("divergence") or {}).get("blocks")]
     out = Path(path)
     if not out.parent.is_dir():
         raise OutputError(f"parent directory {out.parent} does not exist", path=out)
@@ -70,4 +83,4 @@ def write_plot(report: dict, path: str | os.PathLike) -> Path:
     return out
 
 
-__all__ = ["require_matplotlib", "write_plot"]
+__all__ = ["drawable", "require_matplotlib", "write_plot"]
