@@ -158,7 +158,7 @@ def require(parts: dict[str, torch.Tensor], leaves, path: str, where, peft_type:
 
 def check_2d(t: torch.Tensor, path: str, leaf: str, where, rows: int | None = None, cols: int | None = None):
     """Refuse a saved factor that is not 2-D or not [rows, cols] (None: any)."""
-    want = [("r" if rows is None else rows), ("n" if cols is None else cols)]
+    want = f"[{'n' if rows is None else rows}, {'n' if cols is None else cols}]"
     if t.dim() != 2 or (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
         raise module_error(where, path, leaf, f"{leaf} has shape {list(t.shape)}, expected {want}")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import FormatError
+from ..errors import FormatError, UnsupportedError
 from .base import PeftType, TypedModule, module_error, number, require
 
 LEAVES = ("vera_lambda_b", "vera_lambda_d")
@@ -33,8 +33,9 @@ class Projections:
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._A is None:
-            if any(m.in_features is None for m in self.modules):
-                raise RuntimeError("VeRA projections regenerated before every module was fitted to its base")
+            if any(m.in_features is None for m in self.modules):  # (fit() against the base sets them)
+                raise UnsupportedError("VeRA with save_projection false: its projections are regenerated from "
+                                       "projection_prng_key at the base's shapes, so the base is needed")
             out_dim = max(int(m.lambda_b.numel()) for m in self.modules)
             in_dim = max(m.in_features for m in self.modules)
             gen = torch.Generator(device="cpu").manual_seed(self.seed)
@@ -76,6 +77,9 @@ class VeraModule(TypedModule):
         self.in_features = int(shape[0] if self.fan_in_fan_out else shape[1])
 
     def delta(self, base_w32=None) -> torch.Tensor:
+        if self.in_features is None:  # never slice A to its full width by default: the base says how much
+            raise UnsupportedError(f"VeRA module {self.name}: its input size is known only from the base weight "
+                                   f"(the shared vera_A is as wide as the widest module); the base is needed")
         A, B = self.projections.get()
         # Linear.get_delta_weight, literally
         sliced_A, sliced_B = A[:, : self.in_features], B[: self.lambda_b.numel(), :]
