@@ -390,7 +390,13 @@ def choose_stream(stream: bool | None, checkpoints: list[Checkpoint], device: to
         return False, "--quantized runs whole-model forward passes"
     if plot:
         return True, "--plot needs the per-block divergence"
-    need = max(model_bytes(ck, dtype) for ck in checkpoints) * WHOLE_PEAK_FACTOR.get(device.type, 1.6)
+    sizes = []
+    for ck in checkpoints:
+        try:
+            sizes.append(model_bytes(ck, dtype))
+        except LoratoolsError:  # an unreadable quant_state: the static checks report it in their table
+            continue
+    need = max(sizes, default=0) * WHOLE_PEAK_FACTOR.get(device.type, 1.6)
     free = available_bytes(device)
     if free is not None and need > free:
         return True, (f"the whole model would need about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is "
