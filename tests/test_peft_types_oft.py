@@ -398,3 +398,27 @@ def test_cli_merge_into_nf4_base_is_peft_on_dequantized(made, tmp_path, name):
     adapted = [k for k, _, _ in case["ops"]]
     for k in adapted:
         assert torch.equal(_bits(got[k]), _bits(ref[k].to(torch.float16))), (name, k)
+
+
+@pytest.mark.parametrize("name", ["oft-neumann", "boft-gpt2-head"])
+def test_cli_validate_and_inspect(made, cli_merged, name):
+    """validate passes our merge (tensor checks and PEFT's logits) and fails the base passed off as the merge;
+    inspect shows the type and the modules with their rotation's shape."""
+    from conftest import run_cli
+    case = made[name]
+    r = run_cli("validate", case["base_dir"], case["dir"], "--merged", cli_merged[name][0], "--json")
+    doc = json.loads(r.stdout)
+    assert doc["passed"] and doc["tensors"]["merged"]["checked"] >= 1 and doc["comparisons"]
+    r = run_cli("validate", case["base_dir"], case["dir"], "--merged", case["base_dir"], "--json", "--static-only",
+                expect=None)
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 1 and not doc["passed"]
+    if name == "oft-neumann":  # (GPT-2: the untied head the merge must store is missing, named as such)
+        assert doc["tensors"]["merged"]["failed"] >= 1
+    doc = json.loads(run_cli("inspect", case["dir"], "--json").stdout)
+    assert doc["peft_type"] == case["config"]["peft_type"] and len(doc["modules"]) == len(case["ops"])
+    if name == "oft-neumann":
+        q = next(m for m in doc["modules"] if m["name"] == Q)
+        assert q["r"] == 4 and q["details"]["block_size"] == 16 and q["details"]["cayley"] == "neumann(5)"
+    else:
+        assert doc["modules"][0]["details"] == {"butterfly_factors": 1, "blocks": 8, "block_size": 8}

@@ -231,8 +231,10 @@ class OftModule(TypedModule):
         return {LEAF[self.kind]: self.stored}
 
     def describe(self):
-        s = self.settings
-        return {"block_size": self.block_size, "blocks": int(self.stored.shape[0]), "block_share": s.block_share,
+        s, b = self.settings, self.block_size
+        _, in_f = self.features()
+        # PEFT's r is the number of blocks (in_features / b); with block_share one stored block serves them all
+        return {"r": None if in_f is None else in_f // b, "block_size": b, "block_share": s.block_share,
                 "coft": s.coft, "eps": s.eps if s.coft else None,
                 "cayley": f"neumann({s.num_cayley_neumann_terms})" if s.use_cayley_neumann else "exact"}
 
