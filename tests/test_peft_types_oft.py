@@ -422,3 +422,22 @@ def test_cli_validate_and_inspect(made, cli_merged, name):
         assert q["r"] == 4 and q["details"]["block_size"] == 16 and q["details"]["cayley"] == "neumann(5)"
     else:
         assert doc["modules"][0]["details"] == {"butterfly_factors": 1, "blocks": 8, "block_size": 8}
+
+
+def test_config_and_layout_refusals_name_the_field_or_tensor():
+    """PEFT <= 0.14 OFT configs (no oft_block_size) and malformed settings are refused naming the field; a
+    modules_to_save tensor beside OFT/BOFT, and a saved base layer of an unadapted module, naming the tensor."""
+    from loratools.errors import FormatError, UnsupportedError
+    with pytest.raises(UnsupportedError, match="no oft_block_size"):
+        oft.parse({}, {}, {"peft_type": "OFT"}, "w")
+    with pytest.raises(FormatError, match="eps"):
+        oft.parse({}, {}, {"oft_block_size": 16, "eps": "small"}, "w")
+    vec = torch.zeros(4, 120)
+    with pytest.raises(UnsupportedError) as e:
+        oft.parse({f"{Q}.oft_R": {"weight": vec}, "score": {"weight": torch.zeros(2, 64)}}, {},
+                  {"oft_block_size": 16, "modules_to_save": ["score"]}, "w")
+    assert e.value.tensor == f"{PREFIX}score.weight" and "modules_to_save" in e.value.message
+    with pytest.raises(FormatError) as e:
+        boft.parse({"lm_head.base_layer": {"weight": torch.zeros(384, 64)}}, {}, {"boft_block_size": 8}, "w")
+    assert e.value.tensor == f"{PREFIX}lm_head.base_layer.weight"
+    assert set(oft.parse({f"{Q}.oft_R": {"weight": vec}}, {}, {"oft_block_size": 16}, "w")) == {Q}
