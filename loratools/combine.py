@@ -55,6 +55,7 @@ from .adapter import Adapter, LoraModule, adapter_config, adapter_tensors, load_
 from .combine_methods import METHODS, CombineOptions, ModuleJob, Term, names
 from .device import resolve_device, torch_threads
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
+from .init_methods import notes as init_notes
 from .io import check_output_path, provenance
 from .io.output import check_report_path, write_adapter_dir
 from .lora_math import pack_expert_factors, stored_transposed, variant_of
@@ -312,6 +313,8 @@ def combine_loaded(adapters: list[Adapter], opts: CombineOptions, *, device: str
     saved = carried_tensors(adapters, plans, opts.weights, warnings)
     task_type, disagreement = common_task_type([ad.config.get("task_type") for ad in adapters])
     warnings += [disagreement] if disagreement else []
+    # a PiSSA/LoftQ/... input belongs to its residual base; the output's config (init_lora_weights true) forgets it
+    warnings += [f"{n}; the combined adapter no longer records it" for n in init_notes(adapters)]
     layer_replication = common_value(adapters, "layer_replication")
     modules_to_save = sorted({n for ad in adapters for n in (ad.config.get("modules_to_save") or [])}) or None
     dtypes = {t.dtype for ad in adapters for m in ad.modules.values() for t in (m.A, m.B)}

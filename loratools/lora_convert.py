@@ -55,13 +55,10 @@ import torch
 
 from .adapter import PREFIX, Adapter, LoraModule, adapter_tensors, load_adapter
 from .errors import MismatchError, UnsupportedError, UsageError
+from .init_methods import base_changing_init
 from .lora_math import lora_scale, pack_expert_factors, stored_transposed, to_layout
 from .lowrank import factored_svd
 from .ranks import RankRule, most_common_rank
-
-# init_lora_weights values whose adapter belongs to a base the initialisation changed (Note: the base a PiSSA
-# adapter belongs to); PEFT's save-time conversion accepts the same prefixes.
-MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
 
 
 # -- pure tensor functions -------------------------------------------------------------------------------
@@ -210,9 +207,9 @@ def _check_fits(ad: Adapter, base) -> None:
 
 
 def mutating_init(config: dict) -> str | None:
-    """The init_lora_weights value when it changes the base (PiSSA, OLoRA, CorDA, LoRA-GA), else None."""
-    init = str(config.get("init_lora_weights", True)).lower()
-    return init if init.startswith(MUTATING_INITS) else None
+    """The init_lora_weights value when it changes the base (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), else None
+    (the fact lives in init_methods.py)."""
+    return base_changing_init(config)
 
 
 # -- the plumbing ----------------------------------------------------------------------------------------

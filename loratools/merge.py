@@ -31,6 +31,7 @@ from .adapter import Adapter, load_adapter
 from .device import resolve_device, torch_threads
 from .dtypes import FLOAT_DTYPES, cast_floats
 from .errors import InputError, MismatchError, UnsupportedError, UsageError
+from .init_methods import notes as init_notes
 from .io import Checkpoint, TensorSpec, config_with_dtype, provenance
 from .io.output import write_checkpoint
 from .io.provenance import sha256_file
@@ -309,6 +310,7 @@ def _summary(plan: MergePlan, ads, paths, weights, dev, specs, dense) -> dict:
         "dequantized_base": dense.quantized,
         "dtypes": dtypes,
         "device": dev.type,
+        "notes": init_notes(ads),  # an adapter that belongs to a residual base (PiSSA, LoftQ, ...): init_methods.py
     }
 
 

@@ -10,6 +10,8 @@ DTYPE_CHOICE = click.Choice(["auto", "float16", "bfloat16", "float32"])
 
 
 def report(summary: dict, as_json: bool, verb: str) -> None:
+    for note in summary.get("notes", ()):  # on stderr with --json too: the summary's "notes" hold the same lines
+        click.echo(f"warning: {note}", err=True)  # one line, never wrapped
     if as_json:
         print_json(summary)
         return

@@ -23,6 +23,7 @@ from ..adapter import (PREFIX, WEIGHTS_NAME, Adapter, KeyKind, classify_key, loa
 from ..key_layout import checkpoint_layout
 from ..plan import mark_transposed_experts
 from ..checks import HEAD_KEY, Problem, adapter_fit_problems, resolve_base_key, shape_list
+from .. import init_methods
 from ..dtypes import declared_dtype
 from ..errors import InputError, LoratoolsError
 from ..io import Checkpoint, read_provenance, verify_inputs
@@ -105,6 +106,9 @@ def adapter_config_notes(adapter: Adapter) -> list[Problem]:
     if not adapter.modules and not adapter.saved:
         notes.append(Problem(None, None, apath, expected="LoRA factors", found=None,
                              message="the adapter holds no LoRA modules: it changes nothing"))
+    init = init_methods.note(apath, cfg)  # PiSSA, LoftQ, ...: it belongs to a residual base (init_methods.py)
+    if init is not None:
+        notes.append(Problem(None, None, apath, expected=None, found=cfg.get("init_lora_weights"), message=init))
     return notes
 
 
