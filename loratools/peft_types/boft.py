@@ -141,17 +141,19 @@ class BoftModule(TypedModule):
                     f"from the base weight's shape {list(shape)}")
         return check_shapes(tuple(self.R.shape), tuple(self.s.shape), int(shape[1]), int(shape[0]), self.config)
 
-    def merge(self, acc):
+    def merge(self, acc, rows=None):
+        assert rows is None, "row_blocks is False: R is built once per call, for the whole weight"
         if self.saved_base is not None:  # PEFT loads the saved layer into the model before merging
             acc.copy_(self.saved_base)
         merge(acc, rotation(self.R, acc.device), self.s)
         return acc
 
-    def unmerge(self, acc):
+    def unmerge(self, acc, rows=None):
+        assert rows is None, "row_blocks is False: R is built once per call, for the whole weight"
         unmerge(acc, rotation(self.R, acc.device), self.s)
         return acc
 
-    def delta(self, base_w32=None):
+    def delta(self, base_w32=None, rows=None):
         if base_w32 is None:
             raise ValueError("BOFT is multiplicative: its delta needs the base weight")
         return self.merge(base_w32.clone()) - base_w32

@@ -212,17 +212,19 @@ class OftModule(TypedModule):
     def rotation(self, device="cpu") -> torch.Tensor:
         return rotation(self.stored, self.in_features, self.settings, device)
 
-    def merge(self, acc):
+    def merge(self, acc, rows=None):
+        assert rows is None, "row_blocks is False: R is built once per call, for the whole weight"
         if self.saved_base is not None:  # PEFT loads the saved embedding into the layer before merging
             acc.copy_(self.saved_base)
         merge(acc, self.rotation(acc.device), self.embedding)
         return acc
 
-    def unmerge(self, acc):
+    def unmerge(self, acc, rows=None):
+        assert rows is None, "row_blocks is False: R is built once per call, for the whole weight"
         unmerge(acc, self.rotation(acc.device), self.embedding)
         return acc
 
-    def delta(self, base_w32=None):
+    def delta(self, base_w32=None, rows=None):
         if base_w32 is None:
             raise ValueError("OFT is multiplicative: its delta needs the base weight")
         return self.merge(base_w32.clone()) - base_w32
