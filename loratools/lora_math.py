@@ -230,11 +230,30 @@ def variant_of(m: "LoraModule") -> PlainLora:
 
 
 def _typed_weight(w: torch.Tensor, steps: list["Step"], device, out_dtype, undo: bool) -> torch.Tensor:
-    """Steps of peft_types modules on one weight, in float32, rounded once (unmerge: in reverse order)."""
-    acc = w.to(device=device, dtype=torch.float32, copy=True)
-    for s in (reversed(steps) if undo else steps):
-        acc = s.module.unmerge(acc) if undo else s.module.merge(acc)
-    return acc.to(out_dtype)
+    """Steps of peft_types modules on one weight, in float32, rounded once (unmerge: in reverse order).
+
+    Modules that can (`row_blocks`) work on row blocks of the weight, spread over threads as the plain LoRA
+    merge's (Note: row blocks of B @ A): no full-size float32 copy or delta, the same bits."""
+    w = w.to(device)
+    order = list(reversed(steps)) if undo else steps
+    blocks = _row_blocks(w) if all(s.module.row_blocks for s in steps) else [slice(None)]
+
+    def block(rows):  # rows None: the whole weight
+        acc = (w if rows is None else w[rows]).to(dtype=torch.float32, copy=True)
+        for s in order:
+            acc = s.module.unmerge(acc, rows) if undo else s.module.merge(acc, rows)
+        return acc
+
+    if len(blocks) == 1:
+        return block(None).to(out_dtype)
+    out = parallel.pooled_empty(w.shape, out_dtype, w.device)
+    out[blocks[0]] = block(blocks[0])  # first on its own: a module's lazy state (VeRA's projections) is built once
+
+    def rest(rows):
+        out[rows] = block(rows)
+
+    parallel.map_ordered(rest, blocks[1:], parallel.cpu_workers(w.device))
+    return out
 
 
 @dataclass
@@ -389,6 +408,7 @@ WEIGHT, BIAS = WeightTensor(), BiasTensor()
 
 
 __all__ = ["BIAS", "BLOCK_ELEMENTS", "BLOCK_ROWS", "DORA", "PEFT_TYPE", "PLAIN_LORA", "WEIGHT", "BiasTensor", "Dora",
-           "PeftTypeVariant", "PlainLora", "Step", "WeightTensor", "Workspace", "bias_delta", "dora_factor", "dora_weight_norm",
+           "PeftTypeVariant", "PlainLora", "Step", "WeightTensor", "Workspace", "bias_delta", "dora_factor",
+           "dora_weight_norm",
            "expert_delta", "expert_delta_norms", "expert_factors", "lora_delta", "lora_scale", "merge_weight",
            "pack_expert_factors", "peft_delta", "stored_transposed", "to_layout", "unmerge_weight", "variant_of"]

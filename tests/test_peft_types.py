@@ -150,7 +150,8 @@ def test_peft_refuses_conv1d_for_loha_lokr():
 
 @pytest.mark.parametrize("name", ["llama-loha", "llama-lokr", "llama-adalora", "gpt2-vera", "llama-ia3", "gpt2-ia3"])
 def test_unmerge_within_rounding_bound(cases, merged, tmp_path, name):
-    """Additive types: W' = round(round(W + ΔW) − ΔW) with the same ΔW bits, so |W' − W| ≤ (ulp(merged) + ulp(W'))/2.
+    """Additive types: W' = round(round(W + ΔW) − ΔW) with the same ΔW bits, so
+    |W' − W| ≤ (ulp(merged) + ulp(W'))/2.
     IA3 (multiplicative, ia3/layer.py): W' = round(round(W·l) / (l + 1e-8)), so |W' − W| ≤ ulp(merged)/(2|l|)
     + ulp(W')/2 + |W|·(1e-8/|l| + 2⁻²¹) (the last: PEFT's 1e-8 and the float32 product and quotient)."""
     case = cases(name)
@@ -163,7 +164,8 @@ def test_unmerge_within_rounding_bound(cases, merged, tmp_path, name):
         err = (ours[k].double() - w.double()).abs()
         if k in scale:
             l = scale[k].abs()  # noqa: E741
-            bound = _ulp(mer[k], w.dtype) / (2 * l) + _ulp(ours[k], w.dtype) / 2 + w.double().abs() * (1e-8 / l + 2.0 ** -21)
+            bound = (_ulp(mer[k], w.dtype) / (2 * l) + _ulp(ours[k], w.dtype) / 2
+                     + w.double().abs() * (1e-8 / l + 2.0 ** -21))
         else:
             bound = (_ulp(mer[k], w.dtype) + _ulp(ours[k], w.dtype)) / 2
         assert bool((err <= bound).all()), (k, float((err - bound).max()))
@@ -266,7 +268,8 @@ def _one_line(r, code: int, *needles):
 
 def test_other_commands_refuse_typed_adapters_in_one_line(cases, tmp_path):
     a = cases("llama-loha").adapter
-    for argv in (["combine", a, a, "--method", "linear", "-o", tmp_path / "c"], ["resize", a, "--rank", "2", "-o", tmp_path / "r"],
+    for argv in (["combine", a, a, "--method", "linear", "-o", tmp_path / "c"],
+                 ["resize", a, "--rank", "2", "-o", tmp_path / "r"],
                  ["convert", a, "-o", tmp_path / "m", "--to", "mlx"]):
         _one_line(run_cli(*argv, expect=None), 1, "LOHA", "convert ADAPTER --to lora --rank R")
     assert not any(tmp_path.iterdir())
@@ -328,3 +331,43 @@ def test_base_that_does_not_fit_is_named(cases, tmp_path):
     _one_line(run_cli("merge", case.base, bad, "-o", tmp_path / "out", expect=None), 1,
               "model.layers.0.self_attn.v_proj.weight", "[32, 64]", "[48, ?]")
     assert not (tmp_path / "out").exists()
+
+
+# -- row blocks ---------------------------------------------------------------------------------------------
+
+def test_row_blocks_have_the_whole_weights_bits(monkeypatch):
+    """merge_weight / unmerge_weight run row_blocks types block by block (lora_math._typed_weight, threads
+    included): the same bits as the whole-weight path the tests above hold against PEFT. Blocks of 64 rows
+    (the fixtures' weights are one block); LoKr's w2 has 7 rows, which 64 does not divide."""
+    from loratools import lora_math
+    from loratools.lora_math import Step, merge_weight, unmerge_weight
+    from loratools.peft_types.adalora import AdaloraModule
+    from loratools.peft_types.ia3 import Ia3Module
+    from loratools.peft_types.loha import LohaModule
+    from loratools.peft_types.lokr import LokrModule
+    from loratools.peft_types.vera import Projections, VeraModule
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*s):
+        return torch.randn(s, generator=g) * 0.3
+
+    n_out, n_in, r = 210, 96, 4
+    vera = VeraModule("v", lambda_b=rnd(n_out), lambda_d=rnd(r), in_features=n_in,
+                      projections=Projections(rnd(r, 100), rnd(230, r), 0, r, []))
+    modules = [LohaModule("h", w1a=rnd(n_out, r), w1b=rnd(r, n_in), w2a=rnd(n_out, r), w2b=rnd(r, n_in), r=r,
+                          alpha=8.0),
+               LokrModule("k", factors={"lokr_w1_a": rnd(30, 2), "lokr_w1_b": rnd(2, 8), "lokr_w2": rnd(7, 12)}, r=2,
+                          alpha=3.0),
+               AdaloraModule("a", A=rnd(r, n_in), B=rnd(n_out, r), E=rnd(r, 1), scaling=4, ranknum=6.0), vera,
+               Ia3Module("i", l=1 + rnd(n_out, 1)), Ia3Module("f", l=1 + rnd(1, n_in), feedforward=True)]
+    w = (torch.randn(n_out, n_in, generator=g) * 0.05).to(torch.bfloat16)
+    whole = {m.name: m.merge(w.float().clone()).to(torch.bfloat16) for m in modules}  # rows=None: one piece
+    monkeypatch.setattr(lora_math, "BLOCK_ELEMENTS", 64 * n_in)
+    assert len(lora_math._row_blocks(w)) == 3
+    for m in modules:
+        assert m.row_blocks, m.name
+        merged, _ = merge_weight(w, [Step(m, 1.0, 0)], out_dtype=torch.bfloat16)
+        assert torch.equal(merged, whole[m.name]), m.name
+        back = unmerge_weight(merged, [Step(m, 1.0, 0)], [None], out_dtype=torch.bfloat16)
+        assert torch.equal(back, m.unmerge(merged.float().clone()).to(torch.bfloat16)), m.name

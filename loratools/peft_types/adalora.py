@@ -31,8 +31,12 @@ class AdaloraModule(TypedModule):
     def features(self):
         return int(self.B.shape[0]), int(self.A.shape[1])
 
-    def delta(self, base_w32=None) -> torch.Tensor:
-        d = self.B @ (self.A * self.E)
+    @property
+    def row_blocks(self) -> bool:
+        return not self.fan_in_fan_out  # rows of the stored [out, in] weight are rows of B
+
+    def delta(self, base_w32=None, rows=None) -> torch.Tensor:
+        d = (self.B if rows is None else self.B[rows]) @ (self.A * self.E)
         d = d.T if self.fan_in_fan_out else d
         # SVDLinear.get_delta_weight, literally: ranknum is a float32 parameter of shape [1]
         return d * self.scaling / (torch.tensor([self.ranknum], dtype=torch.float32) + 1e-5)

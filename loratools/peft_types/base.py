@@ -39,6 +39,7 @@ class TypedModule:
     peft_type = "?"  # class attribute: "LOHA", "LOKR", ...
     additive = True  # class attribute: W' = W + ΔW with ΔW independent of W (False: IA3, OFT)
     scales_bias = False  # PEFT's merge also changes this layer's bias (IA3 on a non-feed-forward layer)
+    row_blocks = False  # delta/merge/unmerge take `rows` (a row block of the stored weight) with the same bits
     variant = PEFT_TYPE  # lora_math's strategy for these modules
     kind = "linear"
     magnitude = None
@@ -89,20 +90,21 @@ class TypedModule:
         """Take the open dimensions from the base weight's stored shape (see fit)."""
 
     # -- the arithmetic (float32, the stored layout) -------------------------------------------------
-    def delta(self, base_w32: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, base_w32: torch.Tensor | None = None, rows: slice | None = None) -> torch.Tensor:
         """ΔW in float32 in the base weight's stored layout: what merge adds. Additive types ignore the base;
-        multiplicative ones (IA3) return merge(base) − base and need it."""
+        multiplicative ones (IA3) return merge(base) − base and need it. `rows` (row_blocks types only):
+        those rows of ΔW, with the bits of the whole one's (Note: row blocks of B @ A, lora_math.py)."""
         raise NotImplementedError
 
-    def merge(self, acc: torch.Tensor) -> torch.Tensor:
-        """PEFT's merge of this layer into the float32 weight `acc` (stored layout); may work in place.
-        Returns the merged weight."""
-        acc += self.delta()
+    def merge(self, acc: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """PEFT's merge of this layer into the float32 weight `acc` (stored layout; with `rows`, that row block
+        of it); may work in place. Returns the merged weight."""
+        acc += self.delta(rows=rows)
         return acc
 
-    def unmerge(self, acc: torch.Tensor) -> torch.Tensor:
-        """PEFT's unmerge of this layer from the float32 merged weight `acc`; may work in place."""
-        acc -= self.delta()
+    def unmerge(self, acc: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """PEFT's unmerge of this layer from the float32 merged weight `acc` (or its row block `rows`)."""
+        acc -= self.delta(rows=rows)
         return acc
 
     def merge_bias(self, acc: torch.Tensor) -> torch.Tensor:  # scales_bias types only
@@ -193,4 +195,5 @@ class TypedBias:
 TYPED_BIAS = TypedBias()
 
 
-__all__ = ["PREFIX", "TYPED_BIAS", "PeftType", "TypedBias", "TypedModule", "check_2d", "module_error", "number", "require"]
+__all__ = ["PREFIX", "TYPED_BIAS", "PeftType", "TypedBias", "TypedModule", "check_2d", "module_error", "number",
+           "require"]

@@ -30,6 +30,7 @@ class Ia3Module(TypedModule):
 
     peft_type = "IA3"
     additive = False
+    row_blocks = True
 
     @property
     def scales_bias(self) -> bool:
@@ -39,19 +40,20 @@ class Ia3Module(TypedModule):
         n = int(self.l.numel())
         return (None, n) if self.feedforward else (n, None)
 
-    def _vec(self) -> torch.Tensor:
-        return self.l.T if self.fan_in_fan_out else self.l  # peft.utils.transpose
+    def _vec(self, rows=None) -> torch.Tensor:
+        v = self.l.T if self.fan_in_fan_out else self.l  # peft.utils.transpose
+        return v[rows] if rows is not None and v.shape[0] > 1 else v  # a column vector scales rows
 
-    def merge(self, acc):
-        return torch.mul(acc, self._vec())
+    def merge(self, acc, rows=None):
+        return acc.mul_(self._vec(rows))  # torch.mul(W, l), in place: the same products
 
-    def unmerge(self, acc):
-        return torch.div(acc, self._vec() + 1e-8)
+    def unmerge(self, acc, rows=None):
+        return acc.div_(self._vec(rows) + 1e-8)
 
-    def delta(self, base_w32=None):
+    def delta(self, base_w32=None, rows=None):
         if base_w32 is None:
             raise ValueError("IA3 is multiplicative: its delta needs the base weight")
-        return self.merge(base_w32) - base_w32
+        return torch.mul(base_w32, self._vec(rows)) - base_w32
 
     def merge_bias(self, acc):
         return torch.mul(acc, self.l.reshape(acc.shape))

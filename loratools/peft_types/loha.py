@@ -29,6 +29,7 @@ class LohaModule(TypedModule):
 
     peft_type = "LOHA"
     additive = True
+    row_blocks = True
 
     @property
     def scale(self) -> float:
@@ -37,9 +38,10 @@ class LohaModule(TypedModule):
     def features(self):
         return int(self.w1a.shape[0]), int(self.w1b.shape[1])
 
-    def delta(self, base_w32=None) -> torch.Tensor:
+    def delta(self, base_w32=None, rows=None) -> torch.Tensor:
+        w1a, w2a = (self.w1a, self.w2a) if rows is None else (self.w1a[rows], self.w2a[rows])
         # HadaWeight.forward, literally: the scale is a float32 0-d tensor there
-        return ((self.w1a @ self.w1b) * (self.w2a @ self.w2b)) * torch.tensor(self.scale)
+        return ((w1a @ self.w1b) * (w2a @ self.w2b)) * torch.tensor(self.scale)
 
     def tensors(self):
         return dict(zip(LEAVES, (self.w1a, self.w1b, self.w2a, self.w2b)))

@@ -28,6 +28,7 @@ class LokrModule(TypedModule):
 
     peft_type = "LOKR"
     additive = True
+    row_blocks = True
 
     @property
     def scale(self) -> float:
@@ -47,9 +48,16 @@ class LokrModule(TypedModule):
         (a, c), (b, d) = self._shape(1), self._shape(2)
         return a * b, c * d
 
-    def delta(self, base_w32=None) -> torch.Tensor:
-        # get_delta_weight + make_kron, literally (the scale a Python float there)
-        return torch.kron(self._w(1), self._w(2).contiguous()) * self.scale
+    def delta(self, base_w32=None, rows=None) -> torch.Tensor:
+        w1, w2 = self._w(1), self._w(2).contiguous()
+        if rows is None:  # get_delta_weight + make_kron, literally (the scale a Python float there)
+            return torch.kron(w1, w2) * self.scale
+        # rows r0..r1 of kron(w1, w2) lie in the Kronecker rows of w1's rows r0 // b .. (r1 - 1) // b: each
+        # element is one product w1[i, j] · w2[k, l], so the block has the whole one's bits
+        b = w2.shape[0]
+        r0, r1 = rows.start or 0, rows.stop
+        a0 = r0 // b
+        return (torch.kron(w1[a0: (r1 - 1) // b + 1], w2) * self.scale)[r0 - a0 * b: r1 - a0 * b]
 
     def tensors(self):
         return dict(self.factors)

@@ -76,14 +76,21 @@ class VeraModule(TypedModule):
     def bind(self, shape):
         self.in_features = int(shape[0] if self.fan_in_fan_out else shape[1])
 
-    def delta(self, base_w32=None) -> torch.Tensor:
+    @property
+    def row_blocks(self) -> bool:
+        return not self.fan_in_fan_out
+
+    def delta(self, base_w32=None, rows=None) -> torch.Tensor:
         if self.in_features is None:  # never slice A to its full width by default: the base says how much
             raise UnsupportedError(f"VeRA module {self.name}: its input size is known only from the base weight "
                                    f"(the shared vera_A is as wide as the widest module); the base is needed")
         A, B = self.projections.get()
         # Linear.get_delta_weight, literally
         sliced_A, sliced_B = A[:, : self.in_features], B[: self.lambda_b.numel(), :]
-        d = (self.lambda_b.unsqueeze(-1) * sliced_B) @ (self.lambda_d.unsqueeze(-1) * sliced_A)
+        lb = self.lambda_b.unsqueeze(-1)
+        if rows is not None:
+            lb, sliced_B = lb[rows], sliced_B[rows]
+        d = (lb * sliced_B) @ (self.lambda_d.unsqueeze(-1) * sliced_A)
         return d.T if self.fan_in_fan_out else d
 
     def tensors(self):
@@ -121,7 +128,8 @@ def parse(parts, shared, cfg, where) -> dict[str, VeraModule]:
     for path, p in sorted(parts.items()):
         lb, ld = require(p, LEAVES, path, where, "VERA")
         if lb.dim() != 1:
-            raise module_error(where, path, "vera_lambda_b", f"vera_lambda_b has shape {list(lb.shape)}, expected [out]")
+            raise module_error(where, path, "vera_lambda_b",
+                               f"vera_lambda_b has shape {list(lb.shape)}, expected [out]")
         if ld.dim() != 1 or ld.numel() != r:
             raise module_error(where, path, "vera_lambda_d", f"vera_lambda_d has shape {list(ld.shape)}, expected "
                                                              f"[{r}] (r={r})")
