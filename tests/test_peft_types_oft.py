@@ -377,21 +377,33 @@ def test_cli_malformed_adapter_is_one_line(made, tmp_path, name, key, make_bad, 
         assert not out.exists() and not list(tmp_path.glob(f".out-{cmd}*"))
 
 
-@pytest.mark.parametrize("name", ["oft-neumann", "boft"])
-def test_cli_merge_into_nf4_base_is_peft_on_dequantized(made, tmp_path, name):
-    """Into a bitsandbytes NF4 base (made by transformers): PEFT's float32 merge into that base dequantized by
-    transformers, rounded once to float16, bit for bit."""
-    from conftest import run_cli
-    from peft import PeftModel
+@pytest.fixture(scope="module")
+def nf4_llama(tmp_path_factory):
+    """The tiny Llama as transformers writes it in NF4, and that model dequantized by transformers (float32)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    case = made[name]
-    q = tmp_path / "nf4"
+    q = tmp_path_factory.mktemp("nf4") / "llama-nf4"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_type="nf4")
         AutoModelForCausalLM.from_pretrained(LLAMA, quantization_config=cfg, dtype=torch.float16).save_pretrained(q)
         deq = AutoModelForCausalLM.from_pretrained(q).dequantize().to(torch.float16).float()
+    return q, {k: v.clone() for k, v in deq.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["oft-neumann", "boft"])
+def test_cli_merge_into_nf4_base_is_peft_on_dequantized(made, nf4_llama, tmp_path, name):
+    """Into a bitsandbytes NF4 base (made by transformers): PEFT's float32 merge into that base dequantized by
+    transformers, rounded once to float16, bit for bit."""
+    from conftest import run_cli
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    case = made[name]
+    q, deq_state = nf4_llama
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        deq = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32)
+        deq.load_state_dict(deq_state)
         ref = PeftModel.from_pretrained(deq, case["dir"]).merge_and_unload().state_dict()
     run_cli("merge", q, case["dir"], "-o", tmp_path / "out")
     got = _read_base(tmp_path / "out")
