@@ -151,3 +151,35 @@ def test_combine_warns_that_the_output_forgets_it(work):
 def test_convert_without_initial_refuses_loftq_too(work):
     res = run_cli("convert", work["loftq"], "--to", "lora", "-o", work["root"] / "x", "--rank", "4", expect=2)
     assert "--initial" in res.stderr and "'loftq'" in res.stderr
+
+
+def test_the_line_is_true_peft_applies_it_to_the_residual_base(tmp_path):
+    """What the line says, against PEFT: a PiSSA adapter merged into the residual base PEFT's workflow saves is
+    PEFT's own model (from_pretrained on the original base re-runs PiSSA, then merge_and_unload); merged into
+    the original base it is not."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(load(), LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
+                                               target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():  # "training": move every factor away from its PiSSA initialisation
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.add_(torch.randn_like(p) * 0.05)
+        pm.save_pretrained(tmp_path / "trained")  # init_lora_weights "pissa", as saved without conversion
+        pm.unload().save_pretrained(tmp_path / "residual")  # the residual base W − s·B₀A₀
+        ref = PeftModel.from_pretrained(load(), str(tmp_path / "trained")).merge_and_unload().state_dict()
+    res = run_cli("merge", tmp_path / "residual", tmp_path / "trained", "-o", tmp_path / "on-residual")
+    assert len(_said(res.stderr)) == 1
+    run_cli("merge", LLAMA, tmp_path / "trained", "-o", tmp_path / "on-original", "--dtype", "float32")
+    on_res, on_orig = _tensors(tmp_path / "on-residual"), _tensors(tmp_path / "on-original")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(on_res[key], ref[key])
+    assert all(torch.equal(on_res[k], ref[k]) for k in on_res if k in ref)
+    assert (on_orig[key] - ref[key]).norm() > 0.1 * ref[key].norm()  # merged into W: a model nobody trained
