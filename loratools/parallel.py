@@ -113,8 +113,8 @@ def thread_local(factory: Callable[[], T], _store=threading.local()) -> T:
 # -- recycled big buffers ------------------------------------------------------------------------
 
 POOLED_MIN_BYTES = 8 << 20  # below io/memory.MMAP_THRESHOLD glibc reuses freed heap itself
-KEEP_BYTES = 256 << 20  # free buffers kept for reuse, at most (Note: page faults)
-MAX_IDLE = 24  # requests a free buffer waits to be lent again before it is given back (a layer makes ~14)
+KEEP_BYTES = 128 << 20  # free buffers kept for reuse, at most (Note: page faults)
+MAX_IDLE = 16  # requests a free buffer waits to be lent again before it is given back (a layer makes ~14)
 
 
 def _use_count(buf: torch.Tensor) -> int:
