@@ -65,6 +65,8 @@ def command(base, adapters, output, weights, dtype, trained_on, into_dequantized
     Matches PEFT's merge_and_unload() (rsLoRA, rank/alpha patterns, fan_in_fan_out, embeddings,
     lora_bias, modules_to_save, DoRA). Several adapters are applied in the order given, in float32,
     rounded once. BASE may be a bitsandbytes 4-bit checkpoint: it is dequantized on the fly.
+    PEFT's LoHa, LoKr, VeRA, AdaLoRA and IA3 adapters merge too, one per command, as PEFT merges
+    them (docs/adapter_types.md).
 
     \b
     Examples:
