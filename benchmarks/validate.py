@@ -120,12 +120,14 @@ def main():
             checks.check(docs[name]["passed"] is True, f"{name} passed ({docs[name]['summary']})")
     merged = {name: {c["name"]: c for c in d["comparisons"]}["merged"] for name, d in docs.items()}
     for name, c in merged.items():
-        print(f"{name:30s} merged logits: rel_err {c['rel_err']:.4g}, max |Δ| {c['max_abs']:.4g}, top-1 {c['top1']:.4f}")
+        print(f"{name:30s} merged logits: rel_err {c['rel_err']:.4g}, max |Δ| {c['max_abs']:.4g}, "
+              f"top-1 {c['top1']:.4f}")
     if "validate --stream" in docs:
         d = {c["name"]: c for c in docs["validate --stream"]["comparisons"]}["merged"].get("divergence") or {}
         if d.get("blocks"):
             errs = [r["rel_err"] for r in d["blocks"]]
-            print(f"per-block rel err of the merge: {min(errs):.3g} .. {max(errs):.3g} (allowance {d['allowance']:.3g}); "
+            print(f"per-block rel err of the merge: {min(errs):.3g} .. {max(errs):.3g} "
+                  f"(allowance {d['allowance']:.3g}); "
                   f"logits KL {d['logits']['kl']:.3g}, top-5 overlap {d['logits']['topk']:.4f}")
     if run_whole:
         a, b = merged["streamed forward only"], merged["whole forward only (PEFT)"]

@@ -203,7 +203,8 @@ def test_a_wrong_merge_fails_against_the_unmerged_reference(tmp_path):
 
     def double(t):
         for m in mods.values():
-            t[f"{m.name}.weight"] = (t[f"{m.name}.weight"].float() + 2 * lora_delta(m).float()).to(t[f"{m.name}.weight"].dtype)
+            key = f"{m.name}.weight"
+            t[key] = (t[key].float() + 2 * lora_delta(m).float()).to(t[key].dtype)
 
     kw = dict(device=torch.device("cpu"), dtype=torch.float32, batch=2, seq_len=16, seed=0, atol=None, rtol=None,
               min_carried=0.0)
