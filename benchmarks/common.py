@@ -37,6 +37,8 @@ SIZES = {
     # Llama-2-7B's shapes: 6.7B parameters, 13.5 GB in fp16 (benchmarks/scale.py; "7b" is the same model)
     "6.7b": dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, heads=32),
     "7b": dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, heads=32),
+    # two of its layers (1.3 GB): the 7B model's tensors, hence its peak RSS, without its 13.5 GB of writes
+    "7b-2layers": dict(hidden=4096, layers=2, intermediate=11008, vocab=32000, heads=32),
     "0.75b": dict(hidden=2048, layers=12, intermediate=5632, vocab=32000, heads=16),
     "0.35b": dict(hidden=2048, layers=4, intermediate=5632, vocab=32000, heads=16),
     "0.1b": dict(hidden=1024, layers=6, intermediate=2816, vocab=16000, heads=8),
