@@ -144,10 +144,10 @@ def test_merge_reads_only_the_tensors_an_adapter_changes(tmp_path, monkeypatch):
     read, copied = [], []
     real_read, real_copy = Checkpoint.read, writer_mod.ShardWriter.copy_from
 
-    def spy_read(self, name):
+    def spy_read(self, name, *args, **kwargs):
         if Path(self.path).resolve() == LLAMA.resolve():
             read.append(name)
-        return real_read(self, name)
+        return real_read(self, name, *args, **kwargs)
 
     def spy_copy(self, name, info):
         copied.append(name)
