@@ -181,6 +181,7 @@ def main():
         if op in args.ops and need not in args.ops and not (p["merged"] if need == "merge" else p["nf4"]).exists():
             ap.error(f"{op} reads {need}'s output: add {need} to --ops")
     args.ops = [op for op in OPS if op in args.ops]  # dependency order
+    args.threads = list(dict.fromkeys(args.threads))  # `1 2 $(nproc)` on a 2-core machine: each once
     prepare_in_child()  # Note: a quiet parent (common.py): the generators run in a child
     sync = [] if not args.no_sync else ["--no-sync"]
     baseline = python_rss_baseline()
