@@ -23,10 +23,12 @@ Note: which conversions are followed.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Iterable, Mapping
 
+from . import hf_tables
 from .errors import FormatError
 
 
@@ -205,18 +207,29 @@ def _cached(config_json: str, shapes: tuple) -> KeyLayout:
                      unconverted, unconverted_into, _reverse=_reverse_renamer(renamings, converters))
 
 
+def _mapping_names() -> dict:
+    """transformers' MODEL_MAPPING_NAMES: the live table once transformers is imported, else read from its
+    source (hf_tables: the import costs ~0.6 s)."""
+    if "transformers.models.auto.modeling_auto" not in sys.modules:
+        names = hf_tables.model_mapping_names()
+        if names is not None:
+            return names
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    return MODEL_MAPPING_NAMES
+
+
 def _identities(config: dict) -> set[str]:
     """Names transformers looks conversions up by: architectures, every (sub-)config's model_type and its
     base model class."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
+    mapping_names = _mapping_names()
     out = set(config.get("architectures") or [])
     stack = [config]
     while stack:
         c = stack.pop()
         if isinstance(c.get("model_type"), str):
             out.add(c["model_type"])
-            cls = MODEL_MAPPING_NAMES.get(c["model_type"])
+            cls = mapping_names.get(c["model_type"])
             out.update([cls] if isinstance(cls, str) else list(cls or ()))
         stack += [v for v in c.values() if isinstance(v, dict)]
     return out
@@ -224,7 +237,26 @@ def _identities(config: dict) -> set[str]:
 
 def _may_convert(config: dict, shapes: Mapping[str, tuple]) -> bool:
     """False when transformers has no conversion for this model and its legacy renamings change no key: then
-    the names are the model's as stored, and no model class needs building (seconds of imports)."""
+    the names are the model's as stored, and no model class needs building (seconds of imports).
+
+    While transformers.conversion_mapping is not imported (~1.5 s), a "no" read from its source text
+    (_surely_unconverted) answers; any other case asks the live mapping, which then decides."""
+    if "transformers.conversion_mapping" not in sys.modules and _surely_unconverted(config, shapes):
+        return False
+    return _may_convert_live(config, shapes)
+
+
+def _surely_unconverted(config: dict, shapes: Mapping[str, tuple]) -> bool:
+    """True when transformers' conversion_mapping.py, read as text, names none of this model's identities
+    and its legacy renamings match no key (hf_tables); False when that cannot be told so."""
+    mentions = hf_tables.conversion_mentions()
+    if mentions is None or _identities(config) & mentions:
+        return False
+    return hf_tables.may_rename_legacy(shapes) is False
+
+
+def _may_convert_live(config: dict, shapes: Mapping[str, tuple]) -> bool:
+    """_may_convert asked of transformers' live conversion mapping."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import apply_renamings
 
@@ -234,19 +266,28 @@ def _may_convert(config: dict, shapes: Mapping[str, tuple]) -> bool:
     return any(apply_renamings(k, legacy) != k for k in shapes)
 
 
+def _module_name(model_type: str) -> str:
+    """transformers' model_type_to_module_name, read from its source while it is not imported (hf_tables)."""
+    if "transformers.models.auto.configuration_auto" not in sys.modules:
+        mod = hf_tables.module_name(model_type)
+        if mod is not None:
+            return mod
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    return model_type_to_module_name(model_type)
+
+
 def _declared_prefixes(model_type) -> set[str]:
     """The base_model_prefix values the modeling file of `model_type` declares, read as text: importing it
     costs seconds (transformers' modeling code), reading it a millisecond. Empty when there is no such file."""
     import os
     import re
 
-    import transformers
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-
-    if not isinstance(model_type, str):
+    root = hf_tables.transformers_dir()
+    if not isinstance(model_type, str) or root is None:
         return set()
-    mod = model_type_to_module_name(model_type)
-    path = os.path.join(os.path.dirname(transformers.__file__), "models", mod, f"modeling_{mod}.py")
+    mod = _module_name(model_type)
+    path = os.path.join(root, "models", mod, f"modeling_{mod}.py")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -260,10 +301,8 @@ def _prefix_may_differ(config: dict, shapes: Mapping[str, tuple]) -> bool:
     class (GPT2LMHeadModel) whose checkpoint holds no key under that prefix, i.e. a backbone saved alone
     (the original `gpt2`'s `h.0...`, loaded as `transformer.h.0...`; PEFT names adapters after the latter).
     Then the model is built and transformers' own rule decides; a needless True only costs that build."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
     archs = config.get("architectures") or []
-    bare = MODEL_MAPPING_NAMES.get(config.get("model_type"))
+    bare = _mapping_names().get(config.get("model_type"))
     if not archs or archs[0] == bare or (isinstance(bare, (list, tuple)) and archs[0] in bare):
         return False
     prefixes = _declared_prefixes(config.get("model_type"))
