@@ -15,6 +15,7 @@ Note: matching PEFT bit for bit.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,7 +28,7 @@ PREFIX = "base_model.model."
 
 
 @dataclass(eq=False)
-class TypedModule:
+class TypedModule(ABC):
     """One adapted base weight of a non-LoRA PEFT type.
 
     The attributes after `fan_in_fan_out` let plan.py/checks.py/merge.py treat it where they treat a
@@ -65,9 +66,9 @@ class TypedModule:
     def transposed(self) -> bool:
         return self.fan_in_fan_out
 
+    @abstractmethod
     def features(self) -> tuple[int | None, int | None]:
         """(out_features, in_features) the factors imply; None where only the base can say (VeRA's in, IA3)."""
-        raise NotImplementedError
 
     @property
     def base_shape(self) -> tuple[int, ...]:
@@ -90,11 +91,11 @@ class TypedModule:
         """Take the open dimensions from the base weight's stored shape (see fit)."""
 
     # -- the arithmetic (float32, the stored layout) -------------------------------------------------
+    @abstractmethod
     def delta(self, base_w32: torch.Tensor | None = None, rows: slice | None = None) -> torch.Tensor:
         """ΔW in float32 in the base weight's stored layout: what merge adds. Additive types ignore the base;
         multiplicative ones (IA3) return merge(base) − base and need it. `rows` (row_blocks types only):
         those rows of ΔW, with the bits of the whole one's (Note: row blocks of B @ A, lora_math.py)."""
-        raise NotImplementedError
 
     def merge(self, acc: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """PEFT's merge of this layer into the float32 weight `acc` (stored layout; with `rows`, that row block
@@ -107,16 +108,17 @@ class TypedModule:
         acc -= self.delta(rows=rows)
         return acc
 
-    def merge_bias(self, acc: torch.Tensor) -> torch.Tensor:  # scales_bias types only
-        raise NotImplementedError
-
-    def unmerge_bias(self, acc: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs):
+        # A type that scales the bias (plan.py then plans the bias for it) must say how: merge_bias(acc32) and
+        # unmerge_bias(acc32), PEFT's change of the layer's bias in float32. Checked when the type is defined.
+        super().__init_subclass__(**kwargs)
+        if cls.scales_bias and not all(callable(getattr(cls, f, None)) for f in ("merge_bias", "unmerge_bias")):
+            raise TypeError(f"{cls.__name__} sets scales_bias but lacks merge_bias/unmerge_bias")
 
     # -- for inspect and error messages ---------------------------------------------------------------
+    @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """The module's saved tensors by leaf name (`hada_w1_a`, ...)."""
-        raise NotImplementedError
 
     def factor_text(self) -> str:
         return "factors (" + ", ".join(f"{k} {list(t.shape)}" for k, t in self.tensors().items()) + ")"
