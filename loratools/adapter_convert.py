@@ -40,23 +40,11 @@ def _as_lora_would_carry(files, message: str) -> bool:
 
 
 def _check_fits(files, base: Path) -> None:
-    """MismatchError (one line) when the adapter does not fit the `base` given with --base: every target
-    format that reads the base (tied head, MoE names, GGUF arch) assumes it is the adapter's."""
-    from .checks import adapter_fit_problems, first_problem_error
-    from .io import Checkpoint
-    from .key_layout import checkpoint_layout
-    from .plan import mark_transposed_experts
+    """One line when the adapter does not fit the `base` given with --base: every target format that reads
+    the base (tied head, MoE names, GGUF arch) assumes it is the adapter's."""
+    from .checks import refuse_unless_fits
 
-    ck = Checkpoint(base)
-    try:
-        ad = formats.parse(files)
-        layout = checkpoint_layout(ck)
-        mark_transposed_experts([ad], layout, ck.path)
-        err = first_problem_error(adapter_fit_problems(ck, ad, layout))
-    finally:
-        ck.close()
-    if err is not None:
-        raise err
+    refuse_unless_fits(formats.parse(files), base)
 
 
 def _read(adapter: Path, base: Path | None):

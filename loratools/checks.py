@@ -223,3 +223,21 @@ def first_problem_error(problems: Iterable[Problem]) -> MismatchError | None:
 
 __all__ = ["BaseTarget", "HEAD_KEY", "Problem", "adapter_fit_problems", "dense_shapes", "first_problem_error",
            "is_tied", "locate", "module_problems", "resolve_base_key", "shape_list", "tied_embedding_key"]
+
+
+def refuse_unless_fits(ad, base) -> None:
+    """MismatchError (one line) when adapter `ad` does not fit the checkpoint at `base` (what merge would
+    refuse): convert --base and convert --to lora assume the base they are given is the adapter's."""
+    from .io import Checkpoint
+    from .key_layout import checkpoint_layout
+    from .plan import mark_transposed_experts
+
+    ck = Checkpoint(base)
+    try:
+        layout = checkpoint_layout(ck)
+        mark_transposed_experts([ad], layout, ck.path)
+        err = first_problem_error(adapter_fit_problems(ck, ad, layout))
+    finally:
+        ck.close()
+    if err is not None:
+        raise err

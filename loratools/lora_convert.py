@@ -55,6 +55,7 @@ import torch
 
 from .adapter import PREFIX, Adapter, LoraModule, adapter_tensors, load_adapter
 from .errors import MismatchError, UnsupportedError, UsageError
+from .checks import refuse_unless_fits
 from .init_methods import base_changing_init
 from .lora_math import lora_scale, pack_expert_factors, stored_transposed, to_layout
 from .lowrank import factored_svd
@@ -188,24 +189,6 @@ def check_pair(trained: Adapter, initial: Adapter) -> None:
                                    "adapter without it", path=trained.path, tensor=PREFIX + name)
 
 
-def _check_fits(ad: Adapter, base) -> None:
-    """MismatchError (one line) when `ad` does not fit the checkpoint `base` (what merge would refuse)."""
-    from .checks import adapter_fit_problems, first_problem_error
-    from .io import Checkpoint
-    from .key_layout import checkpoint_layout
-    from .plan import mark_transposed_experts
-
-    ck = Checkpoint(base)
-    try:
-        layout = checkpoint_layout(ck)
-        mark_transposed_experts([ad], layout, ck.path)
-        err = first_problem_error(adapter_fit_problems(ck, ad, layout))
-    finally:
-        ck.close()
-    if err is not None:
-        raise err
-
-
 def mutating_init(config: dict) -> str | None:
     """The init_lora_weights value when it changes the base (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), else None
     (the fact lives in init_methods.py)."""
@@ -256,7 +239,7 @@ def convert_initial(adapter, initial, output, *, rank=None, energy=None, sv_rati
     init = load_adapter(initial, base=base)
     check_pair(trained, init)
     if base is not None:
-        _check_fits(trained, base)
+        refuse_unless_fits(trained, base)
     use_rslora = trained.use_rslora
     notes = []
     dt = {m.A.dtype for m in trained.modules.values()} | {m.A.dtype for m in init.modules.values()}
